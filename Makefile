@@ -1,0 +1,24 @@
+# Set-up and entry points. `make demo` runs the main job, `make test` the test suite; both
+# create (or reuse) the virtual environment in .venv first.
+
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test benchmark clean-venv
+
+$(STAMP): pyproject.toml tools/bootstrap.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) bash tools/bootstrap.sh
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/python -m w2v_knnvq.demo
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+benchmark: $(STAMP)
+	$(VENV)/bin/python tools/benchmark_quantizers.py
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,86 @@
+"""Assignment of features to codes: nearest neighbours, softmax and Gumbel-softmax (eq. 5-8)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.nn.functional import normalize, one_hot, softmax
+
+from w2v_knnvq.quantizer.config import Distance
+from w2v_knnvq.quantizer.estimators import straight_through
+
+
+def cosine_logits(z: Tensor, codebook: Tensor, temperature: Tensor) -> Tensor:
+    """Return ``Q^T z / t`` with L2-normalized features and codebook (Appendix A.1).
+
+    :param z: ``(N, G, D)`` features, one group per codebook.
+    :param codebook: ``(G, M, D)`` codebook vectors.
+    :param temperature: scalar temperature t shared across the codebook.
+
+    :returns: ``(N, G, M)`` logits, bounded by ``1 / t`` in magnitude.
+    """
+    similarity = torch.einsum("ngd,gmd->ngm", normalize(z, dim=-1), normalize(codebook, dim=-1))
+
+    return similarity / temperature
+
+
+def nearest_codes(z: Tensor, codebook: Tensor, distance: Distance) -> Tensor:
+    """Return the index of the nearest codebook entry of each feature, ``argmin_m D(z, q_m)``.
+
+    :param z: ``(N, G, D)`` features.
+    :param codebook: ``(G, M, D)`` codebook vectors.
+
+    :returns: ``(N, G)`` codes.
+    """
+    if distance == "cosine":
+        scores = torch.einsum("ngd,gmd->ngm", normalize(z, dim=-1), normalize(codebook, dim=-1))
+    else:
+        # -|z - q|^2 up to the constant |z|^2.
+        scores = 2.0 * torch.einsum("ngd,gmd->ngm", z, codebook) - codebook.square().sum(-1)
+
+    return scores.argmax(dim=-1)
+
+
+def gather_codes(codebook: Tensor, codes: Tensor) -> Tensor:
+    """Look up codebook vectors.
+
+    :param codebook: ``(G, M, D)``.
+    :param codes: ``(N, G)``.
+
+    :returns: ``(N, G, D)``.
+    """
+    group_index = torch.arange(codebook.size(0), device=codes.device)
+
+    return codebook[group_index, codes]
+
+
+def gumbel_softmax(
+    logits: Tensor, tau: float, *, hard: bool, generator: torch.Generator | None = None
+) -> tuple[Tensor, Tensor]:
+    """Sample a smoothed quantizer with Gumbel noise (eq. 6-8).
+
+    ``p = softmax((g + log pi) / tau)``; ``log pi`` differs from the logits by a per-row
+    constant, which softmax ignores. With ``hard`` the forward value is the onehot vector of
+    ``argmax p`` and the gradient is that of ``p`` (eq. 8).
+
+    :param logits: ``(..., M)`` unnormalized log assignment probabilities.
+
+    :returns: ``(..., M)`` samples and ``(...)`` the sampled codes.
+    """
+    uniform = torch.rand(logits.shape, device=logits.device, dtype=logits.dtype, generator=generator)
+
+    # u in (0, 1) exactly: both logs stay finite.
+    tiny = torch.finfo(logits.dtype).tiny
+    gumbels = -torch.log(-torch.log(uniform.clamp(tiny, 1.0 - 1e-7)))
+
+    samples = softmax((logits + gumbels) / tau, dim=-1)
+
+    codes = samples.argmax(dim=-1)
+
+    if hard:
+        onehot = one_hot(codes, logits.size(-1)).to(samples.dtype)
+
+        samples = straight_through(onehot, samples)
+
+    return samples, codes
+

@@ -1,0 +1,183 @@
+"""Quantizer configuration and the paper's method names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Final, Literal
+
+Assignment = Literal["nearest", "softmax", "gumbel-soft", "gumbel-hard"]
+Distance = Literal["euclidean", "cosine"]
+Estimator = Literal["ste", "rotation"]
+Regularizer = Literal["commitment", "perplexity", "knn"]
+KnnMetric = Literal["ce", "l2"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodSpec:
+    """The combination of components that one method name stands for."""
+
+    assignment: Assignment
+    """``nearest``: hard nearest-neighbour quantization with a gradient estimator
+    (section 2.1); the others smooth the onehot vector (section 2.2, eq. 7-8)."""
+
+    regularizer: Regularizer
+
+    distance: Distance = "cosine"
+    """Nearest-neighbour distance of hard quantizers; smoothed ones are always cosine (A.1)."""
+
+    estimator: Estimator | None = None
+
+    knn_metric: KnnMetric | None = None
+
+    simvq: bool = False
+    """Reparameterize the codebook as a frozen random matrix times a learnable one."""
+
+    @property
+    def smoothed(self) -> bool:
+        return self.assignment != "nearest"
+
+
+METHODS: Final[dict[str, MethodSpec]] = {
+    "ste-euclid": MethodSpec(
+        assignment="nearest", distance="euclidean", estimator="ste", regularizer="commitment"
+    ),
+    "ste-cosine": MethodSpec(
+        assignment="nearest", distance="cosine", estimator="ste", regularizer="commitment"
+    ),
+    "simvq": MethodSpec(
+        assignment="nearest",
+        distance="euclidean",
+        estimator="ste",
+        regularizer="commitment",
+        simvq=True,
+    ),
+    "re-euclid": MethodSpec(
+        assignment="nearest", distance="euclidean", estimator="rotation", regularizer="commitment"
+    ),
+    "re-cosine": MethodSpec(
+        assignment="nearest", distance="cosine", estimator="rotation", regularizer="commitment"
+    ),
+    "hg-ppl": MethodSpec(assignment="gumbel-hard", regularizer="perplexity"),
+    "hg-knn-ce": MethodSpec(assignment="gumbel-hard", regularizer="knn", knn_metric="ce"),
+    "hg-knn-l2": MethodSpec(assignment="gumbel-hard", regularizer="knn", knn_metric="l2"),
+    "sg-ppl": MethodSpec(assignment="gumbel-soft", regularizer="perplexity"),
+    "sg-knn-ce": MethodSpec(assignment="gumbel-soft", regularizer="knn", knn_metric="ce"),
+    "sg-knn-l2": MethodSpec(assignment="gumbel-soft", regularizer="knn", knn_metric="l2"),
+    "softmax-ppl": MethodSpec(assignment="softmax", regularizer="perplexity"),
+    "softmax-knn-l2": MethodSpec(assignment="softmax", regularizer="knn", knn_metric="l2"),
+    "softmax-knn-ce": MethodSpec(assignment="softmax", regularizer="knn", knn_metric="ce"),
+}
+
+METHOD_NAMES: Final[tuple[str, ...]] = tuple(METHODS)
+
+
+@dataclass(kw_only=True)
+class QuantizerConfig:
+    """Holds the configuration of a :class:`VectorQuantizer`.
+
+    ``method`` is a plain field naming one row of the paper's Tables 1 and 3, so that one
+    override (``quantizer.method=softmax-ppl``) switches the whole combination.
+    """
+
+    method: str = "softmax-knn-ce"
+    """One of :data:`METHOD_NAMES`."""
+
+    input_dim: int
+    """Dimensionality of the input vectors. A learned linear projection maps them to
+    ``num_codebooks * codebook_dim`` when the two differ."""
+
+    num_codebooks: int = 1
+    """G, the number of codebooks of product quantization; the input is split into G groups."""
+
+    codebook_size: int = 1024
+    """M, the number of entries of each codebook."""
+
+    codebook_dim: int = 256
+    """Dimensionality of each codebook vector."""
+
+    knn_k: int = 1
+    """K, the number of batch neighbours pulled toward each simplex vertex (eq. 13)."""
+
+    commitment_beta: float = 1.0
+    """beta, the weight of the commitment loss (eq. 10, Appendix A.2)."""
+
+    init_temperature: float = 0.1
+    """Initial value of the learnable temperature t that divides the cosine logits (A.1)."""
+
+    min_temperature: float = 1e-3
+    """Floor of t, which bounds the logits by 1/min_temperature."""
+
+    gumbel_tau: float = 1.0
+    """Gumbel-softmax temperature tau of eq. 7, fixed unless ``gumbel_tau_anneal`` is set."""
+
+    gumbel_tau_anneal: tuple[float, float, float] | None = None
+    """(max, min, decay): wav2vec 2.0's schedule tau = max(max * decay^step, min), e.g.
+    (2.0, 0.5, 0.999995)."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`ValueError` on an unknown method or a meaningless size."""
+        if self.method not in METHODS:
+            raise ValueError(
+                f"Unknown quantizer method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}."
+            )
+
+        for name in ("input_dim", "num_codebooks", "codebook_size", "codebook_dim", "knn_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be at least 1, but is {getattr(self, name)}.")
+
+        if not 0.0 < self.min_temperature <= self.init_temperature:
+            raise ValueError(
+                "`init_temperature` must be at least `min_temperature` > 0, but they are "
+                f"{self.init_temperature} and {self.min_temperature}."
+            )
+
+        if self.gumbel_tau <= 0.0:
+            raise ValueError(f"`gumbel_tau` must be positive, but is {self.gumbel_tau}.")
+
+        if self.gumbel_tau_anneal is not None:
+            max_tau, min_tau, decay = self.gumbel_tau_anneal
+            if not (0.0 < min_tau <= max_tau and 0.0 < decay <= 1.0):
+                raise ValueError(
+                    "`gumbel_tau_anneal` must be (max, min, decay) with 0 < min <= max and "
+                    f"0 < decay <= 1, but is {self.gumbel_tau_anneal}."
+                )
+
+    @property
+    def spec(self) -> MethodSpec:
+        return METHODS[self.method]
+
+    @property
+    def output_dim(self) -> int:
+        return self.num_codebooks * self.codebook_dim
+
+    @classmethod
+    def from_method(
+        cls,
+        name: str,
+        *,
+        input_dim: int,
+        num_codebooks: int,
+        codebook_size: int,
+        codebook_dim: int,
+        **overrides: Any,
+    ) -> QuantizerConfig:
+        """Build the configuration of the method ``name`` with the given shapes.
+
+        :param overrides: Any other field of :class:`QuantizerConfig` (``knn_k``, ...).
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise TypeError(f"Unknown quantizer options: {', '.join(sorted(unknown))}.")
+
+        config = cls(
+            method=name,
+            input_dim=input_dim,
+            num_codebooks=num_codebooks,
+            codebook_size=codebook_size,
+            codebook_dim=codebook_dim,
+        )
+        return replace(config, **overrides)

@@ -1,0 +1,164 @@
+"""Codebook usage over an evaluation set (Tables 1-3, Figure 2)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+PERPLEXITY_QUANTILES: tuple[float, ...] = (0.75, 0.90, 0.99, 1.0)
+
+
+def individual_perplexity(log_probs: Tensor) -> Tensor:
+    """Return ``exp(-sum_m p_m log p_m)`` of each smoothed quantizer (Table 2).
+
+    :param log_probs: ``(..., M)``.
+
+    :returns: ``(...)``, in ``[1, M]``: 1 for a onehot vector, M for the simplex centre.
+    """
+    log_probs = log_probs.float()
+
+    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
+
+    return entropy.exp()
+
+
+@dataclass
+class CodebookUsageReport:
+    """Codebook usage statistics of an evaluation set of S samples, per codebook."""
+
+    usage: Tensor
+    """``(G,)`` fraction of the M codes used at least once in the whole set (Tables 1, 3)."""
+
+    per_sample_usage: Tensor
+    """``(S, G)`` fraction of the M codes used at least once within each sample (Figure 2 top)."""
+
+    popularity: Tensor
+    """``(G, M)`` fraction of samples that contain each code (Figure 2 bottom)."""
+
+    code_counts: Tensor
+    """``(G, M)`` number of frames assigned to each code."""
+
+    perplexity_percentiles: Tensor | None
+    """``(G, 4)`` the 75th, 90th, 99th percentiles and maximum of the individual perplexity of
+    every frame (Table 2); ``None`` when no probabilities were given."""
+
+
+def _quantiles(values: Tensor, quantiles: tuple[float, ...]) -> Tensor:
+    """Return the quantiles of ``values`` ``(N, G)`` along N with linear interpolation, as
+    :func:`torch.quantile` does, without its limit on the input size.
+
+    :returns: ``(len(quantiles), G)``.
+    """
+    ordered = values.sort(dim=0).values
+
+    positions = torch.tensor(quantiles, dtype=torch.float64) * (ordered.size(0) - 1)
+
+    lower = positions.floor().long()
+    upper = positions.ceil().long()
+
+    weights = (positions - lower).to(ordered.dtype).unsqueeze(-1)
+
+    return ordered[lower] * (1.0 - weights) + ordered[upper] * weights
+
+
+class CodebookUsage:
+    """Accumulates the codes of an evaluation set, one sample (utterance, image) per row.
+
+    Memory grows with the number of samples (one ``(G, M)`` presence row each is reduced on
+    the fly to counts, and one usage row of G values is kept) and, when probabilities are given,
+    with the number of frames (one perplexity value per frame and codebook).
+    """
+
+    def __init__(self, num_codebooks: int, codebook_size: int) -> None:
+        self.num_codebooks = num_codebooks
+        self.codebook_size = codebook_size
+
+        self._code_counts = torch.zeros((num_codebooks, codebook_size), dtype=torch.int64)
+        self._sample_counts = torch.zeros((num_codebooks, codebook_size), dtype=torch.int64)
+        self._per_sample_usage: list[Tensor] = []
+        self._perplexities: list[Tensor] = []
+
+    def update(
+        self,
+        codes: Tensor,
+        padding_mask: Tensor | None = None,
+        log_probs: Tensor | None = None,
+    ) -> None:
+        """
+        :param codes: ``(B, T, G)`` codes of B samples of T frames.
+        :param padding_mask: ``(B, T)`` bool, ``True`` for real frames.
+        :param log_probs: ``(B, T, G, M)`` log assignment probabilities of smoothed methods.
+        """
+        if codes.ndim != 3 or codes.size(-1) != self.num_codebooks:
+            raise ValueError(
+                f"`codes` must be (B, T, {self.num_codebooks}), but has shape {tuple(codes.shape)}."
+            )
+
+        codes = codes.detach().to("cpu", torch.int64)
+
+        if codes.numel() > 0 and (codes.min() < 0 or codes.max() >= self.codebook_size):
+            raise ValueError(f"`codes` must lie in [0, {self.codebook_size}).")
+
+        batch_size, seq_len, num_codebooks = codes.shape
+
+        if padding_mask is None:
+            mask = torch.ones((batch_size, seq_len), dtype=torch.bool)
+        else:
+            if padding_mask.shape != (batch_size, seq_len):
+                raise ValueError(
+                    f"`padding_mask` must have shape {(batch_size, seq_len)}, but has {tuple(padding_mask.shape)}."
+                )
+
+            mask = padding_mask.detach().to("cpu", torch.bool)
+
+        # presence[b, g, m] counts the frames of sample b assigned to code m of codebook g.
+        presence = torch.zeros((batch_size, num_codebooks, self.codebook_size), dtype=torch.int64)
+
+        weights = mask.unsqueeze(-1).expand_as(codes).to(torch.int64)
+
+        presence.scatter_add_(2, codes.transpose(1, 2), weights.transpose(1, 2))
+
+        self._code_counts += presence.sum(dim=0)
+
+        used = presence > 0
+
+        self._sample_counts += used.sum(dim=0)
+
+        self._per_sample_usage.append(used.sum(dim=-1).double() / self.codebook_size)
+
+        if log_probs is not None:
+            if log_probs.shape != (*codes.shape, self.codebook_size):
+                raise ValueError(
+                    f"`log_probs` must have shape {(*codes.shape, self.codebook_size)}, but has {tuple(log_probs.shape)}."
+                )
+
+            perplexities = individual_perplexity(log_probs.detach())
+
+            self._perplexities.append(perplexities[mask.to(perplexities.device)].cpu())
+
+    @property
+    def num_samples(self) -> int:
+        return sum(usage.size(0) for usage in self._per_sample_usage)
+
+    def compute(self) -> CodebookUsageReport:
+        num_samples = self.num_samples
+
+        if num_samples == 0:
+            raise ValueError("No sample was accumulated; the evaluation set is empty.")
+
+        if self._perplexities:
+            perplexities = torch.cat(self._perplexities)
+
+            percentiles: Tensor | None = _quantiles(perplexities, PERPLEXITY_QUANTILES).t()
+        else:
+            percentiles = None
+
+        return CodebookUsageReport(
+            usage=(self._code_counts > 0).double().mean(dim=-1),
+            per_sample_usage=torch.cat(self._per_sample_usage),
+            popularity=self._sample_counts.double() / num_samples,
+            code_counts=self._code_counts.clone(),
+            perplexity_percentiles=percentiles,
+        )

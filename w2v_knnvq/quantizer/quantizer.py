@@ -226,25 +226,18 @@ class VectorQuantizer(Module):
         if spec.regularizer == "knn":
             assert spec.knn_metric is not None
 
-            losses = [
-                knn_loss(log_probs[:, g], config.knn_k, spec.knn_metric, mask=mask)
-                for g in range(config.num_codebooks)
-            ]
+            loss = knn_loss(log_probs, config.knn_k, spec.knn_metric, mask=mask)
         else:
-            losses = [perplexity_loss(probs[:, g], mask=mask) for g in range(config.num_codebooks)]
-
-        soft_perplexity = torch.stack(
-            [perplexity(probs[:, g].detach(), mask=mask) for g in range(config.num_codebooks)]
-        )
+            loss = perplexity_loss(probs, mask=mask)
 
         return QuantizerOutput(
             quantized=quantized.flatten(1),
             codes=codes,
             probs=probs,
             log_probs=log_probs,
-            loss=torch.stack(losses).mean(),
+            loss=loss,
             hard_perplexity=self._hard_perplexity(codes, mask),
-            soft_perplexity=soft_perplexity,
+            soft_perplexity=perplexity(probs.detach(), mask=mask),
             temperature=temperature.detach(),
         )
 

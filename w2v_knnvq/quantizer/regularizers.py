@@ -20,15 +20,20 @@ def knn_loss(
     - ``"ce"``: ``D(e_m, p) = -log p_m``; the K nearest are the K largest ``p_m``.
     - ``"l2"``: ``D(e_m, p) = |e_m - p|^2 = 1 - 2 p_m + |p|^2``; the K nearest are its K smallest.
 
-    :param log_probs: ``(N, M)`` log-probabilities of N samples over M codes (log-softmax
-        output, so that underflowing probabilities give finite losses).
+    With product quantization, ``log_probs`` is ``(N, G, M)`` and the result is the mean of
+    the G codebooks' losses.
+
+    :param log_probs: ``(N, M)`` or ``(N, G, M)`` log-probabilities of N samples over M codes
+        (log-softmax output, so that underflowing probabilities give finite losses).
     :param k: K. When fewer than K samples are available, all of them are used.
     :param mask: ``(N,)`` bool, ``True`` for samples that may be neighbours.
 
     :returns: A scalar. Zero when no sample is available.
     """
-    if log_probs.ndim != 2:
-        raise ValueError(f"`log_probs` must be (N, M), but has shape {tuple(log_probs.shape)}.")
+    if log_probs.ndim not in (2, 3):
+        raise ValueError(
+            f"`log_probs` must be (N, M) or (N, G, M), but has shape {tuple(log_probs.shape)}."
+        )
 
     if k < 1:
         raise ValueError(f"`k` must be at least 1, but is {k}.")
@@ -50,7 +55,7 @@ def knn_loss(
     if num_samples == 0:
         return log_probs.sum() * 0.0
 
-    top_scores = scores.t().topk(min(k, num_samples), dim=-1, sorted=False).values
+    top_scores = scores.topk(min(k, num_samples), dim=0, sorted=False).values
 
     return -top_scores.mean()
 
@@ -58,10 +63,11 @@ def knn_loss(
 def perplexity(probs: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """Return the perplexity ``exp(-sum_m pi_m log pi_m)`` of the batch-mean distribution (eq. 11-12).
 
-    :param probs: ``(N, M)`` probabilities of N samples over M codes.
+    :param probs: ``(N, ..., M)`` probabilities of N samples over M codes, e.g. ``(N, G, M)``
+        for G codebooks.
     :param mask: ``(N,)`` bool, ``True`` for the samples to average.
 
-    :returns: A scalar in ``[1, M]``.
+    :returns: ``(...)``, each in ``[1, M]``.
     """
     if mask is not None:
         probs = probs[mask]
@@ -69,7 +75,7 @@ def perplexity(probs: Tensor, *, mask: Tensor | None = None) -> Tensor:
     mean_probs = probs.mean(dim=0) if probs.size(0) > 0 else probs.new_full(probs.shape[1:], 1.0)
 
     # xlogy gives 0 log 0 = 0 for codes that no sample visits.
-    entropy = -torch.special.xlogy(mean_probs, mean_probs).sum()
+    entropy = -torch.special.xlogy(mean_probs, mean_probs).sum(dim=-1)
 
     return entropy.exp()
 
@@ -78,14 +84,17 @@ def perplexity_loss(probs: Tensor, *, mask: Tensor | None = None) -> Tensor:
     """Return ``1 - ppl / M``, the normalized perplexity regularizer of eq. 11-12 as a loss.
 
     Its minimum, 0, is reached when the batch-mean assignment is uniform (maximal normalized
-    perplexity); it equals wav2vec 2.0's diversity loss ``(M - ppl) / M``.
+    perplexity); it equals wav2vec 2.0's diversity loss ``(M - ppl) / M``, which for G
+    codebooks is the mean over codebooks.
 
-    :param probs: ``(N, M)`` assignment probabilities ``pi``.
+    :param probs: ``(N, M)`` or ``(N, G, M)`` assignment probabilities ``pi``.
     :param mask: ``(N,)`` bool, ``True`` for the samples to average.
+
+    :returns: A scalar.
     """
     num_codes = probs.size(-1)
 
-    return 1.0 - perplexity(probs, mask=mask) / num_codes
+    return (1.0 - perplexity(probs, mask=mask) / num_codes).mean()
 
 
 def commitment_codebook_loss(

@@ -1,0 +1,19 @@
+"""Text side of ASR: the CTC character tokenizer, greedy CTC decoding and error rates."""
+
+from __future__ import annotations
+
+from w2v_knnvq.text.ctc import ctc_greedy_decode as ctc_greedy_decode
+from w2v_knnvq.text.ctc import ctc_greedy_token_ids as ctc_greedy_token_ids
+from w2v_knnvq.text.error_rates import EditCounts as EditCounts
+from w2v_knnvq.text.error_rates import ErrorRateMetric as ErrorRateMetric
+from w2v_knnvq.text.error_rates import ErrorRates as ErrorRates
+from w2v_knnvq.text.error_rates import align as align
+from w2v_knnvq.text.error_rates import char_edits as char_edits
+from w2v_knnvq.text.error_rates import normalize_text as normalize_text
+from w2v_knnvq.text.error_rates import word_edits as word_edits
+from w2v_knnvq.text.tokenizer import CTC_BLANK_ID as CTC_BLANK_ID
+from w2v_knnvq.text.tokenizer import check_vocab_size as check_vocab_size
+from w2v_knnvq.text.tokenizer import load_ctc_tokenizer as load_ctc_tokenizer
+from w2v_knnvq.text.tokenizer import load_tokenizer_card as load_tokenizer_card
+from w2v_knnvq.text.tokenizer import read_transcripts as read_transcripts
+from w2v_knnvq.text.tokenizer import train_char_tokenizer as train_char_tokenizer

@@ -1,0 +1,98 @@
+"""Writes fairseq-style ``{name}.tsv``/``{name}.wrd`` manifests for a LibriSpeech-layout corpus.
+
+Examples::
+
+    python tools/make_manifest.py /data/LibriSpeech --splits dev-clean --output-dir manifests
+    python tools/make_manifest.py /data/LibriSpeech \\
+        --splits train-clean-100 train-clean-360 train-other-500 --name train --output-dir manifests
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from w2v_knnvq.data.manifest import (
+    LIBRISPEECH_SPLITS,
+    BadFilesError,
+    ManifestConfig,
+    ManifestError,
+    make_manifest,
+)
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+    parser.add_argument(
+        "corpus_dir", type=Path, help="folder holding the split folders (e.g. LibriSpeech)"
+    )
+    parser.add_argument(
+        "--splits",
+        nargs="+",
+        required=True,
+        metavar="SPLIT",
+        help=f"split folders to combine, e.g. {' '.join(LIBRISPEECH_SPLITS[:3])}",
+    )
+    parser.add_argument(
+        "--name", help="manifest base name (default: the split name if only one split)"
+    )
+    parser.add_argument("--output-dir", type=Path, required=True)
+    parser.add_argument("--sample-rate", type=int, default=16_000, help="required rate in Hz")
+    parser.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="leave bad files out with a warning instead of refusing to write",
+    )
+    parser.add_argument(
+        "--full-decode",
+        action="store_true",
+        help="decode every sample (slow) instead of only the end of each file",
+    )
+    parser.add_argument("--num-workers", type=int, default=4, help="audio-checking threads")
+
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+
+    config = ManifestConfig(
+        corpus_dir=args.corpus_dir,
+        splits=args.splits,
+        output_dir=args.output_dir,
+        name=args.name,
+        sample_rate=args.sample_rate,
+        skip_bad=args.skip_bad,
+        full_decode=args.full_decode,
+        num_workers=args.num_workers,
+    )
+
+    try:
+        files = make_manifest(config)
+    except BadFilesError as ex:
+        print(f"error: {ex}", file=sys.stderr)
+
+        return 1
+    except ManifestError as ex:
+        print(f"error: {ex}", file=sys.stderr)
+
+        return 2
+
+    print(
+        f"wrote {files.num_entries} entries to {files.tsv_path} and {files.wrd_path}",
+        file=sys.stderr,
+    )
+
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Speech data: LibriSpeech layout, audio checks, fairseq-style manifests."""

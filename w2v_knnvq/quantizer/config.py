@@ -115,9 +115,9 @@ class QuantizerConfig:
     (2.0, 0.5, 0.999995)."""
 
     def __post_init__(self) -> None:
-        self.validate()
+        self.check()
 
-    def validate(self) -> None:
+    def check(self) -> None:
         """Raise :class:`ValueError` on an unknown method or a meaningless size."""
         if self.method not in METHODS:
             raise ValueError(

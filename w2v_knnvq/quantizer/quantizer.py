@@ -77,7 +77,7 @@ class VectorQuantizer(Module):
     ) -> None:
         super().__init__()
 
-        config.validate()
+        config.check()
 
         self.config = config
 

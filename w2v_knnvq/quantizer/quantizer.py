@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -171,7 +172,15 @@ class VectorQuantizer(Module):
 
         num_vectors = leading_shape.numel()
 
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        # Autocast off: quantizer math in float32 (meta tensors know no autocast).
+        if torch.amp.is_autocast_available(x.device.type):
+            float32_math: AbstractContextManager[object] = torch.autocast(
+                device_type=x.device.type, enabled=False
+            )
+        else:
+            float32_math = nullcontext()
+
+        with float32_math:
             z = x.float().reshape(num_vectors, config.num_codebooks, config.codebook_dim)
 
             codebook = self.codebook().float()

@@ -1,0 +1,1 @@
+"""fairseq2 recipes of w2v-knnvq."""

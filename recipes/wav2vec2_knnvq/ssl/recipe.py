@@ -1,0 +1,181 @@
+"""wav2vec 2.0 self-supervised pretraining on fairseq2's recipe API.
+
+Run ``python -m recipes.wav2vec2_knnvq.ssl --config-file CONFIG OUTPUT_DIR``; rerunning
+with the same ``OUTPUT_DIR`` resumes from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping
+from typing import final
+
+from torch import Tensor
+from torch.nn import Module
+from typing_extensions import override
+
+# fairseq2.recipe must be imported before fairseq2.evaluator, which imports it back.
+from fairseq2.recipe import Recipe, RecipeContext  # isort: skip
+from fairseq2.datasets import SequenceBatch
+from fairseq2.evaluator import EvalUnit
+from fairseq2.metrics import MetricBag
+from fairseq2.recipe.cli import main as run_recipe_cli
+from fairseq2.recipe.config import CosineAnnealingLRConfig
+from fairseq2.recipe.error import RecipeError
+from fairseq2.runtime.dependency import DependencyContainer
+from fairseq2.task import Task
+from fairseq2.trainer import TrainUnit
+
+from recipes.wav2vec2_knnvq.ssl.config import SslRecipeConfig
+from recipes.wav2vec2_knnvq.ssl.criterion import (
+    CodebookShape,
+    SslCriterion,
+    get_codebook_shape,
+    quantize_utterances,
+)
+from recipes.wav2vec2_knnvq.ssl.dataset import (
+    create_train_reader,
+    create_valid_reader,
+    register_speech_manifest_dataset,
+)
+from recipes.wav2vec2_knnvq.ssl.metrics import (
+    CODEBOOK_USAGE,
+    UTTERANCE_CODEBOOK_USAGE,
+    CodeCounts,
+    UtteranceCodebookUsage,
+    add_codebook_usage_metrics,
+    add_ssl_metrics,
+    count_codes_per_utterance,
+    publish_per_codebook,
+    register_ssl_metric_descriptors,
+)
+from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
+
+
+@final
+class SslRecipe(Recipe):
+    @override
+    def register(self, container: DependencyContainer) -> None:
+        register_speech_manifest_dataset(container)
+
+        register_ssl_metric_descriptors(container)
+
+    @override
+    def create_task(self, context: RecipeContext) -> Task:
+        config = context.get_config_as(SslRecipeConfig)
+
+        _check_lr_schedule(config)
+
+        base_model = context.get_model()
+
+        criterion = SslCriterion(context.get_data_parallel_model(), base_model, config.loss)
+
+        codebook_shape = get_codebook_shape(base_model)
+
+        dataset = context.get_dataset_as(SpeechManifestDataset)
+
+        seed = config.common.seed
+
+        train_reader = create_train_reader(
+            dataset,
+            config.dataset,
+            context.gangs,
+            seed=seed,
+            num_accumulate=config.trainer.grad_accumulation.num_batches,
+        )
+
+        train_unit = SslTrainUnit(criterion, codebook_shape)
+
+        if config.dataset.valid_split is None:
+            return context.create_trainer(train_unit, train_reader)
+
+        valid_reader = create_valid_reader(dataset, config.dataset, context.gangs, seed=seed + 1)
+
+        valid_unit = SslEvalUnit(criterion, base_model, codebook_shape)
+
+        return context.create_trainer(train_unit, train_reader, [valid_unit], [valid_reader])
+
+    @property
+    @override
+    def config_kls(self) -> type[object]:
+        return SslRecipeConfig
+
+
+@final
+class SslTrainUnit(TrainUnit[SequenceBatch]):
+    def __init__(self, criterion: SslCriterion, codebook_shape: CodebookShape) -> None:
+        self._criterion = criterion
+        self._codebook_shape = codebook_shape
+
+    @override
+    def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
+        add_ssl_metrics(metric_bag, self._codebook_shape.num_codebooks)
+
+    @override
+    def process_batch(self, batch: SequenceBatch, metric_bag: MetricBag) -> tuple[Tensor, int]:
+        return self._criterion(batch, metric_bag)
+
+    @override
+    def process_metric_values(self, values: MutableMapping[str, object]) -> None:
+        publish_per_codebook(values)
+
+
+@final
+class SslEvalUnit(EvalUnit[SequenceBatch]):
+    """Validates the loss on masked frames and the codebook usage on all frames.
+
+    The usage figures count the codes that the eval-mode quantizer assigns to every
+    frame of every validation utterance: ``codebook_usage`` over the whole split
+    (summed over data-parallel ranks), ``utterance_codebook_usage`` averaged over
+    utterances.
+    """
+
+    def __init__(self, criterion: SslCriterion, base_model: Module, codebook_shape: CodebookShape) -> None:
+        self._criterion = criterion
+        self._base_model = base_model
+        self._codebook_shape = codebook_shape
+
+    @override
+    def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
+        shape = self._codebook_shape
+
+        add_ssl_metrics(metric_bag, shape.num_codebooks)
+
+        add_codebook_usage_metrics(metric_bag, shape.num_codebooks, shape.codebook_size)
+
+    @override
+    def process_batch(self, batch: SequenceBatch, metric_bag: MetricBag) -> None:
+        self._criterion(batch, metric_bag)
+
+        seqs, seqs_layout = batch.as_input()
+
+        codes = quantize_utterances(self._base_model, seqs, seqs_layout)
+
+        counts = count_codes_per_utterance(codes, self._codebook_shape.codebook_size)
+
+        metric_bag.get(CODEBOOK_USAGE, CodeCounts).update(counts)
+
+        metric_bag.get(UTTERANCE_CODEBOOK_USAGE, UtteranceCodebookUsage).update(counts)
+
+    @override
+    def process_metric_values(self, values: MutableMapping[str, object]) -> None:
+        publish_per_codebook(values)
+
+
+def _check_lr_schedule(config: SslRecipeConfig) -> None:
+    """Turns fairseq2's division by zero on a warmup as long as training into a clear error."""
+    scheduler = config.lr_scheduler.config
+    num_steps = config.regime.num_steps
+
+    if not isinstance(scheduler, CosineAnnealingLRConfig) or scheduler.cycle_len is not None or num_steps is None:
+        return
+
+    if scheduler.num_warmup_steps >= num_steps:
+        raise RecipeError(
+            f"`lr_scheduler.config.num_warmup_steps` ({scheduler.num_warmup_steps}) must be smaller than "
+            f"`regime.num_steps` ({num_steps}) for the cosine annealing to have steps left; lower the warmup."
+        )
+
+
+def main() -> None:
+    """The console entry point of the recipe."""
+    run_recipe_cli(SslRecipe())

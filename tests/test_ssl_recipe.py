@@ -1,0 +1,291 @@
+"""End-to-end tests of the wav2vec 2.0 pretraining recipe through its command line."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+
+from fairseq2.datasets import DatasetError
+from fairseq2.device import CPU
+from fairseq2.gang import create_fake_gangs
+from fairseq2.nn import BatchLayout
+
+from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
+from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, SpeechReadOptions
+from w2v_knnvq.quantizer import CodebookUsage
+from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+MINISPEECH = REPO_ROOT / "tests" / "data" / "minispeech"
+
+TINY_CPU_CONFIG = REPO_ROOT / "recipes" / "wav2vec2_knnvq" / "ssl" / "configs" / "tiny_cpu.yaml"
+
+MAX_AUDIO_LEN = 32_000
+
+ARCH = "tiny_2x320"
+
+METHOD = "softmax-knn-ce"
+
+
+def _write_synthetic_split(audio_dir: Path, manifest_file: Path, lengths: list[int], seed: int) -> None:
+    """Writes tone-plus-noise utterances of the given lengths and their manifest."""
+    rng = np.random.default_rng(seed)
+
+    lines = [str(audio_dir)]
+
+    for idx, length in enumerate(lengths):
+        t = np.arange(length) / 16_000
+        pitch = rng.uniform(100, 300)
+        wave = 0.3 * np.sin(2 * np.pi * pitch * t * (1 + 0.2 * np.sin(2 * np.pi * t)))
+        wave += 0.05 * rng.standard_normal(length)
+
+        relative = f"{manifest_file.stem}/utt{idx}.flac"
+
+        (audio_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+
+        soundfile.write(audio_dir / relative, wave.astype(np.float32), 16_000, subtype="PCM_16")
+
+        lines.append(f"{relative}\t{length}")
+
+    manifest_file.write_text("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def manifest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``train.tsv`` and ``valid.tsv`` of the bundled mini corpus (synthetic audio if absent)."""
+    output_dir = tmp_path_factory.mktemp("manifests")
+
+    if MINISPEECH.is_dir():
+        for split, name in (("train", "train"), ("dev", "valid")):
+            make_manifest(
+                ManifestConfig(
+                    corpus_dir=MINISPEECH,
+                    splits=[split],
+                    output_dir=output_dir,
+                    name=name,
+                    show_progress=False,
+                )
+            )
+    else:
+        audio_dir = tmp_path_factory.mktemp("audio")
+
+        # One training utterance is longer than `max_audio_len`: it must be cropped, not dropped.
+        _write_synthetic_split(audio_dir, output_dir / "train.tsv", [40_000, 36_000, 20_000, 70_000], seed=0)
+        _write_synthetic_split(audio_dir, output_dir / "valid.tsv", [30_000, 45_000, 24_000], seed=1)
+
+    return output_dir
+
+
+def _run_recipe(output_dir: Path, manifest_dir: Path, num_steps: int) -> subprocess.CompletedProcess[str]:
+    overrides = [
+        f"dataset.config_overrides.manifest_dir={manifest_dir}",
+        f"model.arch={ARCH}",
+        f"model.config_overrides.quantizer.method={METHOD}",
+        "dataset.min_audio_len=16000",
+        f"dataset.max_audio_len={MAX_AUDIO_LEN}",
+        f"dataset.max_num_elements={2 * MAX_AUDIO_LEN}",
+        f"regime.num_steps={num_steps}",
+        "regime.validate_every_n_steps=2",
+        "regime.checkpoint_every_n_steps=2",
+        "regime.publish_metrics_every_n_steps=2",
+        "regime.keep_last_n_checkpoints=null",
+        "lr_scheduler.config.num_warmup_steps=1",
+    ]
+
+    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+
+    env = dict(os.environ, PYTHONPATH=python_path, FAIRSEQ2_EXTENSION_TRACE="1")
+
+    command = [
+        sys.executable, "-m", "recipes.wav2vec2_knnvq.ssl", "--no-rich",
+        "--config-file", str(TINY_CPU_CONFIG), "--config", *overrides, "--", str(output_dir),
+    ]  # fmt: skip
+
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    return result
+
+
+def _read_jsonl(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trained_run(manifest_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A run of 4 steps with a checkpoint and a validation every 2 steps."""
+    output_dir = tmp_path_factory.mktemp("run")
+
+    result = _run_recipe(output_dir, manifest_dir, num_steps=4)
+
+    return output_dir, result.stdout + result.stderr
+
+
+def test_run_writes_checkpoints_and_usage_metrics(trained_run: tuple[Path, str]) -> None:
+    output_dir, _ = trained_run
+
+    for step in (2, 4):
+        assert (output_dir / f"checkpoints/step_{step}/model/pp_00/tp_00/sdp_00.pt").is_file()
+
+    valid = _read_jsonl(output_dir / "metrics/valid.jsonl")
+
+    assert [record["Step"] for record in valid] == [2, 4]
+
+    num_codebooks = 2
+
+    for record in valid:
+        usage = record["Codebook Usage"]
+        utterance_usage = record["Mean Utterance Codebook Usage"]
+
+        assert isinstance(usage, list) and len(usage) == num_codebooks
+        assert isinstance(utterance_usage, list) and len(utterance_usage) == num_codebooks
+
+        for split_value, utterance_value in zip(usage, utterance_usage):
+            # A split uses at least as many entries as its average utterance.
+            assert 0.0 < utterance_value <= split_value <= 1.0
+
+        for name in ("Loss", "Contrastive Loss", "Quantizer Loss", "Accuracy", "Temperature"):
+            assert math.isfinite(float(record[name])), name
+
+        assert len(record["Hard Perplexity"]) == num_codebooks
+        assert len(record["Soft Perplexity"]) == num_codebooks
+
+    train = _read_jsonl(output_dir / "metrics/train.jsonl")
+
+    assert [record["Step"] for record in train] == [2, 4]
+
+    assert list((output_dir / "tb").glob("valid/events.out.tfevents.*"))
+
+
+def test_rerun_resumes_from_last_checkpoint(
+    trained_run: tuple[Path, str], manifest_dir: Path, tmp_path: Path
+) -> None:
+    first_output_dir, _ = trained_run
+
+    # A copy, so that the other tests keep reading a 4-step run.
+    output_dir = tmp_path / "run"
+
+    subprocess.run(["cp", "-r", str(first_output_dir), str(output_dir)], check=True)
+
+    result = _run_recipe(output_dir, manifest_dir, num_steps=6)
+
+    log = result.stdout + result.stderr
+
+    assert "Restoring training from the last checkpoint at step 4." in log
+
+    train_steps = [record["Step"] for record in _read_jsonl(output_dir / "metrics/train.jsonl")]
+
+    # Steps 1-4 are not trained again: the rerun only adds step 6.
+    assert train_steps == [2, 4, 6]
+
+    assert (output_dir / "checkpoints/step_6").is_dir()
+
+
+def test_validation_usage_matches_independent_count(trained_run: tuple[Path, str], manifest_dir: Path) -> None:
+    output_dir, _ = trained_run
+
+    config = WAV2VEC2_KNNVQ_ARCHS[ARCH]()
+    config.quantizer.method = METHOD
+
+    model = create_wav2vec2_knnvq_model(config)
+
+    state_dict = torch.load(
+        output_dir / "checkpoints/step_4/model/pp_00/tp_00/sdp_00.pt", map_location="cpu", weights_only=True
+    )
+
+    model.load_state_dict(state_dict)
+
+    model.eval()
+
+    quantizer_config = model.quantizer.config
+
+    usage = CodebookUsage(quantizer_config.num_codebooks, quantizer_config.codebook_size)
+
+    lines = (manifest_dir / "valid.tsv").read_text().splitlines()
+
+    audio_dir = Path(lines[0])
+
+    with torch.inference_mode():
+        for line in lines[1:]:
+            relative_path, num_samples = line.split("\t")
+
+            if int(num_samples) < 16_000:  # `min_audio_len` of the run
+                continue
+
+            waveform, _ = soundfile.read(audio_dir / relative_path, dtype="float32")
+
+            # Validation keeps the start of long utterances.
+            seqs = torch.from_numpy(waveform[:MAX_AUDIO_LEN]).unsqueeze(0)
+
+            features, _, _ = model.encoder_frontend.extract_features(seqs, BatchLayout.of(seqs))
+
+            usage.update(model.quantizer(features).codes)
+
+    report = usage.compute()
+
+    step_4 = _read_jsonl(output_dir / "metrics/valid.jsonl")[-1]
+
+    assert step_4["Step"] == 4
+
+    assert step_4["Codebook Usage"] == pytest.approx(report.usage.tolist(), abs=1e-9)
+
+    assert step_4["Mean Utterance Codebook Usage"] == pytest.approx(
+        report.per_sample_usage.double().mean(dim=0).tolist(), abs=1e-6
+    )
+
+
+def test_reader_crops_long_utterances_instead_of_dropping(manifest_dir: Path) -> None:
+    dataset = SpeechManifestDataset(manifest_dir)
+
+    split = dataset.read_split("train")
+
+    max_audio_len = min(entry.num_samples for entry in split.entries) + 1_000
+
+    assert any(entry.num_samples > max_audio_len for entry in split.entries)
+
+    options = SpeechReadOptions(
+        min_audio_len=1,
+        max_audio_len=max_audio_len,
+        max_num_elements=4 * max_audio_len,
+        shuffle_window=1,
+        crop="start",
+        crop_to_batch_shortest=False,
+    )
+
+    reader = dataset.create_reader("train", create_fake_gangs(CPU), options)
+
+    seen_paths = []
+
+    for batches in reader:
+        for batch in batches:
+            assert batch.seqs.dtype == torch.float32
+            assert batch.seqs.size(1) <= max_audio_len
+            assert batch.num_elements <= 4 * max_audio_len
+
+            seen_paths.extend(batch.example["paths"])
+
+    assert sorted(seen_paths) == sorted(entry.path for entry in split.entries)
+
+
+def test_missing_manifest_and_empty_split_name_the_file(manifest_dir: Path, tmp_path: Path) -> None:
+    dataset = SpeechManifestDataset(manifest_dir)
+
+    with pytest.raises(DatasetError, match="nosuchsplit.tsv"):
+        dataset.read_split("nosuchsplit")
+
+    empty = tmp_path / "empty.tsv"
+    empty.write_text(f"{tmp_path}\n")
+
+    with pytest.raises(DatasetError, match="empty.tsv.*no utterances"):
+        SpeechManifestDataset(tmp_path).read_split("empty")

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml tools/bootstrap.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m w2v_knnvq.demo
+	$(VENV)/bin/python -m recipes.wav2vec2_knnvq.demo
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest

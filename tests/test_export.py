@@ -1,0 +1,140 @@
+"""Exports of the encoder to Hugging Face ``transformers`` and torchaudio match the model."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("FAIRSEQ2_EXTENSION_TRACE", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from fairseq2.models.transformer import TransformerNormOrder
+
+from w2v_knnvq.export import ExportError, describe_encoder, load_torchaudio_export, to_huggingface, torchaudio_builder_args
+from w2v_knnvq.features import SpeechFeatureExtractor
+from w2v_knnvq.wav2vec2 import get_wav2vec2_knnvq_model_hub
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("safetensors")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+TOLERANCE = 1e-4
+
+
+def _load_tool(name: str):  # type: ignore[no-untyped-def]
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    return module
+
+
+@pytest.mark.parametrize("arch", ["tiny_1x1024", "tiny_2x320"])
+def test_exports_match_our_features(arch: str, tmp_path: Path) -> None:
+    # The helper that writes a pretraining run's layout lives beside this file.
+    from test_features import write_run
+
+    run_dir = tmp_path / "run"
+    models = write_run(run_dir, arch, steps=(3,))
+
+    export_dir = tmp_path / "exported"
+
+    assert _load_tool("export_checkpoint").main([str(run_dir), str(export_dir)]) == 0
+
+    assert sorted(path.name for path in (export_dir / "hf").iterdir()) == ["config.json", "model.safetensors"]
+
+    hf_model = transformers.Wav2Vec2Model.from_pretrained(export_dir / "hf").eval()
+    ta_model = load_torchaudio_export(export_dir / "torchaudio")
+
+    builder_args = json.loads((export_dir / "torchaudio" / "wav2vec2_model_args.json").read_text())
+    assert builder_args["encoder_num_layers"] == 2 and builder_args["extractor_mode"] == "group_norm"
+
+    extractor = SpeechFeatureExtractor(models[3])
+
+    rng = np.random.default_rng(0)
+
+    for num_samples in (5_000, 16_000, 27_777):
+        waveform = torch.from_numpy(0.1 * rng.standard_normal(num_samples).astype(np.float32))
+
+        ours = extractor.extract([waveform], layers=None)
+
+        with torch.inference_mode():
+            hf_output = hf_model(waveform[None], output_hidden_states=True)
+
+            ta_layers, _ = ta_model.extract_features(waveform[None])
+            ta_final, _ = ta_model(waveform[None])
+
+        # Hugging Face: hidden_states[i + 1] is the output of layer i (post-norm encoder).
+        assert hf_output.extract_features.shape == ours.cnn_features.shape
+        assert (hf_output.extract_features - ours.cnn_features).abs().max() < TOLERANCE
+
+        for layer in (0, 1):
+            assert (hf_output.hidden_states[layer + 1] - ours.hidden_states[layer]).abs().max() < TOLERANCE
+            assert (ta_layers[layer] - ours.hidden_states[layer]).abs().max() < TOLERANCE
+
+        assert (hf_output.last_hidden_state - ours.hidden_states[1]).abs().max() < TOLERANCE
+        assert (ta_final - ours.hidden_states[1]).abs().max() < TOLERANCE
+
+
+def test_pre_norm_layer_norm_convs_with_bias_and_projection() -> None:
+    """fairseq2's `large_lv60k` layout: pre-norm, layer-normed convs with bias."""
+    hub = get_wav2vec2_knnvq_model_hub()
+
+    config = hub.get_arch_config("tiny_2x320")
+
+    encoder = config.encoder_config
+    encoder.norm_order = TransformerNormOrder.PRE
+    encoder.layer_norm_features = False
+    encoder.feature_extractor_layer_norm_convs = True
+    encoder.feature_extractor_bias = True
+    encoder.model_dim = 48
+    encoder.num_encoder_attn_heads = 4
+
+    torch.manual_seed(1)
+    model = hub.create_new_model(config).eval()
+
+    layout = describe_encoder(config)
+    assert layout.layer_norm_first and layout.conv_layer_norm and layout.conv_bias
+
+    hf_model = to_huggingface(model, config)
+
+    waveform = 0.1 * torch.randn(12_345)
+
+    ours = SpeechFeatureExtractor(model).extract([waveform], layers=None)
+
+    with torch.inference_mode():
+        hf_output = hf_model(waveform[None], output_hidden_states=True)
+
+        final = model.encoder.layer_norm(ours.hidden_states[1])
+
+    assert (hf_output.extract_features - ours.cnn_features).abs().max() < TOLERANCE
+    assert (hf_output.hidden_states[1] - ours.hidden_states[0]).abs().max() < TOLERANCE
+    assert (hf_output.last_hidden_state - final).abs().max() < TOLERANCE
+
+    assert torchaudio_builder_args(config)["encoder_layer_norm_first"] is True
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("use_conformer", True, "use_conformer=True"),
+        ("pos_encoder_depth", 3, "pos_encoder_depth=3"),
+        ("pos_encoder_type", "relative", "pos_encoder_type=relative"),
+        ("layer_norm_features", False, "layer_norm_features=False` with `norm_order=POST"),
+    ],
+)
+def test_refuses_unrepresentable_encoders(field: str, value: object, message: str) -> None:
+    config = get_wav2vec2_knnvq_model_hub().get_arch_config("tiny_1x1024")
+
+    setattr(config.encoder_config, field, value)
+
+    with pytest.raises(ExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        torchaudio_builder_args(config)

@@ -1,0 +1,97 @@
+"""Exports the encoder as a Hugging Face ``transformers`` ``Wav2Vec2Model`` directory
+(``config.json`` + ``model.safetensors``). Needs the optional ``transformers`` and
+``safetensors`` packages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from w2v_knnvq.export.encoder import ExportError, describe_encoder, encoder_state_dict, mask_embedding
+from w2v_knnvq.wav2vec2 import Wav2Vec2KnnVqConfig, Wav2Vec2KnnVqModel
+
+if TYPE_CHECKING:
+    import transformers
+
+
+def _import_transformers():  # type: ignore[no-untyped-def]
+    try:
+        import safetensors  # noqa: F401
+        import transformers
+    except ImportError as ex:
+        raise ExportError(
+            "Exporting to Hugging Face needs the `transformers` and `safetensors` packages; install them with `pip install transformers safetensors`."
+        ) from ex
+
+    return transformers
+
+
+def huggingface_config(config: Wav2Vec2KnnVqConfig) -> transformers.Wav2Vec2Config:
+    """:raises ExportError: if the encoder cannot be represented."""
+    transformers = _import_transformers()
+
+    layout = describe_encoder(config)
+
+    encoder = config.encoder_config
+
+    return transformers.Wav2Vec2Config(
+        hidden_size=encoder.model_dim,
+        num_hidden_layers=encoder.num_encoder_layers,
+        num_attention_heads=encoder.num_encoder_attn_heads,
+        intermediate_size=encoder.ffn_inner_dim,
+        hidden_act="gelu",
+        hidden_dropout=encoder.dropout_p,
+        activation_dropout=encoder.ffn_inner_dropout_p,
+        attention_dropout=encoder.attn_dropout_p,
+        feat_proj_dropout=encoder.first_pass_dropout_p,
+        layerdrop=encoder.layer_drop_p,
+        layer_norm_eps=1e-5,
+        feat_extract_norm="layer" if layout.conv_layer_norm else "group",
+        feat_extract_activation="gelu",
+        conv_dim=[channels for channels, _, _ in layout.conv_layers],
+        conv_kernel=[kernel for _, kernel, _ in layout.conv_layers],
+        conv_stride=[stride for _, _, stride in layout.conv_layers],
+        conv_bias=layout.conv_bias,
+        num_conv_pos_embeddings=encoder.pos_conv_kernel_size,
+        num_conv_pos_embedding_groups=encoder.num_pos_conv_groups,
+        do_stable_layer_norm=layout.layer_norm_first,
+        mask_time_length=config.temporal_mask_span_len,
+        num_codevector_groups=config.quantizer.num_codebooks,
+        num_codevectors_per_group=config.quantizer.codebook_size,
+    )
+
+
+def to_huggingface(model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig) -> transformers.Wav2Vec2Model:
+    """:returns: A Hugging Face ``Wav2Vec2Model`` in eval mode with the encoder's weights.
+
+    :raises ExportError: if the encoder cannot be represented.
+    """
+    transformers = _import_transformers()
+
+    hf_model = transformers.Wav2Vec2Model(huggingface_config(config))
+
+    state_dict = encoder_state_dict(model, config)
+
+    embed = mask_embedding(model)
+
+    if embed is not None and "masked_spec_embed" in hf_model.state_dict():
+        state_dict["masked_spec_embed"] = embed
+
+    hf_model.load_state_dict(state_dict, strict=True)
+
+    return hf_model.eval()
+
+
+def export_huggingface(model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig, output_dir: Path) -> Path:
+    """Writes ``config.json`` and ``model.safetensors`` to ``output_dir``; load them
+    with ``transformers.Wav2Vec2Model.from_pretrained(output_dir)``.
+
+    :returns: ``output_dir``.
+    """
+    hf_model = to_huggingface(model, config)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    hf_model.save_pretrained(output_dir, safe_serialization=True)
+
+    return output_dir

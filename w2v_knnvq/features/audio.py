@@ -1,0 +1,95 @@
+"""Audio input for feature extraction: reading files, mixing down, resampling."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torchaudio.functional
+from torch import Tensor
+
+MODEL_SAMPLE_RATE = 16_000
+"""The sample rate every wav2vec 2.0 model of this project is trained on."""
+
+log = logging.getLogger(__name__)
+
+# Mixing down is worth one warning per process, not one per file of a corpus.
+_warned_multichannel = False
+
+
+class AudioInputError(ValueError):
+    """Audio that cannot be turned into model input; the message names the source and the fix."""
+
+
+def read_audio(path: Path) -> tuple[Tensor, int]:
+    """Reads an audio file as float32 samples.
+
+    Multichannel audio is mixed down to mono (with a warning, said once).
+
+    :returns: ``(S,)`` samples in ``[-1, 1]`` and the file's sample rate.
+
+    :raises AudioInputError: if the file is missing, unreadable or holds no samples.
+    """
+    if not path.is_file():
+        raise AudioInputError(f"{path}: no such audio file; check the path or the manifest's root directory.")
+
+    try:
+        samples, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
+    # soundfile reports every decoding failure as a RuntimeError subclass.
+    except RuntimeError as ex:
+        raise AudioInputError(f"{path}: unreadable by soundfile ({ex}); re-encode the file (e.g. as FLAC or WAV) or remove it.") from ex
+
+    if samples.shape[0] == 0:
+        raise AudioInputError(f"{path}: contains no audio samples; remove it from the input.")
+
+    return to_mono(torch.from_numpy(np.ascontiguousarray(samples.T)), source=str(path)), sample_rate
+
+
+def to_mono(waveform: Tensor, *, source: str) -> Tensor:
+    """:param waveform: ``(S,)`` mono or ``(C, S)`` multichannel samples.
+    :returns: ``(S,)`` samples; channels are averaged."""
+    global _warned_multichannel
+
+    if waveform.ndim == 1:
+        return waveform
+
+    if waveform.ndim != 2:
+        raise AudioInputError(f"{source}: a waveform must have shape (S,) or (C, S), but has shape {tuple(waveform.shape)}.")
+
+    if waveform.size(0) == 1:
+        return waveform[0]
+
+    if not _warned_multichannel:
+        log.warning("%s has %d channels; mixing multichannel audio down to mono by averaging (said once).", source, waveform.size(0))
+
+        _warned_multichannel = True
+
+    return waveform.mean(dim=0)
+
+
+def prepare_waveform(waveform: Tensor, sample_rate: int, *, source: str) -> Tensor:
+    """Makes one utterance model input: mono, float32, at :data:`MODEL_SAMPLE_RATE`.
+
+    :param waveform: ``(S,)`` or ``(C, S)`` samples.
+    :returns: ``(S_16k,)`` samples.
+
+    :raises AudioInputError: on an empty waveform, a non-positive rate, or NaN/inf samples.
+    """
+    if sample_rate <= 0:
+        raise AudioInputError(f"{source}: the sample rate must be positive, but is {sample_rate}.")
+
+    waveform = to_mono(waveform, source=source).float()
+
+    if waveform.numel() == 0:
+        raise AudioInputError(f"{source}: contains no audio samples; remove it from the input.")
+
+    if not torch.isfinite(waveform).all():
+        raise AudioInputError(f"{source}: contains NaN or infinite samples; fix or remove the audio.")
+
+    if sample_rate != MODEL_SAMPLE_RATE:
+        waveform = torchaudio.functional.resample(waveform, sample_rate, MODEL_SAMPLE_RATE)
+
+    return waveform

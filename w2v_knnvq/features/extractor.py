@@ -1,0 +1,309 @@
+"""Per-frame features and discrete codes of a pretrained ``wav2vec2_knnvq`` model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fairseq2.models.wav2vec2 import Wav2Vec2FeatureExtractor
+from fairseq2.nn import BatchLayout
+
+from w2v_knnvq.features.audio import MODEL_SAMPLE_RATE, AudioInputError, prepare_waveform, read_audio
+from w2v_knnvq.features.loading import PretrainedModel
+from w2v_knnvq.wav2vec2 import Wav2Vec2KnnVqModel
+
+PADDING_CODE = -1
+"""The code reported for padding frames."""
+
+
+@dataclass(kw_only=True)
+class SpeechFeatures:
+    """The features of a batch of N utterances, padded to S frames (50 per second
+    for the CNNs of this project). ``F`` is the CNN's ``feature_dim``, ``M`` the
+    Transformer's ``model_dim``, ``G`` the number of codebooks. Padding frames
+    hold zeros (features) and :data:`PADDING_CODE` (codes)."""
+
+    cnn_features: Tensor
+    """``(N, S, F)`` the layer-normed CNN output: what the quantizer quantizes in
+    pretraining and what the Transformer's input projection reads."""
+
+    hidden_states: dict[int, Tensor]
+    """Layer index (0-based) to its ``(N, S, M)`` output. A pre-norm encoder's
+    final layer norm is not applied to them."""
+
+    codes: Tensor
+    """``(N, S, G)`` int64 code of every frame in each codebook, assigned by the
+    eval-mode (argmax) quantizer to ``cnn_features`` without masking."""
+
+    frame_lengths: Tensor
+    """``(N,)`` int64 number of real frames of each utterance."""
+
+    @property
+    def padding_mask(self) -> Tensor:
+        """``(N, S)`` bool, ``True`` at real frames."""
+        num_frames = self.cnn_features.size(1)
+
+        positions = torch.arange(num_frames, device=self.frame_lengths.device)
+
+        return positions.unsqueeze(0) < self.frame_lengths.unsqueeze(1)
+
+    def utterance(self, index: int) -> SpeechFeatures:
+        """:returns: The features of utterance ``index`` without padding (N = 1)."""
+        length = int(self.frame_lengths[index])
+
+        def trim(tensor: Tensor) -> Tensor:
+            return tensor[index : index + 1, :length]
+
+        return SpeechFeatures(
+            cnn_features=trim(self.cnn_features),
+            hidden_states={layer: trim(states) for layer, states in self.hidden_states.items()},
+            codes=trim(self.codes),
+            frame_lengths=self.frame_lengths[index : index + 1],
+        )
+
+
+class SpeechFeatureExtractor:
+    """Runs a pretrained model without masking, in eval mode, on padded batches.
+
+    A padded batch gives each utterance the features it gets on its own: the
+    CNN's group norm, which fairseq2 computes over all time steps (padding
+    included), is computed here over the real samples of each utterance only.
+    """
+
+    def __init__(self, pretrained: PretrainedModel | Wav2Vec2KnnVqModel, *, normalize_audio: bool | None = None) -> None:
+        """
+        :param pretrained: A loaded model (see :func:`load_pretrained_model`) or a bare model.
+        :param normalize_audio: Standardize each waveform as pretraining did; by
+            default what the pretraining run used (``False`` for a bare model).
+        """
+        if isinstance(pretrained, PretrainedModel):
+            model = pretrained.model
+
+            if normalize_audio is None:
+                normalize_audio = pretrained.normalize_audio
+        else:
+            model = pretrained
+
+        if not isinstance(model.encoder_frontend.feature_extractor, Wav2Vec2FeatureExtractor):
+            raise ValueError("The model must read waveforms through a `Wav2Vec2FeatureExtractor`; filterbank front ends are not supported.")
+
+        self.model = model.eval()
+
+        self.normalize_audio = bool(normalize_audio)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.encoder.layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def resolve_layers(self, layers: Sequence[int] | None) -> list[int]:
+        """Turns negative indices into 0-based ones; ``None`` means every layer.
+
+        :raises ValueError: on an index outside the encoder.
+        """
+        if layers is None:
+            return list(range(self.num_layers))
+
+        resolved = []
+
+        for layer in layers:
+            index = layer + self.num_layers if layer < 0 else layer
+
+            if not 0 <= index < self.num_layers:
+                raise ValueError(f"Layer {layer} does not exist; the encoder has layers 0..{self.num_layers - 1} (or -1..-{self.num_layers}).")
+
+            if index not in resolved:
+                resolved.append(index)
+
+        return sorted(resolved)
+
+    def extract_files(self, paths: Sequence[Path], *, layers: Sequence[int] | None = None) -> SpeechFeatures:
+        """Reads ``paths`` with soundfile and extracts their features as one batch.
+
+        :raises AudioInputError: naming the first file that cannot be read.
+        """
+        waveforms = []
+        sample_rates = []
+
+        for path in paths:
+            waveform, sample_rate = read_audio(Path(path))
+
+            waveforms.append(waveform)
+            sample_rates.append(sample_rate)
+
+        return self.extract(waveforms, sample_rates, layers=layers, sources=[str(path) for path in paths])
+
+    @torch.inference_mode()
+    def extract(
+        self,
+        waveforms: Sequence[Tensor],
+        sample_rates: int | Sequence[int] = MODEL_SAMPLE_RATE,
+        *,
+        layers: Sequence[int] | None = None,
+        sources: Sequence[str] | None = None,
+    ) -> SpeechFeatures:
+        """
+        :param waveforms: N utterances, each ``(S_i,)`` or ``(C, S_i)`` (mixed down).
+        :param sample_rates: The rate of all utterances or of each; other rates than
+            16 kHz are resampled.
+        :param layers: Transformer layers whose outputs to return (negative counts
+            from the end); ``None`` for all, ``[]`` for none (the Transformer is skipped).
+        :param sources: Names used in error messages, e.g. file paths.
+
+        :raises AudioInputError: on an empty, non-finite or too short utterance.
+        """
+        if not waveforms:
+            raise ValueError("`waveforms` must hold at least one utterance.")
+
+        if isinstance(sample_rates, int):
+            sample_rates = [sample_rates] * len(waveforms)
+
+        if len(sample_rates) != len(waveforms):
+            raise ValueError(f"{len(waveforms)} waveforms but {len(sample_rates)} sample rates were given.")
+
+        if sources is None:
+            sources = [f"waveform {idx}" for idx in range(len(waveforms))]
+
+        prepared = [
+            prepare_waveform(waveform, rate, source=source) for waveform, rate, source in zip(waveforms, sample_rates, sources)
+        ]
+
+        if self.normalize_audio:
+            prepared = [F.layer_norm(waveform, waveform.shape) for waveform in prepared]
+
+        self._check_lengths(prepared, sources)
+
+        seq_lens = [waveform.numel() for waveform in prepared]
+
+        # (N, S_wav)
+        seqs = torch.zeros((len(prepared), max(seq_lens)), device=self.device, dtype=self.dtype)
+
+        for row, waveform in zip(seqs, prepared):
+            row[: waveform.numel()] = waveform.to(row.dtype)
+
+        return self._run(seqs, seq_lens, self.resolve_layers(layers))
+
+    def num_frames(self, num_samples: int) -> int:
+        """The number of frames the CNN gives for ``num_samples`` samples at 16 kHz."""
+        for _, kernel_size, stride in self._feature_extractor.layer_descs:
+            num_samples = math.floor((num_samples - kernel_size) / stride) + 1
+
+        return num_samples
+
+    @property
+    def _feature_extractor(self) -> Wav2Vec2FeatureExtractor:
+        return self.model.encoder_frontend.feature_extractor  # type: ignore[return-value]
+
+    def _check_lengths(self, waveforms: list[Tensor], sources: Sequence[str]) -> None:
+        for waveform, source in zip(waveforms, sources):
+            if self.num_frames(waveform.numel()) < 1:
+                raise AudioInputError(
+                    f"{source}: {waveform.numel()} samples at {MODEL_SAMPLE_RATE} Hz are too short for one frame of the model's CNN; remove it from the input."
+                )
+
+    def _run(self, seqs: Tensor, seq_lens: list[int], layers: list[int]) -> SpeechFeatures:
+        model = self.model
+        frontend = model.encoder_frontend
+
+        features, frame_lens = self._run_cnn(seqs, seq_lens)
+
+        layout = BatchLayout.of(features, frame_lens)
+
+        frame_lengths = torch.tensor(frame_lens, device=features.device, dtype=torch.int64)
+
+        padding_mask = torch.arange(features.size(1), device=features.device).unsqueeze(0) < frame_lengths.unsqueeze(1)
+
+        features = frontend.post_extract_layer_norm(features) * padding_mask.unsqueeze(-1)
+
+        codes = model.quantizer(features, padding_mask).codes.masked_fill(~padding_mask.unsqueeze(-1), PADDING_CODE)
+
+        hidden_states: dict[int, Tensor] = {}
+
+        if layers:
+
+            def keep(layer_idx: int, layer_output: Tensor, layer_output_layout: BatchLayout, num_layers: int) -> bool:
+                if layer_idx in layers:
+                    hidden_states[layer_idx] = layer_output * padding_mask.unsqueeze(-1)
+
+                return True
+
+            seqs, _ = frontend.process_features(features, layout)
+
+            with model.encoder.register_layer_hook(keep):
+                model.encoder(seqs, layout)
+
+        return SpeechFeatures(cnn_features=features, hidden_states=hidden_states, codes=codes, frame_lengths=frame_lengths)
+
+    def _run_cnn(self, seqs: Tensor, seq_lens: list[int]) -> tuple[Tensor, list[int]]:
+        """Mirrors :class:`Wav2Vec2FeatureExtractor` in eval mode with a group norm
+        that ignores padding.
+
+        :param seqs: ``(N, S_wav)`` zero-padded waveforms.
+        :returns: ``(N, S, F)`` raw CNN features and the frame count of each row.
+        """
+        lengths = list(seq_lens)
+
+        # (N, S_wav) -> (N, 1, S_wav)
+        x = seqs.unsqueeze(1)
+
+        for layer, (_, kernel_size, stride) in zip(self._feature_extractor.layers, self._feature_extractor.layer_descs):
+            x = layer.conv(x)
+
+            lengths = [math.floor((length - kernel_size) / stride) + 1 for length in lengths]
+
+            if layer.group_norm is not None:
+                x = _masked_group_norm(x, lengths, layer.group_norm)
+
+            if layer.layer_norm is not None:
+                x = layer.layer_norm(x.transpose(1, 2)).transpose(1, 2)
+
+            x = layer.activation(x)
+
+        # (N, F, S) -> (N, S, F)
+        return x.transpose(1, 2), lengths
+
+
+def _masked_group_norm(x: Tensor, lengths: list[int], norm: torch.nn.GroupNorm) -> Tensor:
+    """Group norm over the first ``lengths[i]`` time steps of each row, in float32 as
+    fairseq2's ``Float32GroupNorm``.
+
+    :param x: ``(N, C, S)``. :returns: ``(N, C, S)``; padding steps are garbage-free
+        but meaningless.
+    """
+    batch_size, num_channels, num_steps = x.shape
+
+    num_groups = norm.num_groups
+
+    mask = torch.arange(num_steps, device=x.device).unsqueeze(0) < torch.tensor(lengths, device=x.device).unsqueeze(1)
+
+    # (N, S) -> (N, 1, 1, S)
+    mask = mask.view(batch_size, 1, 1, num_steps).float()
+
+    # (N, C, S) -> (N, G, C/G, S)
+    grouped = x.float().view(batch_size, num_groups, num_channels // num_groups, num_steps)
+
+    count = mask.sum(dim=3, keepdim=True) * (num_channels // num_groups)
+
+    mean = (grouped * mask).sum(dim=(2, 3), keepdim=True) / count
+
+    var = (((grouped - mean) ** 2) * mask).sum(dim=(2, 3), keepdim=True) / count
+
+    normed = ((grouped - mean) / torch.sqrt(var + norm.eps)).view(batch_size, num_channels, num_steps)
+
+    if norm.affine:
+        normed = normed * norm.weight.float().view(1, -1, 1) + norm.bias.float().view(1, -1, 1)
+
+    return normed.type_as(x)

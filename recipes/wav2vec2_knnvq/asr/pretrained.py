@@ -1,0 +1,282 @@
+"""The pretrained wav2vec 2.0 model whose encoder the ASR model starts from.
+
+It is named either by an asset card (``pretrained_encoder.name``, e.g. ``last_checkpoint``
+with ``common.assets.prev_checkpoint_dir`` pointing at a pretraining run's checkpoints) or
+by a path (``pretrained_encoder.path``): a pretraining output directory, its
+``checkpoints`` directory, one ``checkpoints/step_N`` directory, or a model file inside one.
+Both the ``wav2vec2_knnvq`` and fairseq2's ``wav2vec2`` family work: the ASR model takes
+the structural fields of its ``encoder_config`` and the weights of its encoder.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Final, final
+
+import torch
+from torch import Tensor
+from torch.nn import Module
+
+from fairseq2.assets import AssetCard, AssetMetadataError, AssetStore, StandardAssetStore
+from fairseq2.checkpoint import ModelMetadataLoader
+from fairseq2.device import CPU
+from fairseq2.logging import log
+from fairseq2.models import ModelFamily, get_model_family_name, load_model
+from fairseq2.models.wav2vec2 import Wav2Vec2EncoderConfig
+from fairseq2.recipe.error import RecipeError
+from fairseq2.runtime.dependency import DependencyResolver
+from fairseq2.utils.structured import ValueConverter
+from fairseq2.utils.validation import ValidationResult
+
+ENCODER_FINE_TUNING_FIELDS: Final = frozenset(
+    {
+        "feature_grad_scale",
+        "first_pass_dropout_p",
+        "dropout_p",
+        "attn_dropout_p",
+        "ffn_inner_dropout_p",
+        "layer_drop_p",
+    }
+)
+"""Fields of :class:`Wav2Vec2EncoderConfig` that regularize fine-tuning; all others fix
+the encoder's parameters and are taken from the pretrained model."""
+
+SHARED_PARAMETER_PREFIXES: Final = ("encoder_frontend.", "encoder.", "masker.temporal_mask_embed")
+"""The parameters the ASR model takes from the pretrained model: the CNN, the
+Transformer and the learned mask embedding."""
+
+_STEP_DIR_PATTERN: Final = re.compile(r"step_(\d+)")
+
+
+@dataclass(kw_only=True)
+class PretrainedEncoderSection:
+    """Names the pretrained model: exactly one of ``name`` and ``path``."""
+
+    name: str | None = None
+    """An asset card of a pretrained model."""
+
+    path: Path | None = None
+    """A pretraining output directory, its ``checkpoints`` directory, a
+    ``checkpoints/step_N`` directory, or a model file inside one."""
+
+    step: int | None = None
+    """With a directory ``path``: the training step of the checkpoint; ``None`` takes the last."""
+
+    def validate(self) -> ValidationResult:
+        result = ValidationResult()
+
+        if (self.name is None) == (self.path is None):
+            result.add_error("Exactly one of `name` and `path` must be specified.")
+
+        if self.step is not None:
+            if self.path is None:
+                result.add_error("`step` can only be specified with `path`.")
+
+            if self.step < 1:
+                result.add_error(f"`step` must be at least 1, but is {self.step} instead.")
+
+        return result
+
+
+@final
+class PretrainedModel:
+    """The card, the configuration and (on demand) the weights of the pretrained model."""
+
+    def __init__(self, card: AssetCard, config: object, encoder_config: Wav2Vec2EncoderConfig) -> None:
+        self.card = card
+        self.config = config
+        self.encoder_config = encoder_config
+
+    def load_shared_state_dict(self) -> dict[str, Tensor]:
+        """Loads the pretrained model on CPU and returns its :data:`SHARED_PARAMETER_PREFIXES` entries."""
+        log.info("Loading the pretrained model {} to initialize the encoder.", self.card.name)
+
+        model = load_model(self.card, device=CPU, dtype=torch.float32)
+
+        return {
+            key: value
+            for key, value in model.state_dict().items()
+            if key.startswith(SHARED_PARAMETER_PREFIXES)
+        }
+
+
+def resolve_pretrained_model(resolver: DependencyResolver, section: PretrainedEncoderSection) -> PretrainedModel:
+    """:raises RecipeError: if the model cannot be found or has no wav2vec 2.0 encoder."""
+    if section.path is not None:
+        card = _card_from_path(resolver, section.path, section.step)
+    elif section.name is not None:
+        card = resolver.resolve(AssetStore).maybe_retrieve_card(section.name)
+
+        if card is None:
+            raise RecipeError(
+                f"`pretrained_encoder.name` is {section.name}, but no asset card has that name. "
+                "For a pretraining run, set `common.assets.prev_checkpoint_dir` to its `checkpoints` "
+                "directory and use `last_checkpoint` or `checkpoint_step_N`, or set `pretrained_encoder.path`."
+            )
+    else:
+        raise RecipeError("`pretrained_encoder.name` or `pretrained_encoder.path` must be specified.")
+
+    family = resolver.resolve(ModelFamily, key=get_model_family_name(card))
+
+    config = family.get_model_config(card)
+
+    encoder_config = getattr(config, "encoder_config", None)
+
+    if not isinstance(encoder_config, Wav2Vec2EncoderConfig):
+        raise RecipeError(
+            f"The pretrained model {card.name} of family `{family.name}` has no wav2vec 2.0 encoder "
+            "configuration; name a `wav2vec2_knnvq` or `wav2vec2` model."
+        )
+
+    return PretrainedModel(card, config, encoder_config)
+
+
+def _card_from_path(resolver: DependencyResolver, path: Path, step: int | None) -> AssetCard:
+    path = path.expanduser().resolve()
+
+    if not path.exists():
+        raise RecipeError(
+            f"`pretrained_encoder.path` {path} does not exist; give a pretraining output directory or one of its checkpoints."
+        )
+
+    checkpoint_dir, path_step = _find_checkpoint_dir(path)
+
+    if path_step is not None:
+        if step is not None and step != path_step:
+            raise RecipeError(
+                f"`pretrained_encoder.path` {path} is the checkpoint of step {path_step}, "
+                f"but `pretrained_encoder.step` is {step}; drop one of them."
+            )
+
+        step = path_step
+
+    try:
+        provider = resolver.resolve(ModelMetadataLoader).load(checkpoint_dir)
+    except (AssetMetadataError, FileNotFoundError) as ex:
+        raise RecipeError(
+            f"{checkpoint_dir / 'model.yaml'} cannot be read ({ex}); the pretraining run wrote no usable model description."
+        ) from None
+
+    name = "last_checkpoint" if step is None else f"checkpoint_step_{step}"
+
+    card = StandardAssetStore([provider]).maybe_retrieve_card(name)
+
+    if card is None:
+        steps = sorted(int(match[1]) for p in checkpoint_dir.glob("step_*") if (match := _STEP_DIR_PATTERN.fullmatch(p.name)))
+
+        raise RecipeError(
+            f"{checkpoint_dir} has no checkpoint {'at all' if step is None else f'of step {step}'}; "
+            f"it has steps {steps or 'none'}. Pick one with `pretrained_encoder.step`."
+        )
+
+    return card
+
+
+def _find_checkpoint_dir(path: Path) -> tuple[Path, int | None]:
+    """:returns: The directory holding ``model.yaml`` and, if ``path`` lies inside one
+    ``step_N`` directory, its step."""
+    if path.is_dir():
+        for candidate in (path, path / "checkpoints"):
+            if (candidate / "model.yaml").is_file():
+                return candidate, None
+
+    for parent in (path, *path.parents):
+        match = _STEP_DIR_PATTERN.fullmatch(parent.name)
+
+        if match is not None and (parent.parent / "model.yaml").is_file():
+            return parent.parent, int(match[1])
+
+    raise RecipeError(
+        f"`pretrained_encoder.path` {path} is no pretraining output: expected a directory with "
+        "`checkpoints/model.yaml`, a `checkpoints` directory with `model.yaml`, or a `step_N` "
+        "checkpoint (or a file in one) next to such a `model.yaml`."
+    )
+
+
+def share_encoder_config(
+    resolver: DependencyResolver, pretrained: PretrainedModel, model_overrides: MutableMapping[str, object]
+) -> None:
+    """Sets the structural ``encoder_config`` fields of the ASR model overrides to the
+    pretrained model's.
+
+    :param model_overrides: ``model.config_overrides`` of the recipe, unstructured.
+    :raises RecipeError: if an override the user set explicitly differs from the
+        pretrained model, since its weights could not be loaded.
+    """
+    value_converter = resolver.resolve(ValueConverter)
+
+    pretrained_fields = value_converter.unstructure(pretrained.encoder_config)
+
+    if not isinstance(pretrained_fields, dict):
+        raise RecipeError(f"The encoder configuration of {pretrained.card.name} cannot be read.")
+
+    encoder_overrides = model_overrides.setdefault("encoder_config", {})
+
+    if not isinstance(encoder_overrides, MutableMapping):
+        raise RecipeError("`model.config_overrides.encoder_config` must be a mapping of encoder fields.")
+
+    conflicts = []
+
+    for config_field in fields(Wav2Vec2EncoderConfig):
+        name = config_field.name
+
+        if name in ENCODER_FINE_TUNING_FIELDS:
+            continue
+
+        pretrained_value = pretrained_fields[name]
+
+        if name in encoder_overrides:
+            if _as_plain(encoder_overrides[name]) != _as_plain(pretrained_value):
+                conflicts.append(f"{name}: {encoder_overrides[name]!r} here, {pretrained_value!r} pretrained")
+        else:
+            encoder_overrides[name] = pretrained_value
+
+    if conflicts:
+        raise RecipeError(
+            f"`model.config_overrides.encoder_config` differs from the encoder of the pretrained model "
+            f"{pretrained.card.name}, so its weights cannot be loaded: {'; '.join(conflicts)}. "
+            "Remove these overrides; the encoder structure is taken from the pretrained model."
+        )
+
+
+def _as_plain(value: object) -> object:
+    if isinstance(value, (list, tuple)):
+        return [_as_plain(v) for v in value]
+
+    if isinstance(value, Mapping):
+        return {k: _as_plain(v) for k, v in value.items()}
+
+    return value
+
+
+def load_pretrained_encoder(model: Module, state_dict: Mapping[str, Tensor], source: str) -> None:
+    """Copies the shared parameters of the pretrained model into ``model``.
+
+    :raises RecipeError: if a shared parameter is missing from ``state_dict`` or has
+        another shape.
+    """
+    model_state = model.state_dict()
+
+    expected = {key for key in model_state if key.startswith(SHARED_PARAMETER_PREFIXES)}
+
+    missing = sorted(expected - state_dict.keys())
+
+    mismatched = [
+        f"{key} {tuple(state_dict[key].shape)} vs. {tuple(model_state[key].shape)}"
+        for key in sorted(expected & state_dict.keys())
+        if state_dict[key].shape != model_state[key].shape
+    ]
+
+    if missing or mismatched:
+        raise RecipeError(
+            f"The encoder of the pretrained model {source} does not fit the ASR model "
+            f"(missing: {missing[:5] or 'none'}; shape differs, pretrained vs. ASR: {mismatched[:5] or 'none'}). "
+            "The encoder configurations differ; let the recipe take the encoder structure from the pretrained model."
+        )
+
+    model.load_state_dict({key: state_dict[key] for key in expected}, strict=False)
+
+    log.info("Initialized {} encoder tensors from the pretrained model {}.", len(expected), source)

@@ -1,0 +1,234 @@
+"""The image autoencoder training recipe on fairseq2's recipe API."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import MutableMapping
+
+import torch
+from fairseq2.logging import log
+from fairseq2.metrics import Mean, MetricBag, Sum
+from fairseq2.metrics import format_as_float
+from fairseq2.metrics.recorders import MetricDescriptor
+from fairseq2.recipe import Recipe, RecipeContext
+from fairseq2.recipe.config import AdamWConfig, CosineAnnealingLRConfig, OptimizerSection
+from fairseq2.runtime.dependency import DependencyContainer
+from fairseq2.evaluator import EvalUnit
+from fairseq2.task import Task
+from fairseq2.trainer import TrainUnit
+from torch.nn import Module
+from typing_extensions import override
+
+from w2v_knnvq.image import ImageVqaeModel, ImageVqaeOutput, register_image_vqae
+from w2v_knnvq.image.data import list_image_files
+from w2v_knnvq.image.reader import ImageBatch, ImageFolderReader
+
+from recipes.image_vqae.config import (
+    ImageVqaeRecipeConfig,
+    method_peak_lr,
+    method_weight_decay,
+)
+
+_METRIC_DESCRIPTORS = (
+    ("reconstruction_loss", "Reconstruction Loss (MSE)", 91),
+    ("quantizer_loss", "Quantizer Loss", 92),
+    ("rmse", "rMSE", 93),
+    ("hard_perplexity", "Code Perplexity", 94),
+    ("soft_perplexity", "Soft Code Perplexity", 95),
+    ("temperature", "Softmax Temperature", 96),
+)
+
+
+def _add_metrics(metric_bag: MetricBag) -> None:
+    for name in ("loss", "reconstruction_loss", "quantizer_loss", "hard_perplexity"):
+        metric_bag.add(name, Mean())
+
+    metric_bag.add("soft_perplexity", Mean())
+    metric_bag.add("temperature", Mean())
+    metric_bag.add("num_examples", Sum())
+
+
+@torch.inference_mode()
+def _update_metrics(metric_bag: MetricBag, output: ImageVqaeOutput, batch_size: int) -> None:
+    quantizer_output = output.quantizer_output
+
+    def update(name: str, value: torch.Tensor) -> None:
+        metric_bag.get(name, Mean).update(value.detach().float().mean(), weight=batch_size)
+
+    update("loss", output.loss)
+    update("reconstruction_loss", output.reconstruction_loss)
+    update("quantizer_loss", quantizer_output.loss)
+    update("hard_perplexity", quantizer_output.hard_perplexity)
+
+    if quantizer_output.soft_perplexity is not None:
+        update("soft_perplexity", quantizer_output.soft_perplexity)
+
+    if quantizer_output.temperature is not None:
+        update("temperature", quantizer_output.temperature)
+
+    metric_bag.get("num_examples", Sum).update(torch.tensor(batch_size))
+
+
+def _add_rmse(values: MutableMapping[str, object]) -> None:
+    mse = values.get("reconstruction_loss")
+    if isinstance(mse, (torch.Tensor, float)):
+        values["rmse"] = math.sqrt(float(mse))
+
+
+class ImageVqaeTrainUnit(TrainUnit[ImageBatch]):
+    """Minimizes the L2 reconstruction loss plus the quantizer's own loss."""
+
+    def __init__(self, model: Module) -> None:
+        self._model = model
+
+    @override
+    def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
+        _add_metrics(metric_bag)
+
+    @override
+    def process_batch(self, batch: ImageBatch, metric_bag: MetricBag) -> tuple[torch.Tensor, int]:
+        output: ImageVqaeOutput = self._model(batch.images)
+
+        _update_metrics(metric_bag, output, batch.batch_size)
+
+        # The trainer divides gradients by the summed number of targets (images) over ranks.
+        return output.loss * batch.batch_size, batch.batch_size
+
+    @override
+    def process_metric_values(self, values: MutableMapping[str, object]) -> None:
+        _add_rmse(values)
+
+
+class ImageVqaeEvalUnit(EvalUnit[ImageBatch]):
+    """Reports the training losses and rMSE with hard (argmax) quantization."""
+
+    def __init__(self, model: Module) -> None:
+        self._model = model
+
+    @property
+    @override
+    def name(self) -> str | None:
+        return "valid"
+
+    @override
+    def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
+        _add_metrics(metric_bag)
+
+    @override
+    def process_batch(self, batch: ImageBatch, metric_bag: MetricBag) -> None:
+        output: ImageVqaeOutput = self._model(batch.images)
+
+        _update_metrics(metric_bag, output, batch.batch_size)
+
+    @override
+    def process_metric_values(self, values: MutableMapping[str, object]) -> None:
+        _add_rmse(values)
+
+
+class ImageVqaeRecipe(Recipe):
+    """Trains an ``image_vqae`` model on an ImageNet-layout image folder."""
+
+    @override
+    def register(self, container: DependencyContainer) -> None:
+        register_image_vqae(container)
+
+        for name, display_name, priority in _METRIC_DESCRIPTORS:
+            container.collection.register_instance(
+                MetricDescriptor,
+                MetricDescriptor(name, display_name, priority, format_as_float),
+            )
+
+    @override
+    def create_task(self, context: RecipeContext) -> Task:
+        config = context.get_config_as(ImageVqaeRecipeConfig)
+
+        model = context.get_model_as(ImageVqaeModel)
+
+        # The trainer builds the optimizer lazily from this singleton section, so setting the
+        # method's values here takes effect; the recipe config object itself is a fresh copy.
+        optimizer_section = context.resolver.resolve(OptimizerSection)
+
+        self._apply_method_hyperparameters(config, optimizer_section, model.config.quantizer.method)
+
+        if config.dataset.path is None:
+            raise ValueError(
+                "`dataset.path` must point to an image folder in the ImageNet layout "
+                "(PATH/train/CLASS/*.JPEG); set it with --config dataset.path=PATH."
+            )
+
+        self._check_schedule(config)
+
+        image_size = model.config.image_size
+
+        def make_reader(split: str, shuffle: bool) -> ImageFolderReader:
+            files = list_image_files(config.dataset.path / split)
+
+            log.info("Image split {}: {} images, cropped to {}x{}.", split, len(files), image_size, image_size)
+
+            return ImageFolderReader(
+                files,
+                context.gangs,
+                image_size=image_size,
+                batch_size=config.dataset.batch_size,
+                shuffle=shuffle,
+                seed=config.common.seed,
+                num_workers=config.dataset.num_workers,
+                num_accumulate=config.trainer.grad_accumulation.num_batches,
+            )
+
+        data_parallel_model = context.get_data_parallel_model()
+
+        train_unit = ImageVqaeTrainUnit(data_parallel_model)
+
+        if config.dataset.valid_split is None:
+            return context.create_trainer(train_unit, make_reader(config.dataset.train_split, True))
+
+        valid_reader = make_reader(config.dataset.valid_split, False)
+
+        return context.create_trainer(
+            train_unit,
+            make_reader(config.dataset.train_split, True),
+            [ImageVqaeEvalUnit(data_parallel_model)],
+            [valid_reader],
+        )
+
+    @staticmethod
+    def _check_schedule(config: ImageVqaeRecipeConfig) -> None:
+        scheduler_config = config.lr_scheduler.config
+        num_steps = config.regime.num_steps
+
+        if isinstance(scheduler_config, CosineAnnealingLRConfig) and num_steps is not None:
+            if scheduler_config.cycle_len is None and num_steps <= scheduler_config.num_warmup_steps:
+                raise ValueError(
+                    f"`regime.num_steps` ({num_steps}) must exceed "
+                    f"`lr_scheduler.config.num_warmup_steps` ({scheduler_config.num_warmup_steps}) "
+                    "so that the cosine annealing has steps to run; lower the warmup or raise the steps."
+                )
+
+    @staticmethod
+    def _apply_method_hyperparameters(
+        config: ImageVqaeRecipeConfig, optimizer_section: OptimizerSection, method: str
+    ) -> None:
+        optimizer_config = optimizer_section.config
+        if not isinstance(optimizer_config, AdamWConfig):
+            raise ValueError(
+                f"`optimizer.name` must be 'adamw' (Appendix B.1), but is '{optimizer_section.name}'."
+            )
+
+        optimizer_config.lr = config.peak_lr if config.peak_lr is not None else method_peak_lr(method)
+
+        optimizer_config.weight_decay = (
+            config.weight_decay if config.weight_decay is not None else method_weight_decay(method)
+        )
+
+        log.info(
+            "Quantizer method {}: AdamW peak learning rate {:g}, weight decay {:g}.",
+            method,
+            optimizer_config.lr,
+            optimizer_config.weight_decay,
+        )
+
+    @property
+    @override
+    def config_kls(self) -> type[object]:
+        return ImageVqaeRecipeConfig

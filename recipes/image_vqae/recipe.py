@@ -11,6 +11,7 @@ from fairseq2.metrics import Mean, MetricBag, Sum
 from fairseq2.metrics import format_as_float
 from fairseq2.metrics.recorders import MetricDescriptor
 from fairseq2.recipe import Recipe, RecipeContext
+from fairseq2.recipe.cli import main as run_recipe_cli
 from fairseq2.recipe.config import AdamWConfig, CosineAnnealingLRConfig, OptimizerSection
 from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.evaluator import EvalUnit
@@ -232,3 +233,8 @@ class ImageVqaeRecipe(Recipe):
     @override
     def config_kls(self) -> type[object]:
         return ImageVqaeRecipeConfig
+
+
+def main() -> None:
+    """Run the recipe's command line: ``w2v-knnvq-image-vqae --config-file FILE OUT_DIR``."""
+    run_recipe_cli(ImageVqaeRecipe())

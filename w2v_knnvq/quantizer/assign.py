@@ -19,9 +19,11 @@ def cosine_logits(z: Tensor, codebook: Tensor, temperature: Tensor) -> Tensor:
 
     :returns: ``(N, G, M)`` logits, bounded by ``1 / t`` in magnitude.
     """
-    similarity = torch.einsum("ngd,gmd->ngm", normalize(z, dim=-1), normalize(codebook, dim=-1))
+    # Scaling the (N, G, D) features rather than the (N, G, M) similarities saves a pass over
+    # the larger tensor in both directions.
+    scaled_z = normalize(z, dim=-1) / temperature
 
-    return similarity / temperature
+    return torch.einsum("ngd,gmd->ngm", scaled_z, normalize(codebook, dim=-1))
 
 
 def nearest_codes(z: Tensor, codebook: Tensor, distance: Distance) -> Tensor:

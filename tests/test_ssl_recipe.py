@@ -165,6 +165,14 @@ def test_run_writes_checkpoints_and_usage_metrics(trained_run: tuple[Path, str])
 
     assert [record["Step"] for record in train] == [2, 4]
 
+    for record in train:
+        batch_usage = record["Batch Codebook Usage"]
+
+        # A batch of a few utterances cannot use more entries than it has masked frames.
+        assert len(batch_usage) == num_codebooks
+        assert all(0.0 < value <= 1.0 for value in batch_usage)
+        assert len(record["Hard Perplexity"]) == num_codebooks
+
     assert list((output_dir / "tb").glob("valid/events.out.tfevents.*"))
 
 

@@ -96,6 +96,7 @@ class SslCriterion:
             hard_perplexity = quantizer_output.hard_perplexity
             soft_perplexity = quantizer_output.soft_perplexity
             temperature = quantizer_output.temperature
+            code_usage = output.code_usage
         else:
             loss, output = self._model(
                 seqs,
@@ -116,6 +117,7 @@ class SslCriterion:
             hard_perplexity = _perplexity(choices.float().mean(dim=0))
             soft_perplexity = None
             temperature = output.quantizer_output.temperature
+            code_usage = (choices.sum(dim=0) > 0).float().mean(dim=-1)
 
         num_targets = output.num_targets
 
@@ -135,6 +137,7 @@ class SslCriterion:
             hard_perplexity=hard_perplexity,
             soft_perplexity=soft_perplexity,
             temperature=temperature,
+            code_usage=code_usage,
         )
 
         update_batch_metrics(metric_bag, batch)

@@ -26,12 +26,14 @@ UTTERANCE_CODEBOOK_USAGE: Final = "utterance_codebook_usage"
 QUANTIZER_LOSS: Final = "quantizer_loss"
 HARD_PERPLEXITY: Final = "hard_perplexity"
 SOFT_PERPLEXITY: Final = "soft_perplexity"
+BATCH_CODEBOOK_USAGE: Final = "batch_codebook_usage"
 
 _PER_CODEBOOK_METRICS: Final = (
     CODEBOOK_USAGE,
     UTTERANCE_CODEBOOK_USAGE,
     HARD_PERPLEXITY,
     SOFT_PERPLEXITY,
+    BATCH_CODEBOOK_USAGE,
 )
 
 
@@ -49,6 +51,7 @@ def register_ssl_metric_descriptors(container: DependencyContainer) -> None:
     register(QUANTIZER_LOSS,           "Quantizer Loss",                  105)
     register(HARD_PERPLEXITY,          "Hard Perplexity",                 211)
     register(SOFT_PERPLEXITY,          "Soft Perplexity",                 212)
+    register(BATCH_CODEBOOK_USAGE,     "Batch Codebook Usage",            213, higher_better=True)
     register(CODEBOOK_USAGE,           "Codebook Usage",                  230, higher_better=True)
     register(UTTERANCE_CODEBOOK_USAGE, "Mean Utterance Codebook Usage",   231, higher_better=True)
     # fmt: on
@@ -204,6 +207,7 @@ def add_ssl_metrics(metric_bag: MetricBag, num_codebooks: int) -> None:
     metric_bag.add("accuracy", MulticlassAccuracy())
     metric_bag.add(HARD_PERPLEXITY, ElementwiseMean(num_codebooks))
     metric_bag.add(SOFT_PERPLEXITY, ElementwiseMean(num_codebooks))
+    metric_bag.add(BATCH_CODEBOOK_USAGE, ElementwiseMean(num_codebooks))
     metric_bag.add("temperature", ElementwiseMean(1))
     metric_bag.add("num_examples", Sum())
     metric_bag.add("num_elements", Sum())
@@ -248,9 +252,19 @@ def update_accuracy(metric_bag: MetricBag, logits: Tensor) -> None:
 
 @torch.inference_mode()
 def update_quantizer_stats(
-    metric_bag: MetricBag, *, hard_perplexity: Tensor, soft_perplexity: Tensor | None, temperature: float | Tensor | None
+    metric_bag: MetricBag,
+    *,
+    hard_perplexity: Tensor,
+    soft_perplexity: Tensor | None,
+    temperature: float | Tensor | None,
+    code_usage: Tensor,
 ) -> None:
+    """
+    :param code_usage: ``(G,)`` fraction of each codebook's entries used in the batch.
+    """
     metric_bag.get(HARD_PERPLEXITY, ElementwiseMean).update(hard_perplexity)
+
+    metric_bag.get(BATCH_CODEBOOK_USAGE, ElementwiseMean).update(code_usage)
 
     if soft_perplexity is not None:
         metric_bag.get(SOFT_PERPLEXITY, ElementwiseMean).update(soft_perplexity)

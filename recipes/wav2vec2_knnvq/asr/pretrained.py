@@ -10,7 +10,6 @@ the structural fields of its ``encoder_config`` and the weights of its encoder.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,8 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import Module
 
-from fairseq2.assets import AssetCard, AssetMetadataError, AssetStore, StandardAssetStore
-from fairseq2.checkpoint import ModelMetadataLoader
+from fairseq2.assets import AssetCard, AssetStore
 from fairseq2.device import CPU
 from fairseq2.logging import log
 from fairseq2.models import ModelFamily, get_model_family_name, load_model
@@ -30,6 +28,13 @@ from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyResolver
 from fairseq2.utils.structured import ValueConverter
 from fairseq2.utils.validation import ValidationResult
+
+from w2v_knnvq.checkpoints import (
+    CheckpointStepNotFoundError,
+    PretrainingCheckpointError,
+    locate_pretraining_checkpoint,
+    read_pretrained_model_description,
+)
 
 ENCODER_FINE_TUNING_FIELDS: Final = frozenset(
     {
@@ -47,8 +52,6 @@ the encoder's parameters and are taken from the pretrained model."""
 SHARED_PARAMETER_PREFIXES: Final = ("encoder_frontend.", "encoder.", "masker.temporal_mask_embed")
 """The parameters the ASR model takes from the pretrained model: the CNN, the
 Transformer and the learned mask embedding."""
-
-_STEP_DIR_PATTERN: Final = re.compile(r"step_(\d+)")
 
 
 @dataclass(kw_only=True)
@@ -106,7 +109,7 @@ class PretrainedModel:
 def resolve_pretrained_model(resolver: DependencyResolver, section: PretrainedEncoderSection) -> PretrainedModel:
     """:raises RecipeError: if the model cannot be found or has no wav2vec 2.0 encoder."""
     if section.path is not None:
-        card = _card_from_path(resolver, section.path, section.step)
+        card = _card_from_path(section.path, section.step)
     elif section.name is not None:
         card = resolver.resolve(AssetStore).maybe_retrieve_card(section.name)
 
@@ -134,7 +137,7 @@ def resolve_pretrained_model(resolver: DependencyResolver, section: PretrainedEn
     return PretrainedModel(card, config, encoder_config)
 
 
-def _card_from_path(resolver: DependencyResolver, path: Path, step: int | None) -> AssetCard:
+def _card_from_path(path: Path, step: int | None) -> AssetCard:
     path = path.expanduser().resolve()
 
     if not path.exists():
@@ -142,58 +145,17 @@ def _card_from_path(resolver: DependencyResolver, path: Path, step: int | None) 
             f"`pretrained_encoder.path` {path} does not exist; give a pretraining output directory or one of its checkpoints."
         )
 
-    checkpoint_dir, path_step = _find_checkpoint_dir(path)
-
-    if path_step is not None:
-        if step is not None and step != path_step:
-            raise RecipeError(
-                f"`pretrained_encoder.path` {path} is the checkpoint of step {path_step}, "
-                f"but `pretrained_encoder.step` is {step}; drop one of them."
-            )
-
-        step = path_step
-
     try:
-        provider = resolver.resolve(ModelMetadataLoader).load(checkpoint_dir)
-    except (AssetMetadataError, FileNotFoundError) as ex:
+        checkpoint = locate_pretraining_checkpoint(path, step=step)
+
+        return read_pretrained_model_description(checkpoint).card
+    except CheckpointStepNotFoundError as ex:
         raise RecipeError(
-            f"{checkpoint_dir / 'model.yaml'} cannot be read ({ex}); the pretraining run wrote no usable model description."
+            f"{ex.checkpoints_dir} has no checkpoint {'at all' if ex.step is None else f'of step {ex.step}'}; "
+            f"it has steps {ex.available_steps or 'none'}. Pick one with `pretrained_encoder.step`."
         ) from None
-
-    name = "last_checkpoint" if step is None else f"checkpoint_step_{step}"
-
-    card = StandardAssetStore([provider]).maybe_retrieve_card(name)
-
-    if card is None:
-        steps = sorted(int(match[1]) for p in checkpoint_dir.glob("step_*") if (match := _STEP_DIR_PATTERN.fullmatch(p.name)))
-
-        raise RecipeError(
-            f"{checkpoint_dir} has no checkpoint {'at all' if step is None else f'of step {step}'}; "
-            f"it has steps {steps or 'none'}. Pick one with `pretrained_encoder.step`."
-        )
-
-    return card
-
-
-def _find_checkpoint_dir(path: Path) -> tuple[Path, int | None]:
-    """:returns: The directory holding ``model.yaml`` and, if ``path`` lies inside one
-    ``step_N`` directory, its step."""
-    if path.is_dir():
-        for candidate in (path, path / "checkpoints"):
-            if (candidate / "model.yaml").is_file():
-                return candidate, None
-
-    for parent in (path, *path.parents):
-        match = _STEP_DIR_PATTERN.fullmatch(parent.name)
-
-        if match is not None and (parent.parent / "model.yaml").is_file():
-            return parent.parent, int(match[1])
-
-    raise RecipeError(
-        f"`pretrained_encoder.path` {path} is no pretraining output: expected a directory with "
-        "`checkpoints/model.yaml`, a `checkpoints` directory with `model.yaml`, or a `step_N` "
-        "checkpoint (or a file in one) next to such a `model.yaml`."
-    )
+    except PretrainingCheckpointError as ex:
+        raise RecipeError(f"`pretrained_encoder.path`: {ex}") from None
 
 
 def share_encoder_config(

@@ -1,28 +1,40 @@
 #!/usr/bin/env bash
 # Creates the virtual environment and installs the project into it, after checking the system
-# libraries that fairseq2 needs. Run as root, it installs missing Debian packages itself.
+# packages it needs. Run as root, it installs missing Debian packages itself.
 set -euo pipefail
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-SYSTEM_PACKAGES=(libsndfile1)
+# fairseq2n links the system libsndfile.
+REQUIRED_PACKAGES=(libsndfile1)
+# The offline TTS engines and the KJV text of tools/synthesize_corpus.py, which rebuilds the
+# bundled corpus; its test is skipped without them.
+CORPUS_PACKAGES=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts bible-kjv)
 
-missing=()
-for package in "${SYSTEM_PACKAGES[@]}"; do
-    if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
-        missing+=("$package")
-    fi
-done
+missing_packages() {
+    for package in "$@"; do
+        if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
+            echo "$package"
+        fi
+    done
+}
+
+mapfile -t missing < <(missing_packages "${REQUIRED_PACKAGES[@]}" "${CORPUS_PACKAGES[@]}")
 
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
         echo "Installing system packages: ${missing[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
     else
-        echo "Missing system packages: ${missing[*]}" >&2
-        echo "Install them first:  sudo apt-get install -y ${missing[*]}" >&2
-        exit 1
+        mapfile -t missing_required < <(missing_packages "${REQUIRED_PACKAGES[@]}")
+        if [ ${#missing_required[@]} -gt 0 ]; then
+            echo "Missing system packages: ${missing_required[*]}" >&2
+            echo "Install them first:  sudo apt-get install -y ${missing_required[*]}" >&2
+            exit 1
+        fi
+        echo "Optional packages for rebuilding the bundled corpus are missing (its test is skipped):" >&2
+        echo "  sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
     fi
 fi
 

@@ -1,6 +1,6 @@
 """Transcribed speech from fairseq-style manifests, batched for CTC fine-tuning.
 
-A split is a ``{split}.tsv`` manifest (see :mod:`w2v_knnvq.data.speech_dataset`) and a
+A split is a ``{split}.tsv`` manifest (see :mod:`w2v_knnvq.data.manifest_dataset`) and a
 ``{split}.wrd`` file with the transcript of each of its utterances, one per line, in the
 same order. Unlike pretraining, utterances are never cropped (the transcript would no
 longer match the audio): utterances longer than ``max_audio_len`` are dropped and counted
@@ -14,19 +14,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, final
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq2.data.audio import AudioDecoder
-from fairseq2.data.data_pipeline import Collater, FileMapper, create_bucket_sizes, read_sequence
+from fairseq2.data.data_pipeline import Collater
 from fairseq2.data.tokenizers import TokenEncoder, Tokenizer
-from fairseq2.datasets import DataPipelineReader, DataReader, DatasetError, Seq2SeqBatch, SyncMode
+from fairseq2.datasets import DataReader, DatasetError, Seq2SeqBatch
 from fairseq2.gang import Gangs
 from fairseq2.logging import log
 
 from w2v_knnvq.data.manifest import ManifestError, read_transcripts
-from w2v_knnvq.data.speech_dataset import SAMPLE_RATE, read_manifest_split
+from w2v_knnvq.data.manifest_dataset import (
+    ManifestReadOptions,
+    bucket_by_num_samples,
+    check_manifest_dir,
+    collated_seq_lens,
+    create_pipeline_reader,
+    decode_audio,
+    length_bucket_sizes,
+    load_waveforms,
+    read_examples,
+    read_manifest_split,
+)
 
 ASR_MANIFEST_DATASET_FAMILY: Final = "asr_manifest"
 
@@ -63,7 +71,7 @@ class AsrSplit:
 
 
 @dataclass(kw_only=True)
-class AsrReadOptions:
+class AsrReadOptions(ManifestReadOptions):
     """How a split is filtered, batched and read."""
 
     min_audio_len: int = 1
@@ -75,27 +83,6 @@ class AsrReadOptions:
     max_num_elements: int = 3_200_000
     """Upper bound on the number of audio samples in a batch, padding included."""
 
-    normalize_audio: bool = False
-    """Standardize each utterance to zero mean and unit variance."""
-
-    shuffle_window: int = 0
-    """Window of the utterance shuffle; 0 shuffles the whole split, 1 keeps its order."""
-
-    batch_shuffle_window: int = 1
-    """Window of the batch shuffle; 0 shuffles all batches, 1 keeps their order."""
-
-    num_parallel_calls: int = 4
-
-    num_prefetch: int = 4
-
-    num_accumulate: int = 1
-
-    sync_mode: SyncMode = SyncMode.UNTIL_FIRST
-
-    max_num_batches: int | None = None
-
-    seed: int = 2
-
 
 @final
 class AsrManifestDataset:
@@ -104,11 +91,9 @@ class AsrManifestDataset:
     _manifest_dir: Path
 
     def __init__(self, manifest_dir: Path) -> None:
-        if not manifest_dir.is_dir():
-            raise DatasetError(
-                f"Manifest directory {manifest_dir} does not exist; it must hold a `{{split}}.tsv` "
-                "and a `{split}.wrd` file per split (tools/make_manifest.py writes both)."
-            )
+        check_manifest_dir(
+            manifest_dir, "a `{split}.tsv` and a `{split}.wrd` file per split (tools/make_manifest.py writes both)"
+        )
 
         self._manifest_dir = manifest_dir
 
@@ -149,41 +134,20 @@ class AsrManifestDataset:
 
         utterances = _filter_by_length(asr_split, options)
 
-        builder = read_sequence(utterances)
-
-        if options.shuffle_window != 1:
-            builder.shuffle(options.shuffle_window, options.seed)
-
-        if gangs.dp.size > 1:
-            builder.shard(gangs.dp.rank, gangs.dp.size, allow_uneven=True)
-
-        # `create_bucket_sizes` needs a multiple of the longest sequence.
-        max_num_elements = options.max_num_elements - options.max_num_elements % options.max_audio_len
-
-        bucket_sizes = create_bucket_sizes(
-            max_num_elements=max_num_elements,
-            max_seq_len=options.max_audio_len,
-            min_seq_len=options.min_audio_len,
+        bucket_sizes = length_bucket_sizes(
+            max_num_elements=options.max_num_elements,
+            max_audio_len=options.max_audio_len,
+            min_audio_len=options.min_audio_len,
         )
 
-        builder.bucket_by_length(
-            bucket_sizes,
-            selector="num_samples",
-            min_data_len=options.min_audio_len,
-            skip_below_min_examples=True,
-            skip_above_max_examples=True,
-        )
+        builder = read_examples(utterances, gangs, options)
+
+        bucket_by_num_samples(builder, bucket_sizes, options.min_audio_len)
 
         if options.batch_shuffle_window != 1:
             builder.shuffle(options.batch_shuffle_window, options.seed + 1 + gangs.dp.rank)
 
-        builder.map(FileMapper(asr_split.audio_dir, cached_fd_count=100), selector="[*].path")
-
-        builder.map(
-            AudioDecoder(dtype=torch.float32),
-            selector="[*].path.data",
-            num_parallel_calls=options.num_parallel_calls,
-        )
+        decode_audio(builder, asr_split.audio_dir, options.num_parallel_calls)
 
         pad_idx = tokenizer.vocab_info.pad_idx
 
@@ -194,25 +158,10 @@ class AsrManifestDataset:
             _AsrBatchCollater(asr_split.manifest_file, tokenizer.create_encoder(), pad_idx, options.normalize_audio)
         )
 
-        if options.max_num_batches is not None:
-            builder.take(options.max_num_batches)
-
-        builder.prefetch(options.num_prefetch)
-
-        return DataPipelineReader[Seq2SeqBatch](
-            builder.and_return(),
-            gangs,
-            num_accumulate=options.num_accumulate,
-            sync_mode=options.sync_mode,
-        )
+        return create_pipeline_reader(builder, gangs, options)
 
 
 def _filter_by_length(asr_split: AsrSplit, options: AsrReadOptions) -> list[dict[str, Any]]:
-    if options.max_num_elements < options.max_audio_len:
-        raise ValueError(
-            f"`max_num_elements` ({options.max_num_elements}) must be at least `max_audio_len` ({options.max_audio_len})."
-        )
-
     kept = [
         {
             "index": utterance.index,
@@ -253,10 +202,7 @@ class _AsrBatchCollater:
         self._target_collater = Collater(pad_value=pad_idx)
 
     def __call__(self, bucket: Sequence[dict[str, Any]]) -> Seq2SeqBatch:
-        waveforms = [check_waveform(example["path"], self._manifest_file) for example in bucket]
-
-        if self._normalize_audio:
-            waveforms = [F.layer_norm(w, w.shape) for w in waveforms]
+        waveforms = load_waveforms(bucket, self._manifest_file, normalize=self._normalize_audio)
 
         targets = [self._encode(example) for example in bucket]
 
@@ -271,9 +217,9 @@ class _AsrBatchCollater:
 
         return Seq2SeqBatch(
             sources["seqs"],
-            _seq_lens(sources),
+            collated_seq_lens(sources),
             target_batch["seqs"],
-            _seq_lens(target_batch),
+            collated_seq_lens(target_batch),
             example=example,
         )
 
@@ -286,43 +232,6 @@ class _AsrBatchCollater:
             )
 
         return target
-
-
-def _seq_lens(collated: dict[str, Any]) -> list[int] | None:
-    return [int(n) for n in collated["seq_lens"]] if collated["is_ragged"] else None
-
-
-def check_waveform(audio: dict[str, Any], manifest_file: Path) -> Tensor:
-    """Checks a decoded utterance and returns its samples.
-
-    :param audio: The output of ``FileMapper`` followed by ``AudioDecoder``.
-    :returns: *Shape:* ``(S_wav,)``.
-    :raises DatasetError: if the audio is not 16 kHz mono or holds NaN or infinite
-        samples; the message names the file and the manifest.
-    """
-    decoded = audio["data"]
-    path = Path(audio["path"])
-
-    if decoded["sample_rate"] != SAMPLE_RATE:
-        raise DatasetError(
-            f"{path} listed in {manifest_file} is sampled at {decoded['sample_rate']:g} Hz, "
-            f"expected {SAMPLE_RATE} Hz; resample it."
-        )
-
-    waveform: Tensor = decoded["waveform"]
-
-    if waveform.ndim == 2:
-        if waveform.size(1) != 1:
-            raise DatasetError(
-                f"{path} listed in {manifest_file} has {waveform.size(1)} channels, expected mono; downmix it."
-            )
-
-        waveform = waveform.squeeze(1)
-
-    if not torch.isfinite(waveform).all():
-        raise DatasetError(f"{path} listed in {manifest_file} contains NaN or infinite samples.")
-
-    return waveform
 
 
 @dataclass(kw_only=True)

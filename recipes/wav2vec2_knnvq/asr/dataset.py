@@ -8,9 +8,7 @@ from fairseq2.composition import register_dataset_family
 from fairseq2.data.tokenizers import Tokenizer
 from fairseq2.datasets import DataReader, Seq2SeqBatch, SyncMode
 from fairseq2.gang import Gangs
-from fairseq2.recipe.config import DatasetSection
 from fairseq2.runtime.dependency import DependencyContainer
-from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.data.asr_dataset import (
     ASR_MANIFEST_DATASET_FAMILY,
@@ -19,6 +17,7 @@ from w2v_knnvq.data.asr_dataset import (
     AsrReadOptions,
     open_asr_manifest_dataset,
 )
+from w2v_knnvq.data.manifest_dataset import ManifestDatasetSection
 
 
 def register_asr_manifest_dataset(container: DependencyContainer) -> None:
@@ -32,17 +31,14 @@ def register_asr_manifest_dataset(container: DependencyContainer) -> None:
 
 
 @dataclass(kw_only=True)
-class AsrDatasetSection(DatasetSection):
-    """Where the manifests are (``config_overrides.manifest_dir``) and how they are read."""
+class AsrDatasetSection(ManifestDatasetSection):
+    """Where the manifests are (``config_overrides.manifest_dir``) and how they are read.
+
+    Each split also needs its ``{split}.wrd`` transcripts; those of ``train_split`` train
+    the tokenizer when none is given. ``normalize_audio`` must match pretraining.
+    """
 
     family: str | None = ASR_MANIFEST_DATASET_FAMILY
-
-    train_split: str = "train"
-    """Read from ``{manifest_dir}/{train_split}.tsv`` and ``.wrd``; its transcripts also
-    train the tokenizer when none is given."""
-
-    valid_split: str | None = "valid"
-    """``None`` skips validation."""
 
     min_audio_len: int = 1
 
@@ -50,41 +46,6 @@ class AsrDatasetSection(DatasetSection):
     """Longer training utterances are dropped (40 s at 16 kHz keeps all of LibriSpeech)."""
 
     max_num_elements: int = 3_200_000
-    """The number of audio samples per batch and rank, padding included."""
-
-    normalize_audio: bool = False
-    """Standardize each utterance; must match pretraining."""
-
-    shuffle_window: int = 0
-    """0 shuffles the whole training split; 1 keeps its order."""
-
-    batch_shuffle_window: int = 0
-    """0 shuffles all training batches; 1 keeps their order."""
-
-    num_parallel_calls: int = 4
-
-    num_prefetch: int = 4
-
-    max_num_valid_batches: int | None = None
-    """Caps the validation batches per rank (``None`` reads the whole split)."""
-
-    def validate(self) -> ValidationResult:
-        result = super().validate()
-
-        if self.min_audio_len < 1:
-            result.add_error("`min_audio_len` must be at least 1.")
-
-        if self.max_audio_len < self.min_audio_len:
-            result.add_error(
-                f"`max_audio_len` must be at least `min_audio_len` ({self.min_audio_len}), but is {self.max_audio_len} instead."
-            )
-
-        if self.max_num_elements < self.max_audio_len:
-            result.add_error(
-                f"`max_num_elements` must be at least `max_audio_len` ({self.max_audio_len}), but is {self.max_num_elements} instead."
-            )
-
-        return result
 
 
 def create_train_reader(

@@ -1,0 +1,298 @@
+"""What the pretraining and the fine-tuning manifest datasets share.
+
+A split ``{split}.tsv`` holds the audio root directory on its first line (absolute, or
+relative to the manifest's own directory), then one ``relative/path.flac<TAB>num_samples``
+line per utterance. This module parses it, holds the steps that both data pipelines take
+(shuffle and shard, bucket by length, decode, check the audio, read batches), and the
+part of the recipes' ``dataset`` section that both recipes have.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fairseq2.data.audio import AudioDecoder
+from fairseq2.data.data_pipeline import (
+    DataPipelineBuilder,
+    FileMapper,
+    create_bucket_sizes,
+    read_sequence,
+)
+from fairseq2.datasets import DataPipelineReader, DatasetError, SyncMode
+from fairseq2.gang import Gangs
+from fairseq2.recipe.config import DatasetSection
+from fairseq2.utils.validation import ValidationResult
+
+from w2v_knnvq.data.manifest import ManifestError, read_manifest
+
+SAMPLE_RATE: Final = 16_000
+
+BatchT = TypeVar("BatchT")
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One utterance of a manifest."""
+
+    path: str
+    """The audio file, relative to the split's audio root directory."""
+
+    num_samples: int
+
+
+@dataclass(frozen=True)
+class ManifestSplit:
+    """A parsed ``{split}.tsv`` file."""
+
+    manifest_file: Path
+
+    audio_dir: Path
+
+    entries: list[ManifestEntry]
+
+
+def read_manifest_split(manifest_file: Path) -> ManifestSplit:
+    """Parses ``manifest_file``; a relative audio root is taken relative to the file.
+
+    :raises DatasetError: if the file is missing or malformed, its audio root does not
+        exist, or it lists no utterance; the message names the file.
+    """
+    try:
+        audio_dir, rows = read_manifest(manifest_file)
+    except ManifestError as ex:
+        raise DatasetError(f"Manifest {manifest_file} cannot be read: {ex}") from ex
+
+    if not audio_dir.is_absolute():
+        audio_dir = manifest_file.parent / audio_dir
+
+    if not audio_dir.is_dir():
+        raise DatasetError(
+            f"Audio root directory {audio_dir} named on line 1 of {manifest_file} does not exist."
+        )
+
+    if not rows:
+        raise DatasetError(f"Manifest {manifest_file} lists no utterances; the split is empty.")
+
+    entries = [ManifestEntry(path, num_samples) for path, num_samples in rows]
+
+    return ManifestSplit(manifest_file, audio_dir, entries)
+
+
+def check_manifest_dir(manifest_dir: Path, expected_files: str) -> None:
+    """:param expected_files: What the directory must hold, for the error message.
+    :raises DatasetError: if ``manifest_dir`` is not a directory."""
+    if not manifest_dir.is_dir():
+        raise DatasetError(f"Manifest directory {manifest_dir} does not exist; it must hold {expected_files}.")
+
+
+@dataclass(kw_only=True)
+class ManifestReadOptions:
+    """How a split is shuffled, decoded and read; the length limits are the subclasses'."""
+
+    normalize_audio: bool = False
+    """Standardize each utterance to zero mean and unit variance (before any cropping)."""
+
+    shuffle_window: int = 0
+    """Window of the utterance shuffle; 0 shuffles the whole split, 1 keeps its order."""
+
+    batch_shuffle_window: int = 1
+    """Window of the batch shuffle; 0 shuffles all batches, 1 keeps their order."""
+
+    num_parallel_calls: int = 4
+
+    num_prefetch: int = 4
+
+    num_accumulate: int = 1
+
+    sync_mode: SyncMode = SyncMode.UNTIL_FIRST
+
+    max_num_batches: int | None = None
+
+    seed: int = 2
+
+
+def read_examples(examples: Sequence[dict[str, Any]], gangs: Gangs, options: ManifestReadOptions) -> DataPipelineBuilder:
+    """Starts a pipeline over ``examples``, shuffled with ``options.seed`` (unless
+    ``shuffle_window`` is 1), then sharded over the data-parallel gang ``gangs.dp``."""
+    builder = read_sequence(examples)
+
+    if options.shuffle_window != 1:
+        builder.shuffle(options.shuffle_window, options.seed)
+
+    if gangs.dp.size > 1:
+        builder.shard(gangs.dp.rank, gangs.dp.size, allow_uneven=True)
+
+    return builder
+
+
+def length_bucket_sizes(
+    *, max_num_elements: int, max_audio_len: int, min_audio_len: int, num_seqs_multiple_of: int = 1
+) -> list[tuple[int, int]]:
+    """Returns ``(batch_size, num_samples)`` buckets of at most ``max_num_elements`` samples.
+
+    :raises ValueError: if ``max_num_elements`` is less than ``max_audio_len``.
+    """
+    if max_num_elements < max_audio_len:
+        raise ValueError(
+            f"`max_num_elements` ({max_num_elements}) must be at least `max_audio_len` ({max_audio_len})."
+        )
+
+    # `create_bucket_sizes` needs a multiple of the longest sequence.
+    max_num_elements -= max_num_elements % max_audio_len
+
+    return create_bucket_sizes(
+        max_num_elements=max_num_elements,
+        max_seq_len=max_audio_len,
+        min_seq_len=min_audio_len,
+        num_seqs_multiple_of=num_seqs_multiple_of,
+    )
+
+
+def bucket_by_num_samples(builder: DataPipelineBuilder, bucket_sizes: list[tuple[int, int]], min_audio_len: int) -> None:
+    """Groups examples into buckets by their ``num_samples``; examples outside the
+    buckets' lengths are skipped, so they must be filtered out beforehand."""
+    builder.bucket_by_length(
+        bucket_sizes,
+        selector="num_samples",
+        min_data_len=min_audio_len,
+        skip_below_min_examples=True,
+        skip_above_max_examples=True,
+    )
+
+
+def decode_audio(builder: DataPipelineBuilder, audio_dir: Path, num_parallel_calls: int) -> None:
+    """Replaces the relative ``path`` of each example of a bucket with the file's
+    contents ``{"path": ..., "data": {"waveform": ..., "sample_rate": ...}}``, decoded
+    to float32; :func:`load_waveforms` checks them."""
+    builder.map(FileMapper(audio_dir, cached_fd_count=100), selector="[*].path")
+
+    builder.map(
+        AudioDecoder(dtype=torch.float32), selector="[*].path.data", num_parallel_calls=num_parallel_calls
+    )
+
+
+def load_waveforms(bucket: Sequence[dict[str, Any]], manifest_file: Path, *, normalize: bool) -> list[Tensor]:
+    """Checks the decoded utterances of a bucket (see :func:`decode_audio`) and returns
+    their samples, each of shape ``(S_wav,)``, standardized if ``normalize``."""
+    waveforms = [check_waveform(example["path"], manifest_file) for example in bucket]
+
+    if normalize:
+        waveforms = [F.layer_norm(w, w.shape) for w in waveforms]
+
+    return waveforms
+
+
+def check_waveform(audio: dict[str, Any], manifest_file: Path) -> Tensor:
+    """Checks a decoded utterance and returns its samples.
+
+    :param audio: The output of ``FileMapper`` followed by ``AudioDecoder``.
+    :returns: *Shape:* ``(S_wav,)``.
+    :raises DatasetError: if the audio is not 16 kHz mono or holds NaN or infinite
+        samples; the message names the file and the manifest.
+    """
+    decoded = audio["data"]
+    path = Path(audio["path"])
+
+    if decoded["sample_rate"] != SAMPLE_RATE:
+        raise DatasetError(
+            f"{path} listed in {manifest_file} is sampled at {decoded['sample_rate']:g} Hz, "
+            f"expected {SAMPLE_RATE} Hz; resample it."
+        )
+
+    waveform: Tensor = decoded["waveform"]
+
+    if waveform.ndim == 2:
+        if waveform.size(1) != 1:
+            raise DatasetError(
+                f"{path} listed in {manifest_file} has {waveform.size(1)} channels, expected mono; downmix it."
+            )
+
+        waveform = waveform.squeeze(1)
+
+    if not torch.isfinite(waveform).all():
+        raise DatasetError(f"{path} listed in {manifest_file} contains NaN or infinite samples.")
+
+    return waveform
+
+
+def collated_seq_lens(collated: dict[str, Any]) -> list[int] | None:
+    """The sequence lengths of a ``Collater`` output; ``None`` if it holds no padding."""
+    return [int(n) for n in collated["seq_lens"]] if collated["is_ragged"] else None
+
+
+def create_pipeline_reader(
+    builder: DataPipelineBuilder, gangs: Gangs, options: ManifestReadOptions
+) -> DataPipelineReader[BatchT]:
+    """Ends the pipeline (batch cap, prefetch) and returns a reader of its batches."""
+    if options.max_num_batches is not None:
+        builder.take(options.max_num_batches)
+
+    builder.prefetch(options.num_prefetch)
+
+    return DataPipelineReader(
+        builder.and_return(),
+        gangs,
+        num_accumulate=options.num_accumulate,
+        sync_mode=options.sync_mode,
+    )
+
+
+@dataclass(kw_only=True)
+class ManifestDatasetSection(DatasetSection):
+    """The ``dataset`` section of a recipe that reads a manifest directory
+    (``config_overrides.manifest_dir``); the subclasses set the length defaults."""
+
+    train_split: str = "train"
+    """Read from ``{manifest_dir}/{train_split}.tsv``."""
+
+    valid_split: str | None = "valid"
+    """Read from ``{manifest_dir}/{valid_split}.tsv``; ``None`` skips validation."""
+
+    min_audio_len: int
+
+    max_audio_len: int
+
+    max_num_elements: int
+    """The number of audio samples per batch and rank, padding included."""
+
+    normalize_audio: bool = False
+    """Standardize each utterance to zero mean and unit variance."""
+
+    shuffle_window: int = 0
+    """0 shuffles the whole training split; 1 keeps its order."""
+
+    batch_shuffle_window: int = 0
+    """0 shuffles all training batches; 1 keeps their order."""
+
+    num_parallel_calls: int = 4
+    """The number of utterances decoded in parallel."""
+
+    num_prefetch: int = 4
+
+    max_num_valid_batches: int | None = None
+    """Caps the validation batches per rank (``None`` reads the whole split)."""
+
+    def validate(self) -> ValidationResult:
+        result = super().validate()
+
+        if self.min_audio_len < 1:
+            result.add_error("`min_audio_len` must be at least 1.")
+
+        if self.max_audio_len < self.min_audio_len:
+            result.add_error(
+                f"`max_audio_len` must be at least `min_audio_len` ({self.min_audio_len}), but is {self.max_audio_len} instead."
+            )
+
+        if self.max_num_elements < self.max_audio_len:
+            result.add_error(
+                f"`max_num_elements` must be at least `max_audio_len` ({self.max_audio_len}), but is {self.max_num_elements} instead."
+            )
+
+        return result

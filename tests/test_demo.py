@@ -30,5 +30,12 @@ def test_demo_prints_usage_of_both_methods_side_by_side(tmp_path: Path) -> None:
     for _, knn, ppl in rows:
         assert 0.0 < float(knn) <= 100.0 and 0.0 < float(ppl) <= 100.0
 
+    perplexity_rows = re.findall(
+        r"^\| codebook (\d) mean individual perplexity \| ([\d.]+) \| ([\d.]+) \|$", out, flags=re.MULTILINE
+    )
+    assert [row[0] for row in perplexity_rows] == ["1", "2"]
+    for _, knn, ppl in perplexity_rows:
+        assert 1.0 <= float(knn) <= 320.0 and 1.0 <= float(ppl) <= 320.0
+
     for method in ("softmax-knn-ce", "softmax-ppl"):
         assert (tmp_path / method / "checkpoints" / "step_2").is_dir()

@@ -161,6 +161,9 @@ def test_run_writes_checkpoints_and_usage_metrics(trained_run: tuple[Path, str])
         assert len(record["Hard Perplexity"]) == num_codebooks
         assert len(record["Soft Perplexity"]) == num_codebooks
 
+        # Between a onehot (1) and a uniform (320 entries) quantizer.
+        assert all(1.0 <= value <= 320.0 for value in record["Mean Individual Perplexity"])
+
     train = _read_jsonl(output_dir / "metrics/train.jsonl")
 
     assert [record["Step"] for record in train] == [2, 4]
@@ -220,6 +223,9 @@ def test_validation_usage_matches_independent_count(trained_run: tuple[Path, str
 
     usage = CodebookUsage(quantizer_config.num_codebooks, quantizer_config.codebook_size)
 
+    perplexity_sum = torch.zeros(quantizer_config.num_codebooks, dtype=torch.float64)
+    num_frames = 0
+
     lines = (manifest_dir / "valid.tsv").read_text().splitlines()
 
     audio_dir = Path(lines[0])
@@ -238,7 +244,14 @@ def test_validation_usage_matches_independent_count(trained_run: tuple[Path, str
 
             features, _, _ = model.encoder_frontend.extract_features(seqs, BatchLayout.of(seqs))
 
-            usage.update(model.quantizer(features).codes)
+            output = model.quantizer(features)
+
+            usage.update(output.codes)
+
+            # exp(-sum_m p_m log p_m) per frame, written out from the probabilities.
+            probs = output.log_probs.exp().double()
+            perplexity_sum += torch.exp(-(probs * probs.clamp_min(1e-300).log()).sum(-1)).sum(dim=(0, 1))
+            num_frames += probs.size(1)
 
     report = usage.compute()
 
@@ -250,6 +263,10 @@ def test_validation_usage_matches_independent_count(trained_run: tuple[Path, str
 
     assert step_4["Mean Utterance Codebook Usage"] == pytest.approx(
         report.per_sample_usage.double().mean(dim=0).tolist(), abs=1e-6
+    )
+
+    assert step_4["Mean Individual Perplexity"] == pytest.approx(
+        (perplexity_sum / num_frames).tolist(), rel=1e-4
     )
 
 

@@ -90,7 +90,10 @@ def main() -> None:
         pretrain(method, run_dir, manifest_dir, args.num_steps)
         results[method] = last_validation(run_dir)
 
-    print("\nCodebook usage on the whole validation split (fraction of entries used at least once):\n")
+    print(
+        "\nOn the whole validation split: codebook usage (fraction of entries used at least once) and"
+        "\nthe mean individual perplexity of the smoothed quantizers (1 = onehot, lower is tighter):\n"
+    )
     print(f"| metric | {' | '.join(METHODS)} |")
     print(f"|---|{'---:|' * len(METHODS)}")
 
@@ -104,6 +107,12 @@ def main() -> None:
         for g in range(num_codebooks):
             cells = [f"{100 * results[m][key][g]:.1f}%" for m in METHODS]  # type: ignore[index]
             print(f"| {label.format(g + 1)} | {' | '.join(cells)} |")
+
+    # Table 2's tightness: exp(-sum_m p_m log p_m) of each frame, 1 for onehot quantizers.
+    num_codebooks = len(results[METHODS[0]]["Mean Individual Perplexity"])  # type: ignore[arg-type]
+    for g in range(num_codebooks):
+        cells = [f"{results[m]['Mean Individual Perplexity'][g]:.1f}" for m in METHODS]  # type: ignore[index]
+        print(f"| codebook {g + 1} mean individual perplexity | {' | '.join(cells)} |")
 
     print(f"\nCheckpoints: {', '.join(str(output_dir / m / 'checkpoints') for m in METHODS)}")
 

@@ -25,6 +25,7 @@ from recipes.wav2vec2_knnvq.ssl.metrics import (
     update_losses,
     update_quantizer_stats,
 )
+from w2v_knnvq.quantizer import individual_perplexity
 from w2v_knnvq.wav2vec2.model import Wav2Vec2KnnVqModel
 
 
@@ -153,7 +154,19 @@ def _perplexity(probs: Tensor) -> Tensor:
 
 
 @torch.inference_mode()
-def quantize_utterances(model: Module, seqs: Tensor, seqs_layout: BatchLayout) -> list[Tensor]:
+@dataclass
+class UtteranceQuantization:
+    """The eval-mode quantization of every frame of one utterance."""
+
+    codes: Tensor
+    """``(S_enc, G)`` code of each frame in each codebook."""
+
+    individual_perplexity: Tensor | None
+    """``(S_enc, G)`` ``exp(-sum_m p_m log p_m)`` of each frame's smoothed quantizer (the
+    tightness of Table 2); ``None`` for quantizers without probabilities."""
+
+
+def quantize_utterances(model: Module, seqs: Tensor, seqs_layout: BatchLayout) -> list[UtteranceQuantization]:
     """Runs the CNN and the quantizer over every frame of every utterance, no masking.
 
     ``model`` must be in eval mode, where every quantizer picks its codes
@@ -163,30 +176,40 @@ def quantize_utterances(model: Module, seqs: Tensor, seqs_layout: BatchLayout) -
     utterance gets the codes it would get on its own.
 
     :param seqs: ``(N, S_wav)`` waveforms.
-    :returns: N code tensors of shape ``(S_enc_i, G)``.
+    :returns: One entry per utterance.
     """
     if model.training:
         raise ValueError("`model` must be in eval mode to assign codes deterministically.")
 
     if not seqs_layout.padded:
-        return list(_quantize_frames(model, seqs, seqs_layout))
+        return _quantize_frames(model, seqs, seqs_layout)
 
-    codes = []
+    quantized = []
 
     for row, seq_len in zip(seqs, seqs_layout.seq_lens):
         utterance = row[:seq_len].unsqueeze(0)
 
-        codes.append(_quantize_frames(model, utterance, BatchLayout.of(utterance))[0])
+        quantized.extend(_quantize_frames(model, utterance, BatchLayout.of(utterance)))
 
-    return codes
+    return quantized
 
 
-def _quantize_frames(model: Module, seqs: Tensor, seqs_layout: BatchLayout) -> Tensor:
-    """:returns: The codes of an unpadded batch, ``(N, S_enc, G)``."""
+def _quantize_frames(model: Module, seqs: Tensor, seqs_layout: BatchLayout) -> list[UtteranceQuantization]:
+    """Quantizes an unpadded batch of N utterances of S_enc frames each."""
     features, _, _ = model.encoder_frontend.extract_features(seqs, seqs_layout)
 
     if isinstance(model, Wav2Vec2KnnVqModel):
-        return model.quantizer(features).codes
+        output = model.quantizer(features)
+
+        if output.log_probs is None:
+            return [UtteranceQuantization(codes=codes, individual_perplexity=None) for codes in output.codes]
+
+        perplexities = individual_perplexity(output.log_probs)
+
+        return [
+            UtteranceQuantization(codes=codes, individual_perplexity=perplexity)
+            for codes, perplexity in zip(output.codes, perplexities)
+        ]
 
     if isinstance(model, Wav2Vec2Model):
         quantizer = model.quantizer
@@ -196,6 +219,6 @@ def _quantize_frames(model: Module, seqs: Tensor, seqs_layout: BatchLayout) -> T
         # (N x S_enc, G x V) one-hot -> (N, S_enc, G)
         choices = quantizer(features).cb.view(batch_size, num_frames, quantizer.num_codebooks, -1)
 
-        return choices.argmax(dim=-1)
+        return [UtteranceQuantization(codes=codes, individual_perplexity=None) for codes in choices.argmax(dim=-1)]
 
     raise TypeError(f"The model must be a wav2vec 2.0 pretraining model, but is of type `{type(model)}`.")

@@ -27,6 +27,7 @@ QUANTIZER_LOSS: Final = "quantizer_loss"
 HARD_PERPLEXITY: Final = "hard_perplexity"
 SOFT_PERPLEXITY: Final = "soft_perplexity"
 BATCH_CODEBOOK_USAGE: Final = "batch_codebook_usage"
+INDIVIDUAL_PERPLEXITY: Final = "individual_perplexity"
 
 _PER_CODEBOOK_METRICS: Final = (
     CODEBOOK_USAGE,
@@ -34,6 +35,7 @@ _PER_CODEBOOK_METRICS: Final = (
     HARD_PERPLEXITY,
     SOFT_PERPLEXITY,
     BATCH_CODEBOOK_USAGE,
+    INDIVIDUAL_PERPLEXITY,
 )
 
 
@@ -54,6 +56,7 @@ def register_ssl_metric_descriptors(container: DependencyContainer) -> None:
     register(BATCH_CODEBOOK_USAGE,     "Batch Codebook Usage",            213, higher_better=True)
     register(CODEBOOK_USAGE,           "Codebook Usage",                  230, higher_better=True)
     register(UTTERANCE_CODEBOOK_USAGE, "Mean Utterance Codebook Usage",   231, higher_better=True)
+    register(INDIVIDUAL_PERPLEXITY,    "Mean Individual Perplexity",      232)
     # fmt: on
 
 
@@ -218,6 +221,8 @@ def add_ssl_metrics(metric_bag: MetricBag, num_codebooks: int) -> None:
 def add_codebook_usage_metrics(metric_bag: MetricBag, num_codebooks: int, codebook_size: int) -> None:
     metric_bag.add(CODEBOOK_USAGE, CodeCounts(num_codebooks, codebook_size))
     metric_bag.add(UTTERANCE_CODEBOOK_USAGE, UtteranceCodebookUsage(num_codebooks))
+    # Mean over all frames of exp(-sum_m p_m log p_m): 1 for onehot quantizers, M for uniform.
+    metric_bag.add(INDIVIDUAL_PERPLEXITY, ElementwiseMean(num_codebooks))
 
 
 @torch.inference_mode()

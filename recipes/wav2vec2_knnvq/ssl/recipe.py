@@ -39,8 +39,10 @@ from recipes.wav2vec2_knnvq.ssl.dataset import (
 )
 from recipes.wav2vec2_knnvq.ssl.metrics import (
     CODEBOOK_USAGE,
+    INDIVIDUAL_PERPLEXITY,
     UTTERANCE_CODEBOOK_USAGE,
     CodeCounts,
+    ElementwiseMean,
     UtteranceCodebookUsage,
     add_codebook_usage_metrics,
     add_ssl_metrics,
@@ -126,7 +128,8 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
     The usage figures count the codes that the eval-mode quantizer assigns to every
     frame of every validation utterance: ``codebook_usage`` over the whole split
     (summed over data-parallel ranks), ``utterance_codebook_usage`` averaged over
-    utterances.
+    utterances; ``individual_perplexity`` averages the tightness of the smoothed
+    quantizers over the same frames.
     """
 
     def __init__(self, criterion: SslCriterion, base_model: Module, codebook_shape: CodebookShape) -> None:
@@ -148,13 +151,22 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
 
         seqs, seqs_layout = batch.as_input()
 
-        codes = quantize_utterances(self._base_model, seqs, seqs_layout)
+        utterances = quantize_utterances(self._base_model, seqs, seqs_layout)
 
-        counts = count_codes_per_utterance(codes, self._codebook_shape.codebook_size)
+        counts = count_codes_per_utterance(
+            [utterance.codes for utterance in utterances], self._codebook_shape.codebook_size
+        )
 
         metric_bag.get(CODEBOOK_USAGE, CodeCounts).update(counts)
 
         metric_bag.get(UTTERANCE_CODEBOOK_USAGE, UtteranceCodebookUsage).update(counts)
+
+        for utterance in utterances:
+            if utterance.individual_perplexity is not None:
+                metric_bag.get(INDIVIDUAL_PERPLEXITY, ElementwiseMean).update(
+                    utterance.individual_perplexity.mean(dim=0),
+                    weight=utterance.individual_perplexity.size(0),
+                )
 
     @override
     def process_metric_values(self, values: MutableMapping[str, object]) -> None:

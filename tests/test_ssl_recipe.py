@@ -16,10 +16,11 @@ import torch
 
 from fairseq2.datasets import DatasetError
 from fairseq2.device import CPU
-from fairseq2.gang import create_fake_gangs
+from fairseq2.gang import FakeGang, Gangs, create_fake_gangs
 from fairseq2.nn import BatchLayout
 
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
+from w2v_knnvq.data.manifest_dataset import read_examples
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, SpeechReadOptions
 from w2v_knnvq.quantizer import CodebookUsage
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
@@ -301,6 +302,31 @@ def test_reader_crops_long_utterances_instead_of_dropping(manifest_dir: Path) ->
             seen_paths.extend(batch.example["paths"])
 
     assert sorted(seen_paths) == sorted(entry.path for entry in split.entries)
+
+
+def test_readers_shard_utterances_across_data_parallel_ranks(manifest_dir: Path) -> None:
+    split = SpeechManifestDataset(manifest_dir).read_split("train")
+
+    examples = [{"path": entry.path} for entry in split.entries]
+
+    options = SpeechReadOptions(min_audio_len=1, max_audio_len=48_000, max_num_elements=192_000, seed=3)
+
+    paths_per_rank = []
+
+    for rank in range(2):
+        data_parallel = FakeGang(CPU, rank=rank, size=2)
+        single = FakeGang(CPU)
+
+        gangs = Gangs(root=data_parallel, dp=data_parallel, rdp=data_parallel, sdp=single, tp=single, pp=single)
+
+        pipeline = read_examples(examples, gangs, options).and_return()
+
+        paths_per_rank.append([example["path"] for example in pipeline])
+
+    # Each rank reads its own half of the (shuffled) split; together they read all of it once.
+    assert abs(len(paths_per_rank[0]) - len(paths_per_rank[1])) <= 1
+    assert not set(paths_per_rank[0]) & set(paths_per_rank[1])
+    assert sorted(paths_per_rank[0] + paths_per_rank[1]) == sorted(entry.path for entry in split.entries)
 
 
 def test_missing_manifest_and_empty_split_name_the_file(manifest_dir: Path, tmp_path: Path) -> None:

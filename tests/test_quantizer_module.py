@@ -327,7 +327,7 @@ def test_autocast_keeps_quantizer_math_in_float32(dtype: torch.dtype, method: st
 
 
 def test_tiny_temperature_gives_no_nan() -> None:
-    quantizer = make_quantizer("softmax-knn-ce", init_temperature=1e-3, min_temperature=1e-3)
+    quantizer = make_quantizer("softmax-knn-ce", init_temperature=2e-3, min_temperature=1e-3)
 
     x = torch.randn(50, 12, requires_grad=True)
     output = quantizer(x)
@@ -407,3 +407,34 @@ def test_codebook_usage_rejects_bad_input() -> None:
 
 def test_individual_perplexity_of_uniform_is_m() -> None:
     assert individual_perplexity(torch.full((5,), math.log(0.2))).item() == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize("method", ["ste-euclid", "ste-cosine", "simvq", "re-euclid", "re-cosine"])
+def test_hard_codebooks_learn_from_the_codebook_loss_only(method: str) -> None:
+    quantizer = make_quantizer(method)
+    x = torch.randn(30, 12, requires_grad=True)
+
+    output = quantizer(x)
+    output.quantized.square().sum().backward(retain_graph=True)
+
+    # The main loss reaches the features, not the codebook (eq. 2-4).
+    assert x.grad is not None and torch.count_nonzero(x.grad) > 0
+    assert all(p.grad is None or torch.count_nonzero(p.grad) == 0 for p in quantizer.codebook.parameters())
+
+    output.loss.backward()
+
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in quantizer.codebook.parameters())
+
+
+def test_temperature_stays_learnable_at_its_floor() -> None:
+    quantizer = make_quantizer("softmax-knn-ce")
+
+    with torch.no_grad():
+        quantizer.log_temperature.fill_(-30.0)  # t = min_temperature + exp(-30)
+
+    assert quantizer.temperature().item() == pytest.approx(quantizer.config.min_temperature)
+
+    output = quantizer(torch.randn(40, 12))
+    output.loss.backward()
+
+    assert quantizer.log_temperature.grad is not None and quantizer.log_temperature.grad != 0

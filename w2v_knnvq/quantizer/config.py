@@ -105,7 +105,8 @@ class QuantizerConfig:
     """Initial value of the learnable temperature t that divides the cosine logits (A.1)."""
 
     min_temperature: float = 1e-3
-    """Floor of t, which bounds the logits by 1/min_temperature."""
+    """Floor of t (``t = min_temperature + exp(w)`` for a learned w), which bounds the logits
+    by 1/min_temperature."""
 
     gumbel_tau: float = 1.0
     """Gumbel-softmax temperature tau of eq. 7, fixed unless ``gumbel_tau_anneal`` is set."""
@@ -128,9 +129,9 @@ class QuantizerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, but is {getattr(self, name)}.")
 
-        if not 0.0 < self.min_temperature <= self.init_temperature:
+        if not 0.0 < self.min_temperature < self.init_temperature:
             raise ValueError(
-                "`init_temperature` must be at least `min_temperature` > 0, but they are "
+                "`init_temperature` must exceed `min_temperature` > 0, but they are "
                 f"{self.init_temperature} and {self.min_temperature}."
             )
 

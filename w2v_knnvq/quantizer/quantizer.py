@@ -117,7 +117,9 @@ class VectorQuantizer(Module):
     def reset_parameters(self) -> None:
         if self.log_temperature is not None:
             with torch.no_grad():
-                self.log_temperature.fill_(math.log(self.config.init_temperature))
+                self.log_temperature.fill_(
+                    math.log(self.config.init_temperature - self.config.min_temperature)
+                )
 
         if self.gumbel_step is not None:
             self.gumbel_step.zero_()
@@ -131,7 +133,8 @@ class VectorQuantizer(Module):
         if self.log_temperature is None:
             raise RuntimeError(f"The method {self.config.method!r} has no learned temperature.")
 
-        return self.log_temperature.float().exp().clamp_min(self.config.min_temperature)
+        # A differentiable floor: the temperature stays learnable however close it gets.
+        return self.config.min_temperature + self.log_temperature.float().exp()
 
     def gumbel_tau(self) -> float:
         """:returns: The current Gumbel-softmax temperature tau."""
@@ -263,12 +266,15 @@ class VectorQuantizer(Module):
 
         q = gather_codes(codebook, codes)
 
+        # The codebook learns from the codebook loss alone (eq. 10), as in the baselines the
+        # paper follows (van den Oord et al., 2017; Zhu et al., 2025): the main loss reaches z
+        # only, through the identity (eq. 2) or the scaled rotation (eq. 3-4).
         if not self.training:
             quantized = q
         elif spec.estimator == "rotation":
             quantized = rotation_trick(z, q)
         else:
-            quantized = straight_through(q, z)
+            quantized = straight_through(q.detach(), z)
 
         row_mask = None if mask is None else mask.repeat_interleave(config.num_codebooks)
 

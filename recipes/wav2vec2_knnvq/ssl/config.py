@@ -1,7 +1,9 @@
 """The configuration of the wav2vec 2.0 pretraining recipe.
 
-The defaults follow the paper's LibriSpeech 960h setup for the ``paper_2x320``
-architecture; the presets in ``configs/`` spell every choice out.
+The defaults are a starting point on the ``paper_2x320`` architecture (AdamW betas
+(0.9, 0.99), no weight decay, cosine annealing to 5e-6); the paper's two settings, with
+their masking, batch sizes and schedules, are the presets ``configs/paper_1x1024.yaml`` and
+``configs/paper_2x320.yaml``.
 """
 
 from __future__ import annotations

@@ -153,7 +153,6 @@ def _perplexity(probs: Tensor) -> Tensor:
     return torch.exp(entropy)
 
 
-@torch.inference_mode()
 @dataclass
 class UtteranceQuantization:
     """The eval-mode quantization of every frame of one utterance."""
@@ -166,6 +165,7 @@ class UtteranceQuantization:
     tightness of Table 2); ``None`` for quantizers without probabilities."""
 
 
+@torch.inference_mode()
 def quantize_utterances(model: Module, seqs: Tensor, seqs_layout: BatchLayout) -> list[UtteranceQuantization]:
     """Runs the CNN and the quantizer over every frame of every utterance, no masking.
 

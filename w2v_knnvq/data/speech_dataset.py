@@ -6,7 +6,7 @@ Utterances longer than ``max_audio_len`` are cropped, never dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal, final
 
@@ -44,8 +44,9 @@ class SpeechReadOptions(ManifestReadOptions):
     min_audio_len: int = 32_000
     """Utterances with fewer samples are dropped (and counted in the log)."""
 
-    max_audio_len: int = 250_000
-    """Longer utterances are cropped to this many samples, never dropped."""
+    max_audio_len: int | None = 250_000
+    """Longer utterances are cropped to this many samples, never dropped. ``None`` reads
+    every utterance whole (``max_num_elements`` then grows to the longest if needed)."""
 
     max_num_elements: int = 1_500_000
     """Upper bound on the number of audio samples in a batch, padding included."""
@@ -87,6 +88,15 @@ class SpeechManifestDataset:
         manifest = self.read_split(split)
 
         entries = _drop_short(manifest, options.min_audio_len)
+
+        if options.max_audio_len is None:
+            longest = max(int(entry["num_samples"]) for entry in entries)
+
+            options = replace(
+                options, max_audio_len=longest, max_num_elements=max(options.max_num_elements, longest)
+            )
+
+        assert options.max_audio_len is not None
 
         bucket_sizes = length_bucket_sizes(
             max_num_elements=options.max_num_elements,

@@ -39,8 +39,9 @@ class SslDatasetSection(ManifestDatasetSection):
     """Utterances with fewer samples are dropped; the log says how many."""
 
     max_audio_len: int = 250_000
-    """Longer utterances are randomly cropped to this many samples (validation
-    crops keep their start), never dropped."""
+    """Longer utterances are randomly cropped to this many samples, never dropped.
+    The validation loss sees their first ``max_audio_len`` samples; validation usage
+    counts them whole."""
 
     max_num_elements: int = 1_500_000
 
@@ -66,13 +67,16 @@ def create_train_reader(
 def create_valid_reader(
     dataset: SpeechManifestDataset, section: SslDatasetSection, gangs: Gangs, *, seed: int
 ) -> DataReader[SequenceBatch]:
-    """Reads the whole validation split in manifest order, each utterance cropped to its
-    first ``max_audio_len`` samples and padded, so every validation sees the same audio."""
+    """Reads the whole validation split in manifest order, every utterance whole and padded,
+    so that codebook usage counts every frame of the split (the validation loss crops; see
+    :class:`~recipes.wav2vec2_knnvq.ssl.recipe.SslEvalUnit`)."""
     if section.valid_split is None:
         raise ValueError("`section.valid_split` must not be `None`.")
 
     options = replace(
         _section_read_options(section, seed=seed),
+        min_audio_len=1,
+        max_audio_len=None,
         crop="start",
         crop_to_batch_shortest=False,
         shuffle_window=1,

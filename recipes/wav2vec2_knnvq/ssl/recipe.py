@@ -92,7 +92,13 @@ class SslRecipe(Recipe):
 
         valid_reader = create_valid_reader(dataset, config.dataset, context.gangs, seed=seed + 1)
 
-        valid_unit = SslEvalUnit(criterion, base_model, codebook_shape)
+        valid_unit = SslEvalUnit(
+            criterion,
+            base_model,
+            codebook_shape,
+            min_audio_len=config.dataset.min_audio_len,
+            max_audio_len=config.dataset.max_audio_len,
+        )
 
         return context.create_trainer(train_unit, train_reader, [valid_unit], [valid_reader])
 
@@ -126,16 +132,27 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
     """Validates the loss on masked frames and the codebook usage on all frames.
 
     The usage figures count the codes that the eval-mode quantizer assigns to every
-    frame of every validation utterance: ``codebook_usage`` over the whole split
-    (summed over data-parallel ranks), ``utterance_codebook_usage`` averaged over
+    frame of every validation utterance, read whole: ``codebook_usage`` over the whole
+    split (summed over data-parallel ranks), ``utterance_codebook_usage`` averaged over
     utterances; ``individual_perplexity`` averages the tightness of the smoothed
-    quantizers over the same frames.
+    quantizers over the same frames. The loss sees what training would: utterances of
+    at least ``min_audio_len`` samples, cropped to their first ``max_audio_len``.
     """
 
-    def __init__(self, criterion: SslCriterion, base_model: Module, codebook_shape: CodebookShape) -> None:
+    def __init__(
+        self,
+        criterion: SslCriterion,
+        base_model: Module,
+        codebook_shape: CodebookShape,
+        *,
+        min_audio_len: int,
+        max_audio_len: int,
+    ) -> None:
         self._criterion = criterion
         self._base_model = base_model
         self._codebook_shape = codebook_shape
+        self._min_audio_len = min_audio_len
+        self._max_audio_len = max_audio_len
 
     @override
     def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
@@ -147,7 +164,10 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
 
     @override
     def process_batch(self, batch: SequenceBatch, metric_bag: MetricBag) -> None:
-        self._criterion(batch, metric_bag)
+        loss_batch = self._crop_for_loss(batch)
+
+        if loss_batch is not None:
+            self._criterion(loss_batch, metric_bag)
 
         seqs, seqs_layout = batch.as_input()
 
@@ -167,6 +187,21 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
                     utterance.individual_perplexity.mean(dim=0),
                     weight=utterance.individual_perplexity.size(0),
                 )
+
+    def _crop_for_loss(self, batch: SequenceBatch) -> SequenceBatch | None:
+        """:returns: The utterances of ``batch`` long enough for the loss, each cut to its
+        first ``max_audio_len`` samples; ``None`` if there are none."""
+        seq_lens = batch.seq_lens
+
+        rows = [row for row, seq_len in enumerate(seq_lens) if seq_len >= self._min_audio_len]
+        if not rows:
+            return None
+
+        cropped_lens = [min(seq_lens[row], self._max_audio_len) for row in rows]
+
+        seqs = batch.seqs[rows, : max(cropped_lens)]
+
+        return SequenceBatch(seqs, cropped_lens)
 
     @override
     def process_metric_values(self, values: MutableMapping[str, object]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -180,7 +181,7 @@ def test_run_writes_checkpoints_and_usage_metrics(trained_run: tuple[Path, str])
     assert list((output_dir / "tb").glob("valid/events.out.tfevents.*"))
 
 
-def test_rerun_resumes_from_last_checkpoint(
+def test_interrupted_run_resumes_from_its_last_checkpoint(
     trained_run: tuple[Path, str], manifest_dir: Path, tmp_path: Path
 ) -> None:
     first_output_dir, _ = trained_run
@@ -190,18 +191,22 @@ def test_rerun_resumes_from_last_checkpoint(
 
     subprocess.run(["cp", "-r", str(first_output_dir), str(output_dir)], check=True)
 
+    # A run killed between its step-2 and step-4 checkpoints leaves only step 2 behind.
+    shutil.rmtree(output_dir / "checkpoints/step_4")
+
     result = _run_recipe(output_dir, manifest_dir, num_steps=6)
 
     log = result.stdout + result.stderr
 
-    assert "Restoring training from the last checkpoint at step 4." in log
+    assert "Restoring training from the last checkpoint at step 2." in log
 
     train_steps = [record["Step"] for record in _read_jsonl(output_dir / "metrics/train.jsonl")]
 
-    # Steps 1-4 are not trained again: the rerun only adds step 6.
-    assert train_steps == [2, 4, 6]
+    # Steps 1-2 are not trained again: the rerun goes on from step 3 to the end.
+    assert train_steps == [2, 4, 4, 6]
 
-    assert (output_dir / "checkpoints/step_6").is_dir()
+    for step in (2, 4, 6):
+        assert (output_dir / f"checkpoints/step_{step}").is_dir()
 
 
 def test_validation_usage_matches_independent_count(trained_run: tuple[Path, str], manifest_dir: Path) -> None:

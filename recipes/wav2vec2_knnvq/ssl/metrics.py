@@ -235,16 +235,19 @@ def update_losses(
     features_penalty: Tensor,
     num_targets: int,
 ) -> None:
-    """Records sum-reduced losses as bits per target, as fairseq reports them."""
+    """Records sum-reduced losses per target: the loss, contrastive loss and feature
+    penalty in bits, as fairseq reports them; the quantizer's regularizer as the value of
+    its own equation (e.g. eq. 13), which is no log-likelihood for most methods."""
     scale = num_targets * math.log(2)
 
     for name, loss in (
         ("loss", aggregate),
         ("contrastive_loss", contrastive),
-        (QUANTIZER_LOSS, quantizer),
         ("features_penalty", features_penalty),
     ):
         metric_bag.get(name, Mean).update(loss.detach().float() / scale, weight=num_targets)
+
+    metric_bag.get(QUANTIZER_LOSS, Mean).update(quantizer.detach().float() / num_targets, weight=num_targets)
 
 
 @torch.inference_mode()

@@ -97,6 +97,35 @@ def test_reader_shuffles_batches_and_resumes_exactly() -> None:
     assert not torch.equal(next_epoch_first, first)
 
 
+def test_reader_gives_every_rank_the_same_number_of_images() -> None:
+    files = list_image_files(MINIIMAGES / "val")[:9]
+
+    def read_epoch(rank: int) -> tuple[int, torch.Tensor]:
+        gang = FakeGang(torch.device("cpu"), rank=rank, size=2)
+        gangs = Gangs(root=gang, dp=gang, rdp=gang, sdp=gang, tp=gang, pp=gang)
+
+        reader = ImageFolderReader(files, gangs, image_size=8, batch_size=2, shuffle=True, seed=5)
+
+        batches = [batch.images for batches in reader for batch in batches]
+
+        return len(batches), torch.cat(batches)
+
+    (rank0_batches, rank0_images), (rank1_batches, rank1_images) = read_epoch(0), read_epoch(1)
+
+    # 9 images over 2 ranks: each reads 4 (2 batches of 2) and one image is dropped.
+    assert rank0_batches == rank1_batches == 2
+    assert rank0_images.shape == rank1_images.shape == (4, 3, 8, 8)
+    # The shares are disjoint.
+    assert not any(torch.equal(a, b) for a in rank0_images for b in rank1_images)
+
+    gang = FakeGang(torch.device("cpu"), rank=0, size=2)
+    with pytest.raises(ValueError, match="1 image\\(s\\), fewer than the 2 data parallel ranks"):
+        ImageFolderReader(
+            files[:1], Gangs(root=gang, dp=gang, rdp=gang, sdp=gang, tp=gang, pp=gang),
+            image_size=8, batch_size=2, shuffle=False, seed=0,
+        )
+
+
 def test_make_image_set_tool(tmp_path: Path) -> None:
     pytest.importorskip("skimage")
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from recipes.image_vqae.config import EUCLIDEAN_HARD_METHODS, method_peak_lr, method_weight_decay
 from w2v_knnvq.image.data import list_image_files, load_image
 from w2v_knnvq.image.evaluation import frechet_distance, make_fid_features
 
@@ -68,19 +69,37 @@ def test_knn_training_writes_metrics_checkpoints_and_resumes(knn_run: tuple[Path
     for metrics in train_metrics:
         assert np.isfinite(metrics["Loss"])
         assert metrics["rMSE"] == pytest.approx(metrics["Reconstruction Loss (MSE)"] ** 0.5, rel=1e-4)
+        assert 1.0 <= metrics["Soft Code Perplexity"] <= 64.0
+        assert metrics["Softmax Temperature"] > 0.0
 
     assert (out_dir / "metrics" / "valid" / "valid.jsonl").is_file()
     assert list((out_dir / "tb").rglob("events.out.tfevents.*"))
     assert (out_dir / "checkpoints" / "step_4" / "model" / "pp_00" / "tp_00" / "sdp_00.pt").is_file()
 
 
-def test_baseline_derives_paper_optimizer_settings(tmp_path: Path) -> None:
+def test_baseline_derives_paper_optimizer_settings_and_logs_no_soft_metrics(tmp_path: Path) -> None:
     output = _train(
         tmp_path, "regime.num_steps=2", "peak_lr=null", "model.config_overrides.quantizer.method=ste-euclid"
     )
 
     assert "Quantizer method ste-euclid: AdamW peak learning rate 5e-05, weight decay 0." in output
     assert (tmp_path / "checkpoints" / "step_2").is_dir()
+
+    # A hard quantizer has no softmax, so it reports neither soft perplexity nor temperature.
+    train_metrics = [json.loads(line) for line in (tmp_path / "metrics" / "train.jsonl").read_text().splitlines()]
+    assert train_metrics and "Code Perplexity" in train_metrics[0]
+    for metrics in train_metrics:
+        assert "Soft Code Perplexity" not in metrics and "Softmax Temperature" not in metrics
+
+
+def test_method_optimizer_settings_follow_the_quantizer_spec() -> None:
+    # Appendix B.1: Euclidean STE/rotational hard quantizers, SimVQ (Euclidean STE) included.
+    assert EUCLIDEAN_HARD_METHODS == {"ste-euclid", "re-euclid", "simvq"}
+
+    assert (method_peak_lr("simvq"), method_weight_decay("simvq")) == (5e-5, 0.0)
+    assert (method_peak_lr("re-euclid"), method_weight_decay("re-euclid")) == (5e-5, 0.0)
+    for method in ("ste-cosine", "re-cosine", "softmax-knn-ce", "hg-ppl"):
+        assert (method_peak_lr(method), method_weight_decay(method)) == (1e-4, 1e-4)
 
 
 def test_schedule_shorter_than_warmup_is_refused(tmp_path: Path) -> None:

@@ -20,9 +20,15 @@ from fairseq2.recipe.config import (
 )
 
 from w2v_knnvq.image import IMAGE_VQAE_FAMILY
+from w2v_knnvq.quantizer import METHODS
 
-EUCLIDEAN_HARD_METHODS: Final = frozenset({"ste-euclid", "re-euclid"})
-"""Euclidean STE/rotation quantizers, trained with a lower learning rate and no weight decay."""
+EUCLIDEAN_HARD_METHODS: Final = frozenset(
+    name
+    for name, spec in METHODS.items()
+    if not spec.smoothed and spec.distance == "euclidean" and spec.estimator in ("ste", "rotation")
+)
+"""Euclidean STE/rotation quantizers (SimVQ included), trained with a lower learning rate and
+no weight decay."""
 
 
 def method_peak_lr(method: str) -> float:
@@ -49,8 +55,9 @@ class ImageFolderSection:
     valid_split: str | None = "val"
     """``None`` disables validation."""
 
-    batch_size: int = 64
-    """Images per batch and data parallel rank."""
+    batch_size: int = 16
+    """Images per batch and data parallel rank; Appendix B.1 trains on 64 images in total,
+    16 on each of 4 ranks."""
 
     num_workers: int = 0
     """Background decoding processes per rank (0 decodes in the training process)."""
@@ -82,9 +89,10 @@ class ImageVqaeRecipeConfig:
         )
     )
 
+    # The default arch's Table 4 schedule: 25 epochs x ceil(1,281,167 / 64 images) steps.
     regime: RegimeSection = field(
         default_factory=lambda: RegimeSection(
-            num_steps=125_125,
+            num_steps=500_475,
             validate_every_n_steps=5_000,
             checkpoint_every_n_steps=5_000,
             keep_last_n_checkpoints=1,

@@ -23,6 +23,7 @@ from typing_extensions import override
 from w2v_knnvq.image import ImageVqaeModel, ImageVqaeOutput, register_image_vqae
 from w2v_knnvq.image.data import list_image_files
 from w2v_knnvq.image.reader import ImageBatch, ImageFolderReader
+from w2v_knnvq.quantizer import METHODS
 
 from recipes.image_vqae.config import (
     ImageVqaeRecipeConfig,
@@ -40,12 +41,15 @@ _METRIC_DESCRIPTORS = (
 )
 
 
-def _add_metrics(metric_bag: MetricBag) -> None:
+def _add_metrics(metric_bag: MetricBag, smoothed: bool) -> None:
     for name in ("loss", "reconstruction_loss", "quantizer_loss", "hard_perplexity"):
         metric_bag.add(name, Mean())
 
-    metric_bag.add("soft_perplexity", Mean())
-    metric_bag.add("temperature", Mean())
+    # Hard quantizers have no softmax; registering these would log a constant 0.
+    if smoothed:
+        metric_bag.add("soft_perplexity", Mean())
+        metric_bag.add("temperature", Mean())
+
     metric_bag.add("num_examples", Sum())
 
 
@@ -77,14 +81,19 @@ def _add_rmse(values: MutableMapping[str, object]) -> None:
 
 
 class ImageVqaeTrainUnit(TrainUnit[ImageBatch]):
-    """Minimizes the L2 reconstruction loss plus the quantizer's own loss."""
+    """Minimizes the L2 reconstruction loss plus the quantizer's own loss.
 
-    def __init__(self, model: Module) -> None:
+    ``smoothed`` says whether the quantizer method smooths the onehot vector, and so reports
+    the soft code perplexity and the softmax temperature.
+    """
+
+    def __init__(self, model: Module, smoothed: bool) -> None:
         self._model = model
+        self._smoothed = smoothed
 
     @override
     def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
-        _add_metrics(metric_bag)
+        _add_metrics(metric_bag, self._smoothed)
 
     @override
     def process_batch(self, batch: ImageBatch, metric_bag: MetricBag) -> tuple[torch.Tensor, int]:
@@ -101,10 +110,12 @@ class ImageVqaeTrainUnit(TrainUnit[ImageBatch]):
 
 
 class ImageVqaeEvalUnit(EvalUnit[ImageBatch]):
-    """Reports the training losses and rMSE with hard (argmax) quantization."""
+    """Reports the training losses and rMSE with hard (argmax) quantization; ``smoothed`` as in
+    :class:`ImageVqaeTrainUnit`."""
 
-    def __init__(self, model: Module) -> None:
+    def __init__(self, model: Module, smoothed: bool) -> None:
         self._model = model
+        self._smoothed = smoothed
 
     @property
     @override
@@ -113,7 +124,7 @@ class ImageVqaeEvalUnit(EvalUnit[ImageBatch]):
 
     @override
     def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
-        _add_metrics(metric_bag)
+        _add_metrics(metric_bag, self._smoothed)
 
     @override
     def process_batch(self, batch: ImageBatch, metric_bag: MetricBag) -> None:
@@ -179,7 +190,9 @@ class ImageVqaeRecipe(Recipe):
 
         data_parallel_model = context.get_data_parallel_model()
 
-        train_unit = ImageVqaeTrainUnit(data_parallel_model)
+        smoothed = METHODS[model.config.quantizer.method].smoothed
+
+        train_unit = ImageVqaeTrainUnit(data_parallel_model, smoothed)
 
         if config.dataset.valid_split is None:
             return context.create_trainer(train_unit, make_reader(config.dataset.train_split, True))
@@ -189,7 +202,7 @@ class ImageVqaeRecipe(Recipe):
         return context.create_trainer(
             train_unit,
             make_reader(config.dataset.train_split, True),
-            [ImageVqaeEvalUnit(data_parallel_model)],
+            [ImageVqaeEvalUnit(data_parallel_model, smoothed)],
             [valid_reader],
         )
 

@@ -180,14 +180,14 @@ def make_inception_probabilities(weights_file: Path, device: torch.device) -> Im
 
     network = network.to(device).eval()
 
-    mean = torch.tensor([0.485, 0.456, 0.406], device=device).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=device).view(1, 3, 1, 1)
-
     def probabilities(images: Tensor) -> np.ndarray:
         with torch.no_grad():
-            x = images.to(device).float().clamp(-1.0, 1.0).add(1.0).div(2.0)
+            # The ported Google weights were trained on pixels in [-1, 1]; torchvision's
+            # `transform_input=True` only maps ImageNet mean/std-normalised input back to that
+            # range, so the images go in as they are, in [-1, 1], with the transform off.
+            x = images.to(device).float().clamp(-1.0, 1.0)
             x = torch.nn.functional.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
-            logits = network((x - mean) / std)
+            logits = network(x)
 
             return torch.softmax(logits, dim=-1).cpu().numpy()
 

@@ -38,6 +38,11 @@ class ImageFolderReader(DataReader[ImageBatch]):
     Each data parallel rank reads its own strided share of a permutation of the files; the
     permutation is drawn from ``seed + epoch`` so that the reader resumes at the exact batch
     after a restart (its state is the epoch and the number of batches read).
+
+    Every share is trimmed to ``len(files) // dp.size`` files, dropping the remaining
+    ``len(files) % dp.size`` files of the permutation (as ``DistributedSampler`` with
+    ``drop_last=True``), so that all ranks read the same number of batches and end each epoch
+    on the same step instead of waiting on a collective that the others never reach.
     """
 
     def __init__(
@@ -52,6 +57,12 @@ class ImageFolderReader(DataReader[ImageBatch]):
         num_workers: int = 0,
         num_accumulate: int = 1,
     ) -> None:
+        if len(files) < gangs.dp.size:
+            raise ValueError(
+                f"The image folder holds {len(files)} image(s), fewer than the {gangs.dp.size} data "
+                "parallel ranks, so some rank would read nothing; add images or use fewer ranks."
+            )
+
         self._files = list(files)
         self._gangs = gangs
         self._image_size = image_size
@@ -75,7 +86,9 @@ class ImageFolderReader(DataReader[ImageBatch]):
 
         dp = self._gangs.dp
 
-        return [self._files[i] for i in order[dp.rank :: dp.size]]
+        share_size = len(order) // dp.size
+
+        return [self._files[i] for i in order[dp.rank :: dp.size][:share_size]]
 
     def _open_epoch(self) -> Iterator[Tensor]:
         files = self._rank_files()[self._num_batches_read * self._batch_size :]

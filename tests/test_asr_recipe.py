@@ -4,25 +4,34 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from fairseq2.checkpoint import ModelMetadataDumper
+from fairseq2.device import CPU
+from fairseq2.gang import FakeGang, create_fake_gangs
 from fairseq2.models.wav2vec2.asr import Wav2Vec2AsrConfig, create_wav2vec2_asr_model
 from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyResolver, get_dependency_resolver
 
+from recipes.wav2vec2_knnvq.asr.eval import EvalError, read_finetune_run_settings, transcribe
 from recipes.wav2vec2_knnvq.asr.pretrained import (
     PretrainedEncoderSection,
+    check_audio_normalization,
     load_pretrained_encoder,
     resolve_pretrained_model,
     share_encoder_config,
 )
 from recipes.wav2vec2_knnvq.asr.recipe import _set_target_vocab_size
+from recipes.wav2vec2_knnvq.asr.tokenizer import CtcTokenizerSection, prepare_ctc_tokenizer
+from w2v_knnvq.data.asr_dataset import AsrManifestDataset, AsrReadOptions
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.text import load_ctc_tokenizer, word_edits
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
@@ -36,6 +45,8 @@ TINY_CPU_CONFIG = REPO_ROOT / "recipes" / "wav2vec2_knnvq" / "asr" / "configs" /
 PRETRAINED_STEP = 2
 
 NUM_STEPS = 40
+
+FROZEN_NUM_STEPS = 2
 
 NUM_TRAIN_UTTERANCES = 4
 
@@ -60,6 +71,19 @@ def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
 
 def _read_jsonl(path: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _validation_wers(finetune_dir: Path) -> dict[int, float]:
+    valid = _read_jsonl(finetune_dir / "metrics/valid.jsonl")
+
+    return {int(record["Step"]): float(record["Word Error Rate (WER)"]) for record in valid}  # type: ignore[arg-type, call-overload]
+
+
+def _best_step(finetune_dir: Path) -> int:
+    """The step of the lowest validation WER; the later one of a tie, as fairseq2 keeps it."""
+    wers = _validation_wers(finetune_dir)
+
+    return min(wers, key=lambda step: (wers[step], -step))
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +164,40 @@ def finetune_dir(manifest_dir: Path, pretrained_dir: Path, tmp_path_factory: pyt
     return output_dir
 
 
+@pytest.fixture(scope="module")
+def frozen_dir(
+    finetune_dir: Path, manifest_dir: Path, pretrained_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """2 steps inside the frozen phase, with the first run's tokenizer given by a path
+    relative to the directory the recipe starts in."""
+    output_dir = tmp_path_factory.mktemp("frozen")
+
+    tokenizer_path = os.path.relpath(finetune_dir / "tokenizer/minispeech_char.yaml", REPO_ROOT)
+
+    overrides = [
+        f"pretrained_encoder.path={pretrained_dir}",
+        f"tokenizer.path={tokenizer_path}",
+        f"dataset.config_overrides.manifest_dir={manifest_dir}",
+        "dataset.train_split=train4",
+        "dataset.valid_split=null",
+        f"regime.num_steps={FROZEN_NUM_STEPS}",
+        f"regime.validate_every_n_steps={FROZEN_NUM_STEPS}",
+        f"regime.checkpoint_every_n_steps={FROZEN_NUM_STEPS}",
+        "regime.publish_metrics_every_n_steps=1",
+        f"finetune.freeze_encoder_steps={FROZEN_NUM_STEPS}",
+        "optimizer.config.lr=0.002",
+    ]
+
+    _run(
+        [
+            sys.executable, "-m", "recipes.wav2vec2_knnvq.asr", "--no-rich",
+            "--config-file", str(TINY_CPU_CONFIG), "--config", *overrides, "--", str(output_dir),
+        ]  # fmt: skip
+    )
+
+    return output_dir
+
+
 def test_ctc_loss_falls(finetune_dir: Path) -> None:
     train = _read_jsonl(finetune_dir / "metrics/train.jsonl")
 
@@ -160,12 +218,12 @@ def test_validation_reports_error_rates_and_keeps_best_checkpoint(finetune_dir: 
 
         assert 0.0 < float(record["Character Error Rate (CER)"]) <= float(record["Word Error Rate (WER)"])  # type: ignore[arg-type]
 
-    wers = {record["Step"]: float(record["Word Error Rate (WER)"]) for record in valid}  # type: ignore[arg-type]
+    wers = _validation_wers(finetune_dir)
 
     checkpoint_dir = finetune_dir / "checkpoints"
 
     # `keep_best_n_checkpoints: 1` with `keep_last_n_checkpoints: 1`: the last step and the best one.
-    best_step = min(wers, key=lambda step: (wers[step], -step))  # type: ignore[arg-type, return-value]
+    best_step = _best_step(finetune_dir)
 
     kept = sorted(int(p.name.removeprefix("step_")) for p in checkpoint_dir.glob("step_*"))
 
@@ -243,8 +301,10 @@ def test_eval_writes_transcripts_and_figures(finetune_dir: Path, manifest_dir: P
 
     assert record["num_utterances"] == NUM_VALID_UTTERANCES
 
+    assert record["normalize_audio"] is False
+
     # The best checkpoint by validation WER is evaluated by default.
-    assert Path(record["checkpoint"]).parent.name.startswith("step_")
+    assert Path(record["checkpoint"]).parent.name == f"step_{_best_step(finetune_dir)}"
 
 
 def test_pretrained_model_is_found_from_any_path_form(resolver: DependencyResolver, pretrained_dir: Path) -> None:
@@ -323,3 +383,201 @@ def test_explicit_vocab_size_must_match_tokenizer(finetune_dir: Path) -> None:
 
     with pytest.raises(RecipeError, match=f"predicts {size + 3} classes.*vocabulary of {size}"):
         _set_target_vocab_size({"target_vocab_size": size + 3}, tokenizer, tokenizer_path)
+
+
+def test_encoder_stays_frozen_for_the_first_steps(frozen_dir: Path, pretrained_dir: Path) -> None:
+    pretrained = torch.load(
+        pretrained_dir / f"checkpoints/step_{PRETRAINED_STEP}" / CHECKPOINT_FILE, map_location="cpu", weights_only=True
+    )
+
+    finetuned = torch.load(
+        frozen_dir / f"checkpoints/step_{FROZEN_NUM_STEPS}" / CHECKPOINT_FILE, map_location="cpu", weights_only=True
+    )
+
+    transformer_keys = [key for key in pretrained if key.startswith("encoder.")]
+
+    assert len(transformer_keys) > 10
+
+    for key in transformer_keys:
+        assert torch.equal(finetuned[key], pretrained[key]), key
+
+    # The frozen steps did train: the CTC loss was logged for each of them.
+    train = _read_jsonl(frozen_dir / "metrics/train.jsonl")
+
+    assert [record["Step"] for record in train] == list(range(1, FROZEN_NUM_STEPS + 1))
+
+
+def test_relative_tokenizer_path_is_recorded_absolute(frozen_dir: Path, finetune_dir: Path) -> None:
+    config = yaml.safe_load((frozen_dir / "config.yaml").read_text())
+
+    expected = finetune_dir / "tokenizer/minispeech_char.yaml"
+
+    assert config["tokenizer"]["path"] == str(expected)
+
+    assert read_finetune_run_settings(frozen_dir / "checkpoints").tokenizer_path == expected
+
+
+def _write_run_config(run_dir: Path, config: dict[str, object]) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+
+    config_file = run_dir / "config.yaml"
+
+    config_file.write_text(yaml.safe_dump(config))
+
+    return config_file
+
+
+def test_eval_settings_come_from_the_run_config(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+
+    _write_run_config(run_dir, {"tokenizer": {"path": None, "name": "abc"}, "dataset": {"normalize_audio": True}})
+
+    settings = read_finetune_run_settings(run_dir / "checkpoints")
+
+    assert settings.normalize_audio is True
+    assert settings.tokenizer_path == run_dir / "tokenizer/abc.yaml"
+
+    _write_run_config(run_dir, {"tokenizer": {"path": "tok/abc.yaml"}, "dataset": {"normalize_audio": False}})
+
+    with pytest.raises(EvalError, match="relative path tok/abc.yaml.*--tokenizer"):
+        read_finetune_run_settings(run_dir / "checkpoints")
+
+    _write_run_config(run_dir, {"tokenizer": {"name": "abc"}, "dataset": {}})
+
+    with pytest.raises(EvalError, match="no boolean `dataset.normalize_audio`"):
+        read_finetune_run_settings(run_dir / "checkpoints")
+
+    with pytest.raises(EvalError, match="does not exist.*audio normalization"):
+        read_finetune_run_settings(tmp_path / "missing" / "checkpoints")
+
+
+@pytest.mark.parametrize("normalize_audio", [True, False])
+def test_eval_reads_audio_as_the_run_did(finetune_dir: Path, manifest_dir: Path, normalize_audio: bool) -> None:
+    dataset = AsrManifestDataset(manifest_dir)
+
+    read_options: list[AsrReadOptions] = []
+
+    class RecordingDataset:
+        def read_split(self, split: str) -> object:
+            return dataset.read_split(split)
+
+        def create_reader(self, split: str, tokenizer: object, gangs: object, options: AsrReadOptions) -> object:
+            read_options.append(options)
+
+            return dataset.create_reader(split, tokenizer, gangs, options)  # type: ignore[arg-type]
+
+    tokenizer = load_ctc_tokenizer(finetune_dir / "tokenizer/minispeech_char.yaml")
+
+    model = create_wav2vec2_asr_model(_tiny_asr_config(tokenizer.vocab_info.size))
+
+    transcriptions = transcribe(
+        model, tokenizer, RecordingDataset(), "train4", CPU, 400_000, normalize_audio=normalize_audio  # type: ignore[arg-type]
+    )
+
+    assert len(transcriptions) == NUM_TRAIN_UTTERANCES
+
+    assert [options.normalize_audio for options in read_options] == [normalize_audio]
+
+    # The options of the recipe's validation reader, so that the figures agree.
+    assert read_options[0].min_audio_len == 1
+    assert read_options[0].shuffle_window == 1
+
+
+def _tiny_asr_config(vocab_size: int) -> Wav2Vec2AsrConfig:
+    config = Wav2Vec2AsrConfig()
+
+    config.encoder_config = WAV2VEC2_KNNVQ_ARCHS["tiny_2x320"]().encoder_config
+    config.target_vocab_size = vocab_size
+    config.spatial_mask_span_len = 16
+
+    return config
+
+
+def _pretrained_copy_with_config(pretrained_dir: Path, destination: Path, normalize_audio: bool) -> Path:
+    shutil.copytree(pretrained_dir, destination)
+
+    (destination / "config.yaml").write_text(yaml.safe_dump({"dataset": {"normalize_audio": normalize_audio}}))
+
+    return destination
+
+
+def test_audio_normalization_must_match_pretraining(
+    resolver: DependencyResolver, pretrained_dir: Path, tmp_path: Path
+) -> None:
+    finetune_config = tmp_path / "out/config.yaml"
+
+    normalized_dir = _pretrained_copy_with_config(pretrained_dir, tmp_path / "normalized", True)
+
+    pretrained = resolve_pretrained_model(resolver, PretrainedEncoderSection(path=normalized_dir))
+
+    assert pretrained.pretraining_normalize_audio() is True
+
+    check_audio_normalization(pretrained, True, finetune_config)
+
+    with pytest.raises(
+        RecipeError,
+        match=(
+            f"is false in the fine-tuning config \\({finetune_config}\\).*"
+            f"`dataset.normalize_audio: true` \\({normalized_dir / 'config.yaml'}\\).*"
+            "Set `dataset.normalize_audio=true`"
+        ),
+    ):
+        check_audio_normalization(pretrained, False, finetune_config)
+
+    raw_dir = _pretrained_copy_with_config(pretrained_dir, tmp_path / "raw", False)
+
+    pretrained = resolve_pretrained_model(resolver, PretrainedEncoderSection(path=raw_dir))
+
+    with pytest.raises(RecipeError, match="Set `dataset.normalize_audio=false`"):
+        check_audio_normalization(pretrained, True, finetune_config)
+
+    # Without the pretraining run's config.yaml there is nothing to compare with.
+    pretrained = resolve_pretrained_model(resolver, PretrainedEncoderSection(path=pretrained_dir))
+
+    assert pretrained.pretraining_normalize_audio() is None
+
+    check_audio_normalization(pretrained, True, finetune_config)
+
+
+class _RankGang(FakeGang):
+    """A rank of a larger gang whose broadcasts deliver ``rank_0_objects``."""
+
+    def __init__(self, rank: int, rank_0_objects: list[object] | None = None) -> None:
+        super().__init__(CPU, rank=rank, size=2)
+
+        self.rank_0_objects = rank_0_objects
+
+        self.broadcasts: list[list[object]] = []
+
+    def broadcast_objects(self, objects: list[object], source_rank: int = 0) -> None:
+        assert source_rank == 0
+
+        if self.rank_0_objects is not None:
+            objects[:] = self.rank_0_objects
+
+        self.broadcasts.append(list(objects))
+
+
+def test_tokenizer_training_failure_reaches_every_rank(tmp_path: Path) -> None:
+    empty_transcripts = tmp_path / "train.wrd"
+
+    empty_transcripts.write_text("\n")
+
+    section = CtcTokenizerSection(name="chars")
+
+    rank_0 = _RankGang(0)
+
+    with pytest.raises(RecipeError, match=f"cannot be trained from {empty_transcripts}: No transcript text"):
+        prepare_ctc_tokenizer(section, empty_transcripts, tmp_path, replace(create_fake_gangs(CPU), root=rank_0))
+
+    # Rank 0 told the others before raising.
+    [[message]] = rank_0.broadcasts
+
+    assert isinstance(message, str) and "No transcript text" in message
+
+    rank_1 = _RankGang(1, rank_0_objects=[message])
+
+    with pytest.raises(RecipeError, match="No transcript text.*reported by rank 0 to rank 1"):
+        prepare_ctc_tokenizer(section, empty_transcripts, tmp_path, replace(create_fake_gangs(CPU), root=rank_1))

@@ -28,8 +28,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 MINISPEECH_DIR = REPO_ROOT / "tests" / "data" / "minispeech"
 
-# Used when the bundled corpus is absent: KJV verses in LibriSpeech style.
-FALLBACK_TRANSCRIPTS = [
+# KJV verses in LibriSpeech style, for a tokenizer trained outside the recipe's layout.
+SAMPLE_TRANSCRIPTS = [
     "IN THE BEGINNING GOD CREATED THE HEAVEN AND THE EARTH",
     "AND THE EARTH WAS WITHOUT FORM AND VOID AND DARKNESS WAS UPON THE FACE OF THE DEEP",
     "AND GOD SAID LET THERE BE LIGHT AND THERE WAS LIGHT",
@@ -42,10 +42,18 @@ FALLBACK_TRANSCRIPTS = [
 
 
 def _corpus_transcripts() -> list[str]:
-    if MINISPEECH_DIR.is_dir() and any(MINISPEECH_DIR.rglob("*.trans.txt")):
-        return read_transcripts([MINISPEECH_DIR])
+    """Every transcript of the bundled corpus; the tests below round-trip all of them."""
+    transcript_files = sorted(MINISPEECH_DIR.rglob("*.trans.txt"))
 
-    return FALLBACK_TRANSCRIPTS
+    assert transcript_files, f"{MINISPEECH_DIR} holds no *.trans.txt files; the bundled corpus is missing."
+
+    num_lines = sum(len(file.read_text(encoding="utf-8").splitlines()) for file in transcript_files)
+
+    transcripts = read_transcripts([MINISPEECH_DIR])
+
+    assert len(transcripts) == num_lines
+
+    return transcripts
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +177,7 @@ def test_tokenizer_without_blank_at_zero_is_rejected(tmp_path: Path) -> None:
     # SentencePiece's default layout puts <unk> at 0 and has no padding id.
     with model_path.open("wb") as fp:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=iter(FALLBACK_TRANSCRIPTS),
+            sentence_iterator=iter(SAMPLE_TRANSCRIPTS),
             model_writer=fp,
             model_type="char",
             vocab_size=25,

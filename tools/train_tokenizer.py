@@ -11,7 +11,9 @@ Examples::
     python tools/train_tokenizer.py manifests/train.wrd --output-dir tokenizer --name ls_char
     python tools/train_tokenizer.py /data/LibriSpeech/train-clean-100 --output-dir tokenizer
 
-Use it in a recipe with ``common.assets.extra_paths=[tokenizer]`` and ``tokenizer.name=NAME``.
+Use it in the fine-tuning recipe with ``tokenizer.path=OUTPUT_DIR/NAME.yaml`` (or the
+``NAME.model`` file); ``tokenizer.name`` only names the tokenizer the recipe trains itself
+when ``tokenizer.path`` is not set.
 """
 
 from __future__ import annotations

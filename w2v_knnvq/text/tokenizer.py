@@ -10,10 +10,10 @@ Vocabulary layout (the CTC head's output size equals the vocabulary size):
   distinct character of the transcripts, most frequent first.
 - No BOS/EOS: CTC targets carry no sentence markers.
 
-The trained model comes with a fairseq2 asset card of the ``char_tokenizer`` family, so it
-loads with ``fairseq2.data.tokenizers.load_tokenizer`` once its directory is an asset source
-(in a recipe: ``common.assets.extra_paths: [DIR]`` and ``tokenizer.name: NAME``), or by path
-(``tokenizer.path: DIR/NAME.model`` with ``tokenizer.family: char_tokenizer``).
+The trained model comes with a fairseq2 asset card (``NAME.yaml``) of the ``char_tokenizer``
+family. :func:`load_ctc_tokenizer` loads either the card or the ``NAME.model`` file; the
+fine-tuning recipe takes the same paths (``tokenizer.path: DIR/NAME.yaml`` or
+``tokenizer.path: DIR/NAME.model``).
 """
 
 from __future__ import annotations

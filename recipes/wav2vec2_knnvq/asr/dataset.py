@@ -35,7 +35,8 @@ class AsrDatasetSection(ManifestDatasetSection):
     """Where the manifests are (``config_overrides.manifest_dir``) and how they are read.
 
     Each split also needs its ``{split}.wrd`` transcripts; those of ``train_split`` train
-    the tokenizer when none is given. ``normalize_audio`` must match pretraining.
+    the tokenizer when none is given. ``normalize_audio`` must match pretraining; the
+    recipe refuses to start when the pretraining run's ``config.yaml`` says otherwise.
     """
 
     family: str | None = ASR_MANIFEST_DATASET_FAMILY

@@ -6,12 +6,13 @@ Examples::
     python -m recipes.wav2vec2_knnvq.asr.eval FINETUNE_DIR --checkpoint 20000 --manifest-dir manifests --split dev-other --output-dir eval
 
 ``FINETUNE_DIR`` is the output directory of ``python -m recipes.wav2vec2_knnvq.asr`` (or its
-``checkpoints`` directory). The split is ``{manifest-dir}/{split}.tsv`` with its ``.wrd``
+``checkpoints`` directory); its ``config.yaml`` names the tokenizer and whether the audio
+is normalized, as in training. The split is ``{manifest-dir}/{split}.tsv`` with its ``.wrd``
 transcripts. Written to ``--output-dir``:
 
 - ``{split}.hyp.txt`` and ``{split}.ref.txt``: one transcript per line, in manifest order;
 - ``{split}.tsv``: ``id<TAB>ref<TAB>hyp`` with a header line;
-- ``{split}.json``: WER and CER in percent with their edit counts, also printed.
+- ``{split}.json``: WER and CER in percent with their edit counts and the settings used, also printed.
 """
 
 from __future__ import annotations
@@ -126,21 +127,80 @@ def checkpoint_card(resolver: DependencyResolver, checkpoint_dir: Path, checkpoi
     raise EvalError(f"{checkpoint_dir} has no checkpoint '{checkpoint}'; it has {steps or 'none'}.")
 
 
-def find_tokenizer(checkpoint_dir: Path) -> Path:
-    """The tokenizer a fine-tuning run used, from the ``config.yaml`` it wrote."""
+@dataclass(frozen=True, kw_only=True)
+class FinetuneRunSettings:
+    """What evaluation must take over from the ``config.yaml`` a fine-tuning run wrote."""
+
+    config_file: Path
+
+    tokenizer_path: Path
+    """The tokenizer the run trained with."""
+
+    normalize_audio: bool
+    """``dataset.normalize_audio`` of the run: the model only knows audio read this way."""
+
+
+def read_finetune_run_settings(checkpoint_dir: Path) -> FinetuneRunSettings:
+    """Reads the tokenizer and audio settings of the run that wrote ``checkpoint_dir``."""
     config_file = checkpoint_dir.parent / "config.yaml"
 
     if not config_file.is_file():
-        raise EvalError(f"{config_file} does not exist, so the run's tokenizer is unknown; pass --tokenizer.")
+        raise EvalError(
+            f"{config_file} does not exist, so the run's tokenizer and audio normalization are unknown; "
+            "keep the fine-tuning output directory intact."
+        )
 
-    config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as ex:
+        raise EvalError(f"{config_file} cannot be read as YAML: {ex}") from None
 
-    section = config.get("tokenizer") or {}
+    if not isinstance(config, dict):
+        raise EvalError(f"{config_file} holds no recipe configuration; expected a YAML mapping.")
 
-    if section.get("path") is not None:
-        return Path(section["path"])
+    dataset_section = config.get("dataset") or {}
 
-    return trained_tokenizer_card(checkpoint_dir.parent, section.get("name", "ctc_char"))
+    normalize_audio = dataset_section.get("normalize_audio")
+
+    if not isinstance(normalize_audio, bool):
+        raise EvalError(
+            f"{config_file} has no boolean `dataset.normalize_audio` ({normalize_audio!r}); "
+            "the file is not one the fine-tuning recipe wrote."
+        )
+
+    tokenizer_section = config.get("tokenizer") or {}
+
+    if tokenizer_section.get("path") is None:
+        tokenizer_path = trained_tokenizer_card(checkpoint_dir.parent, tokenizer_section.get("name", "ctc_char"))
+    else:
+        tokenizer_path = Path(tokenizer_section["path"]).expanduser()
+
+        # The recipe records the path it resolved; a relative one cannot be resolved again
+        # since the directory the run was started in is unknown.
+        if not tokenizer_path.is_absolute():
+            raise EvalError(
+                f"{config_file} gives `tokenizer.path` as the relative path {tokenizer_path}, relative to the "
+                "directory the run was started in, which is unknown; pass the tokenizer with --tokenizer."
+            )
+
+    return FinetuneRunSettings(config_file=config_file, tokenizer_path=tokenizer_path, normalize_audio=normalize_audio)
+
+
+def eval_read_options(longest: int, max_num_elements: int, *, normalize_audio: bool) -> AsrReadOptions:
+    """Reads a split whole, in manifest order, as the recipe reads its validation split.
+
+    :param longest: The number of samples of the split's longest utterance.
+    """
+    return AsrReadOptions(
+        min_audio_len=1,
+        max_audio_len=longest,
+        max_num_elements=max(max_num_elements, longest),
+        normalize_audio=normalize_audio,
+        shuffle_window=1,
+        batch_shuffle_window=1,
+        num_parallel_calls=2,
+        sync_mode=SyncMode.UNTIL_LAST,
+    )
 
 
 def transcribe(
@@ -150,20 +210,19 @@ def transcribe(
     split: str,
     device: Device,
     max_num_elements: int,
+    *,
+    normalize_audio: bool,
 ) -> list[Transcription]:
-    """Decodes every utterance of ``split`` greedily. :returns: Transcriptions in manifest order."""
+    """Decodes every utterance of ``split`` greedily.
+
+    :param normalize_audio: Standardize each utterance, as the model was fine-tuned.
+    :returns: Transcriptions in manifest order.
+    """
     utterances = dataset.read_split(split).utterances
 
     longest = max(utterance.num_samples for utterance in utterances)
 
-    options = AsrReadOptions(
-        max_audio_len=longest,
-        max_num_elements=max(max_num_elements, longest),
-        shuffle_window=1,
-        batch_shuffle_window=1,
-        num_parallel_calls=2,
-        sync_mode=SyncMode.UNTIL_LAST,
-    )
+    options = eval_read_options(longest, max_num_elements, normalize_audio=normalize_audio)
 
     reader = dataset.create_reader(split, tokenizer, create_fake_gangs(device), options)
 
@@ -253,7 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         card = checkpoint_card(resolver, checkpoint_dir, args.checkpoint)
 
-        tokenizer_path = args.tokenizer or find_tokenizer(checkpoint_dir)
+        settings = read_finetune_run_settings(checkpoint_dir)
+
+        tokenizer_path = args.tokenizer or settings.tokenizer_path
 
         tokenizer = load_ctc_tokenizer(tokenizer_path)
 
@@ -266,7 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         dataset = AsrManifestDataset(args.manifest_dir.expanduser().resolve())
 
-        transcriptions = transcribe(model, tokenizer, dataset, args.split, device, args.max_num_elements)
+        transcriptions = transcribe(
+            model, tokenizer, dataset, args.split, device, args.max_num_elements, normalize_audio=settings.normalize_audio
+        )
 
         rates = score(transcriptions)
     except (EvalError, DatasetError, OSError, ValueError) as ex:
@@ -274,7 +337,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return 1
 
-    summary = {"split": args.split, "checkpoint": str(card.field("checkpoint").as_(str)), "tokenizer": str(tokenizer_path)}
+    summary = {
+        "split": args.split,
+        "checkpoint": str(card.field("checkpoint").as_(str)),
+        "tokenizer": str(tokenizer_path),
+        "normalize_audio": settings.normalize_audio,
+    }
 
     record = write_outputs(args.output_dir, args.split, transcriptions, rates, summary)
 

@@ -5,7 +5,8 @@ with ``common.assets.prev_checkpoint_dir`` pointing at a pretraining run's check
 by a path (``pretrained_encoder.path``): a pretraining output directory, its
 ``checkpoints`` directory, one ``checkpoints/step_N`` directory, or a model file inside one.
 Both the ``wav2vec2_knnvq`` and fairseq2's ``wav2vec2`` family work: the ASR model takes
-the structural fields of its ``encoder_config`` and the weights of its encoder.
+the structural fields of its ``encoder_config`` and the weights of its encoder. Given by
+path, the pretraining run's ``config.yaml`` also fixes ``dataset.normalize_audio``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.checkpoints import (
     CheckpointStepNotFoundError,
+    PretrainedModelDescription,
+    PretrainingCheckpoint,
     PretrainingCheckpointError,
     locate_pretraining_checkpoint,
     read_pretrained_model_description,
@@ -88,10 +91,36 @@ class PretrainedEncoderSection:
 class PretrainedModel:
     """The card, the configuration and (on demand) the weights of the pretrained model."""
 
-    def __init__(self, card: AssetCard, config: object, encoder_config: Wav2Vec2EncoderConfig) -> None:
+    def __init__(
+        self,
+        card: AssetCard,
+        config: object,
+        encoder_config: Wav2Vec2EncoderConfig,
+        *,
+        recipe_config_file: Path | None = None,
+        recipe_config: Mapping[str, object] | None = None,
+    ) -> None:
+        """
+        :param recipe_config_file: The ``config.yaml`` of the pretraining run, if the model
+            was named by a path to one.
+        :param recipe_config: Its contents.
+        """
         self.card = card
         self.config = config
         self.encoder_config = encoder_config
+        self.recipe_config_file = recipe_config_file
+        self.recipe_config = recipe_config or {}
+
+    def pretraining_normalize_audio(self) -> bool | None:
+        """``dataset.normalize_audio`` of the pretraining run; ``None`` if its config does not say."""
+        dataset_section = self.recipe_config.get("dataset")
+
+        if not isinstance(dataset_section, Mapping):
+            return None
+
+        value = dataset_section.get("normalize_audio")
+
+        return value if isinstance(value, bool) else None
 
     def load_shared_state_dict(self) -> dict[str, Tensor]:
         """Loads the pretrained model on CPU and returns its :data:`SHARED_PARAMETER_PREFIXES` entries."""
@@ -108,8 +137,19 @@ class PretrainedModel:
 
 def resolve_pretrained_model(resolver: DependencyResolver, section: PretrainedEncoderSection) -> PretrainedModel:
     """:raises RecipeError: if the model cannot be found or has no wav2vec 2.0 encoder."""
+    recipe_config_file: Path | None = None
+    recipe_config: Mapping[str, object] | None = None
+
     if section.path is not None:
-        card = _card_from_path(section.path, section.step)
+        checkpoint = _locate_checkpoint(section.path, section.step)
+
+        description = _describe(checkpoint)
+
+        card = description.card
+
+        if description.recipe_config:
+            recipe_config_file = checkpoint.run_dir / "config.yaml"
+            recipe_config = description.recipe_config
     elif section.name is not None:
         card = resolver.resolve(AssetStore).maybe_retrieve_card(section.name)
 
@@ -134,10 +174,12 @@ def resolve_pretrained_model(resolver: DependencyResolver, section: PretrainedEn
             "configuration; name a `wav2vec2_knnvq` or `wav2vec2` model."
         )
 
-    return PretrainedModel(card, config, encoder_config)
+    return PretrainedModel(
+        card, config, encoder_config, recipe_config_file=recipe_config_file, recipe_config=recipe_config
+    )
 
 
-def _card_from_path(path: Path, step: int | None) -> AssetCard:
+def _locate_checkpoint(path: Path, step: int | None) -> PretrainingCheckpoint:
     path = path.expanduser().resolve()
 
     if not path.exists():
@@ -146,9 +188,7 @@ def _card_from_path(path: Path, step: int | None) -> AssetCard:
         )
 
     try:
-        checkpoint = locate_pretraining_checkpoint(path, step=step)
-
-        return read_pretrained_model_description(checkpoint).card
+        return locate_pretraining_checkpoint(path, step=step)
     except CheckpointStepNotFoundError as ex:
         raise RecipeError(
             f"{ex.checkpoints_dir} has no checkpoint {'at all' if ex.step is None else f'of step {ex.step}'}; "
@@ -156,6 +196,35 @@ def _card_from_path(path: Path, step: int | None) -> AssetCard:
         ) from None
     except PretrainingCheckpointError as ex:
         raise RecipeError(f"`pretrained_encoder.path`: {ex}") from None
+
+
+def _describe(checkpoint: PretrainingCheckpoint) -> PretrainedModelDescription:
+    try:
+        return read_pretrained_model_description(checkpoint)
+    except PretrainingCheckpointError as ex:
+        raise RecipeError(f"`pretrained_encoder.path`: {ex}") from None
+
+
+def check_audio_normalization(pretrained: PretrainedModel, normalize_audio: bool, config_file: Path) -> None:
+    """Makes sure fine-tuning feeds the encoder audio scaled as in pretraining.
+
+    :param normalize_audio: ``dataset.normalize_audio`` of the fine-tuning run.
+    :param config_file: Where the fine-tuning run records its configuration.
+    :raises RecipeError: if the pretraining run's ``config.yaml`` says otherwise.
+    """
+    pretrained_value = pretrained.pretraining_normalize_audio()
+
+    if pretrained_value is None or pretrained_value == normalize_audio:
+        return
+
+    flag = "true" if pretrained_value else "false"
+
+    raise RecipeError(
+        f"`dataset.normalize_audio` is {str(normalize_audio).lower()} in the fine-tuning config ({config_file}), but the pretrained "
+        f"model {pretrained.card.name} was pretrained with `dataset.normalize_audio: {flag}` "
+        f"({pretrained.recipe_config_file}), so the encoder would see audio scaled differently. "
+        f"Set `dataset.normalize_audio={flag}`."
+    )
 
 
 def share_encoder_config(

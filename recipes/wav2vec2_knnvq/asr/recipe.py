@@ -44,6 +44,7 @@ from recipes.wav2vec2_knnvq.asr.dataset import (
 from recipes.wav2vec2_knnvq.asr.pretrained import (
     PretrainedEncoderSection,
     PretrainedModel,
+    check_audio_normalization,
     load_pretrained_encoder,
     resolve_pretrained_model,
     share_encoder_config,
@@ -85,6 +86,10 @@ class AsrRecipe(Recipe):
     def create_task(self, context: RecipeContext) -> Task:
         config = context.get_config_as(AsrRecipeConfig)
 
+        pretrained = context.resolver.resolve(PretrainedModel)
+
+        check_audio_normalization(pretrained, config.dataset.normalize_audio, context.output_dir / "config.yaml")
+
         dataset = context.get_dataset_as(AsrManifestDataset)
 
         tokenizer, tokenizer_path = prepare_ctc_tokenizer(
@@ -100,7 +105,7 @@ class AsrRecipe(Recipe):
 
         _set_target_vocab_size(model_overrides, tokenizer, tokenizer_path)
 
-        share_encoder_config(context.resolver, context.resolver.resolve(PretrainedModel), model_overrides)
+        share_encoder_config(context.resolver, pretrained, model_overrides)
 
         model = context.get_model_as(Wav2Vec2AsrModel)
 

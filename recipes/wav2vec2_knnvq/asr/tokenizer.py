@@ -21,10 +21,17 @@ class CtcTokenizerSection:
     path: Path | None = None
     """The asset card (``NAME.yaml``) or the ``NAME.model`` file of a tokenizer from
     ``tools/train_tokenizer.py``. ``None`` trains one from the transcripts of the
-    training split and writes it to ``OUTPUT_DIR/tokenizer/{name}.yaml``."""
+    training split and writes it to ``OUTPUT_DIR/tokenizer/{name}.yaml``. A relative
+    path is taken from the directory the recipe is started in."""
 
     name: str = "ctc_char"
-    """The name of the trained tokenizer."""
+    """The name of the tokenizer the recipe trains; unused with ``path``."""
+
+    def __post_init__(self) -> None:
+        # Resolved here so that the run's `config.yaml` records the absolute path and the
+        # evaluation finds the same tokenizer from any directory.
+        if self.path is not None:
+            self.path = self.path.expanduser().resolve()
 
 
 def trained_tokenizer_card(output_dir: Path, name: str) -> Path:
@@ -42,21 +49,11 @@ def prepare_ctc_tokenizer(
     :returns: The tokenizer and the path it was loaded from.
     """
     if section.path is not None:
-        path = section.path.expanduser().resolve()
+        path = section.path
     else:
         path = trained_tokenizer_card(output_dir, section.name)
 
-        if gangs.root.rank == 0 and not path.is_file():
-            log.info("Training a character tokenizer on {}.", train_transcripts)
-
-            try:
-                transcripts = read_transcripts([train_transcripts])
-
-                train_char_tokenizer(transcripts, path.parent, section.name)
-            except (OSError, ValueError) as ex:
-                raise RecipeError(f"The CTC tokenizer cannot be trained from {train_transcripts}: {ex}") from None
-
-        gangs.root.barrier()
+        _train_on_rank_0(path, section.name, train_transcripts, gangs)
 
     try:
         tokenizer = load_ctc_tokenizer(path)
@@ -66,3 +63,31 @@ def prepare_ctc_tokenizer(
     log.info("CTC tokenizer {} with a vocabulary of {}.", path, tokenizer.vocab_info.size)
 
     return tokenizer, path
+
+
+def _train_on_rank_0(card_path: Path, name: str, train_transcripts: Path, gangs: Gangs) -> None:
+    """Trains the tokenizer on rank 0 unless ``card_path`` exists; the other ranks wait.
+
+    :raises RecipeError: on every rank if rank 0 fails, so that no rank waits forever.
+    """
+    error: str | None = None
+
+    if gangs.root.rank == 0 and not card_path.is_file():
+        log.info("Training a character tokenizer on {}.", train_transcripts)
+
+        try:
+            transcripts = read_transcripts([train_transcripts])
+
+            train_char_tokenizer(transcripts, card_path.parent, name)
+        except Exception as ex:  # Whatever the failure, the other ranks must hear of it.
+            error = f"The CTC tokenizer cannot be trained from {train_transcripts}: {ex}"
+
+    # Rank 0's outcome; the broadcast also keeps the other ranks waiting until it is known.
+    outcome: list[object] = [error]
+
+    gangs.root.broadcast_objects(outcome, source_rank=0)
+
+    if outcome[0] is not None:
+        suffix = "" if gangs.root.rank == 0 else f" (reported by rank 0 to rank {gangs.root.rank})"
+
+        raise RecipeError(f"{outcome[0]}{suffix}")

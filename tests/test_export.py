@@ -49,9 +49,18 @@ def test_exports_match_our_features(arch: str, tmp_path: Path) -> None:
 
     assert _load_tool("export_checkpoint").main([str(run_dir), str(export_dir)]) == 0
 
-    assert sorted(path.name for path in (export_dir / "hf").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(path.name for path in (export_dir / "hf").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
 
     hf_model = transformers.Wav2Vec2Model.from_pretrained(export_dir / "hf").eval()
+
+    feature_extractor = transformers.AutoFeatureExtractor.from_pretrained(export_dir / "hf")
+    assert feature_extractor.sampling_rate == 16_000
+    assert feature_extractor.do_normalize is False  # the run did not standardize its audio
+    assert feature_extractor.return_attention_mask is False  # group-norm CNN
     ta_model = load_torchaudio_export(export_dir / "torchaudio")
 
     builder_args = json.loads((export_dir / "torchaudio" / "wav2vec2_model_args.json").read_text())
@@ -66,8 +75,10 @@ def test_exports_match_our_features(arch: str, tmp_path: Path) -> None:
 
         ours = extractor.extract([waveform], layers=None)
 
+        inputs = feature_extractor(waveform.numpy(), sampling_rate=16_000, return_tensors="pt")
+
         with torch.inference_mode():
-            hf_output = hf_model(waveform[None], output_hidden_states=True)
+            hf_output = hf_model(inputs.input_values, output_hidden_states=True)
 
             ta_layers, _ = ta_model.extract_features(waveform[None])
             ta_final, _ = ta_model(waveform[None])

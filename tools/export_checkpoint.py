@@ -42,7 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         for export_format in args.format:
             if export_format == "hf":
-                written = export_huggingface(pretrained.model, pretrained.config, args.output_dir / "hf")
+                written = export_huggingface(
+                    pretrained.model,
+                    pretrained.config,
+                    args.output_dir / "hf",
+                    normalize_audio=pretrained.normalize_audio,
+                )
             else:
                 written = export_torchaudio(pretrained.model, pretrained.config, args.output_dir / "torchaudio")
 

@@ -82,16 +82,36 @@ def to_huggingface(model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig) -> tr
     return hf_model.eval()
 
 
-def export_huggingface(model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig, output_dir: Path) -> Path:
-    """Writes ``config.json`` and ``model.safetensors`` to ``output_dir``; load them
-    with ``transformers.Wav2Vec2Model.from_pretrained(output_dir)``.
+def export_huggingface(
+    model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig, output_dir: Path, *, normalize_audio: bool
+) -> Path:
+    """Writes ``config.json``, ``model.safetensors`` and ``preprocessor_config.json`` to
+    ``output_dir``; load them with ``transformers.Wav2Vec2Model.from_pretrained(output_dir)``
+    and ``transformers.AutoFeatureExtractor.from_pretrained(output_dir)``.
+
+    :param normalize_audio: Whether the model was pretrained on standardized waveforms; the
+        feature extractor then standardizes its inputs the same way.
 
     :returns: ``output_dir``.
     """
+    transformers = _import_transformers()
+
     hf_model = to_huggingface(model, config)
 
     output_dir.mkdir(parents=True, exist_ok=True)
 
     hf_model.save_pretrained(output_dir, safe_serialization=True)
+
+    feature_extractor = transformers.Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=16_000,
+        padding_value=0.0,
+        do_normalize=normalize_audio,
+        # As in transformers' own wav2vec2 checkpoints: group-norm CNNs take zero-padded
+        # batches without a mask, layer-norm ones take the mask.
+        return_attention_mask=describe_encoder(config).conv_layer_norm,
+    )
+
+    feature_extractor.save_pretrained(output_dir)
 
     return output_dir

@@ -1,8 +1,9 @@
 """Forward+backward time and peak memory of every quantizer method at wav2vec2-base shapes.
 
-Each method runs beside fairseq2's own ``GumbelWav2Vec2VectorQuantizer`` and a bare softmax
-quantizer (cosine softmax, no regularizer) in the same run, and the table reports ratios to
-both. torch.compile is off for all of them. Each measurement runs in a fresh subprocess so that
+Each method runs beside fairseq2's own ``GumbelWav2Vec2VectorQuantizer``, a bare softmax
+quantizer (cosine softmax and ``Q^T p`` alone) and ``softmax-knn-ce`` with its KNN loss
+removed (codes, log-probabilities and perplexities kept) in the same run, and the table
+reports ratios to the first two. torch.compile is off for all of them. Each measurement runs in a fresh subprocess so that
 peak memory is that of the measured method alone: CUDA allocator statistics on a GPU; on the
 CPU, the growth of the process's peak resident set size during its first step (a coarser figure
 that includes one-time allocations).
@@ -31,6 +32,7 @@ INPUT_DIM = 512
 QUANTIZED_DIM = 256
 GUMBEL = "fairseq2-gumbel"
 BARE_SOFTMAX = "bare-softmax"
+NO_REGULARIZER = "softmax-knn-ce-minus-knn"
 
 
 def build_step(name: str, layout: str, device: torch.device) -> Callable[[Tensor], Tensor]:
@@ -55,7 +57,14 @@ def build_step(name: str, layout: str, device: torch.device) -> Callable[[Tensor
 
         return gumbel_step
 
-    method = "softmax-knn-ce" if name == BARE_SOFTMAX else name
+    method = "softmax-knn-ce" if name in (BARE_SOFTMAX, NO_REGULARIZER) else name
+
+    if name == NO_REGULARIZER:
+        import w2v_knnvq.quantizer.quantizer as quantizer_module
+
+        # The module with its outputs and metrics, minus the KNN loss: the regularizer's own
+        # cost. Each measurement runs in its own process, so the patch stays here.
+        quantizer_module.knn_loss = lambda log_probs, *args, **kwargs: log_probs.new_zeros(())
 
     config = QuantizerConfig.from_method(
         method,
@@ -165,7 +174,7 @@ def main() -> None:
 
     for layout in LAYOUTS:
         results = {}
-        for name in [GUMBEL, BARE_SOFTMAX, *args.methods]:
+        for name in [GUMBEL, BARE_SOFTMAX, NO_REGULARIZER, *args.methods]:
             result = run_worker([name, layout, *common])
             results[name] = result
             print(f"  measured {layout} {name}", file=sys.stderr, flush=True)

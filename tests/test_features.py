@@ -108,7 +108,7 @@ def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
-def test_loads_last_step_given_step_file_and_config_yaml_only(run_2x320, tmp_path: Path) -> None:
+def test_loads_last_step_given_step_and_step_file(run_2x320, tmp_path: Path) -> None:
     run_dir, models = run_2x320
 
     last = load_pretrained_model(run_dir)
@@ -126,13 +126,12 @@ def test_loads_last_step_given_step_file_and_config_yaml_only(run_2x320, tmp_pat
     with pytest.raises(PretrainedModelError, match="available steps: 2, 4"):
         load_pretrained_model(run_dir, step=3)
 
-    # A run without checkpoints/model.yaml falls back on config.yaml's model section.
+    # fairseq2's trainer always writes checkpoints/model.yaml; without it the model is unknown.
     bare_run = tmp_path / "bare"
-    bare_models = write_run(bare_run, "tiny_1x1024", steps=(1,), model_yaml=False)
+    write_run(bare_run, "tiny_1x1024", steps=(1,), model_yaml=False)
 
-    loaded = load_pretrained_model(bare_run)
-    assert loaded.config.quantizer.codebook_size == 1024
-    assert _same_weights(loaded.model, bare_models[1])
+    with pytest.raises(PretrainedModelError, match=r"model\.yaml: does not exist, so the model's family and configuration are unknown"):
+        load_pretrained_model(bare_run)
 
 
 def test_refuses_other_family_and_mismatched_checkpoint(run_2x320, tmp_path: Path) -> None:
@@ -141,9 +140,11 @@ def test_refuses_other_family_and_mismatched_checkpoint(run_2x320, tmp_path: Pat
     other = tmp_path / "other"
     (other / "checkpoints" / "step_1" / "model" / "pp_00" / "tp_00").mkdir(parents=True)
     (other / "checkpoints" / "step_1" / "model" / "pp_00" / "tp_00" / "sdp_00.pt").write_bytes(b"")
-    (other / "config.yaml").write_text(yaml.safe_dump({"model": {"family": "wav2vec2", "arch": "base"}}))
+    (other / "checkpoints" / "model.yaml").write_text(
+        yaml.safe_dump({"name": "checkpoint", "model_family": "wav2vec2", "model_config": {}})
+    )
 
-    with pytest.raises(PretrainedModelError, match=r"sdp_00\.pt: holds a `wav2vec2` model"):
+    with pytest.raises(PretrainedModelError, match=r"model\.yaml: holds a `wav2vec2` model"):
         load_pretrained_model(other)
 
     # The weights of a 1x1024 model under a run that says 2x320.
@@ -153,7 +154,7 @@ def test_refuses_other_family_and_mismatched_checkpoint(run_2x320, tmp_path: Pat
     write_run(tmp_path / "donor", "tiny_1x1024", steps=(1,))
     (tmp_path / "donor" / "checkpoints" / "step_1" / "model" / "pp_00" / "tp_00" / "sdp_00.pt").replace(shard_file)
 
-    with pytest.raises(PretrainedModelError, match=r"sdp_00\.pt: the weights do not fit .*model\.yaml"):
+    with pytest.raises(PretrainedModelError, match=r"step_1/model: the weights do not fit .*model\.yaml"):
         load_pretrained_model(mismatched)
 
     with pytest.raises(PretrainedModelError, match="no-such-model: neither an existing path nor a known asset card"):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from pathlib import Path
 
 from w2v_knnvq.data.audio import AudioFileError, inspect_audio
 from w2v_knnvq.data.progress import ProgressLine
+from w2v_knnvq.files import write_lines_atomically
 
 LIBRISPEECH_SPLITS = (
     "train-clean-100",
@@ -390,26 +390,10 @@ def write_manifest(scan: CorpusScan, output_dir: Path, name: str) -> ManifestFil
 
     wrd_lines = [entry.transcript for entry in scan.entries]
 
-    _write_atomically(files.tsv_path, tsv_lines)
-    _write_atomically(files.wrd_path, wrd_lines)
+    write_lines_atomically(files.tsv_path, tsv_lines)
+    write_lines_atomically(files.wrd_path, wrd_lines)
 
     return files
-
-
-def _write_atomically(path: Path, lines: list[str]) -> None:
-    # A unique sibling name keeps the rename on one file system; plain `open` (unlike
-    # `mkstemp`) gives the file the usual permissions.
-    tmp_path = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-
-    try:
-        with tmp_path.open("x", encoding="utf-8") as tmp_file:
-            tmp_file.writelines(f"{line}\n" for line in lines)
-
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-
-        raise
 
 
 def read_manifest(path: Path) -> tuple[Path, list[tuple[str, int]]]:

@@ -10,7 +10,7 @@ part of the recipes' ``dataset`` section that both recipes have.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -116,6 +116,25 @@ class ManifestReadOptions:
     max_num_batches: int | None = None
 
     seed: int = 2
+
+
+ReadOptionsT = TypeVar("ReadOptionsT", bound=ManifestReadOptions)
+
+
+def whole_split_options(options: ReadOptionsT, *, max_num_batches: int | None = None) -> ReadOptionsT:
+    """``options`` for reading a whole split for evaluation: manifest order, no shuffling,
+    every data-parallel rank to its last batch. The length limits stay the caller's.
+
+    :param max_num_batches: Caps the batches per rank; ``None`` reads everything.
+    """
+    return replace(
+        options,
+        shuffle_window=1,
+        batch_shuffle_window=1,
+        num_accumulate=1,
+        sync_mode=SyncMode.UNTIL_LAST,
+        max_num_batches=max_num_batches,
+    )
 
 
 def read_examples(examples: Sequence[dict[str, Any]], gangs: Gangs, options: ManifestReadOptions) -> DataPipelineBuilder:

@@ -13,12 +13,7 @@ from fairseq2.device import CPU, Device
 from fairseq2.runtime.dependency import get_dependency_resolver
 from fairseq2.utils.validation import ValidationError
 
-from w2v_knnvq.checkpoints import (
-    SINGLE_PROCESS_MODEL_FILE,
-    PretrainingCheckpointError,
-    locate_pretraining_checkpoint,
-    read_pretrained_model_description,
-)
+from w2v_knnvq.runs import RunCheckpointError, find_run_checkpoint, load_run_model
 from w2v_knnvq.wav2vec2 import (
     WAV2VEC2_KNNVQ_FAMILY,
     Wav2Vec2KnnVqConfig,
@@ -27,7 +22,7 @@ from w2v_knnvq.wav2vec2 import (
 )
 
 
-class PretrainedModelError(PretrainingCheckpointError):
+class PretrainedModelError(RunCheckpointError):
     """A model source that cannot be loaded; the message names the file and the fix."""
 
 
@@ -110,49 +105,17 @@ def _load_from_card(name: str, device: Device, dtype: torch.dtype) -> Pretrained
 
 def _load_from_path(path: Path, step: int | None, device: Device, dtype: torch.dtype) -> PretrainedModel:
     try:
-        checkpoint = locate_pretraining_checkpoint(path, step=step)
+        run = find_run_checkpoint(path, checkpoint=step)
 
-        description = read_pretrained_model_description(checkpoint)
-    except PretrainingCheckpointError as ex:
+        _check_family(run.family, str(run.metadata_file))
+
+        model = load_run_model(run, get_wav2vec2_knnvq_model_hub(), WAV2VEC2_KNNVQ_FAMILY, device=device, dtype=dtype)
+    except PretrainedModelError:
+        raise
+    except RunCheckpointError as ex:
         raise PretrainedModelError(str(ex)) from ex
 
-    checkpoint_file = checkpoint.file or _single_process_model_file(checkpoint.step_dir)
-
-    card = description.card
-
-    _check_family(card.field("model_family").as_(str), str(checkpoint_file))
-
-    config = _config_from_card(card)
-
-    try:
-        model = get_wav2vec2_knnvq_model_hub().load_custom_model(checkpoint_file, config, device=device, dtype=dtype)
-    except Exception as ex:
-        # fairseq2 wraps the family's checkpoint check; its message says which tensors differ.
-        reason = ex.__cause__ if ex.__cause__ is not None else ex
-
-        raise PretrainedModelError(
-            f"{checkpoint_file}: the weights do not fit the configuration in {description.config_file} ({reason})"
-        ) from ex
-
-    dataset = description.recipe_config.get("dataset")
-
-    normalize_audio = bool(dataset.get("normalize_audio", False)) if isinstance(dataset, dict) else False
-
-    return _ready(model, config, str(checkpoint_file), normalize_audio=normalize_audio)
-
-
-def _single_process_model_file(step_dir: Path) -> Path:
-    checkpoint_file = step_dir / SINGLE_PROCESS_MODEL_FILE
-
-    if not checkpoint_file.is_file():
-        if (step_dir / "model" / "pp_00" / "tp_01").exists() or (step_dir / "model" / "pp_01").exists():
-            raise PretrainedModelError(f"{step_dir}: the checkpoint is sharded for model parallelism, which feature extraction does not load.")
-
-        raise PretrainedModelError(
-            f"{step_dir}: no `{SINGLE_PROCESS_MODEL_FILE.as_posix()}` in it; the checkpoint is incomplete or not a fairseq2 model checkpoint."
-        )
-
-    return checkpoint_file
+    return _ready(model, _config_from_card(run.card), str(run.model_dir), normalize_audio=bool(run.normalize_audio))
 
 
 def _check_family(family: str, source: str) -> None:

@@ -16,8 +16,7 @@ complete shards and never writes an utterance twice.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -29,6 +28,7 @@ from torch import Tensor
 from w2v_knnvq.data.manifest import read_manifest
 from w2v_knnvq.data.progress import ProgressLine
 from w2v_knnvq.features.extractor import SpeechFeatureExtractor, SpeechFeatures
+from w2v_knnvq.files import write_atomically
 
 AUDIO_SUFFIXES = (".flac", ".wav", ".ogg")
 """Files that a directory input contributes (soundfile reads them all)."""
@@ -154,7 +154,7 @@ def extract_to_shards(
     for shard_idx in range(len(shards)):
         lines.extend(_shard_index_file(output_dir, shard_idx).read_text().splitlines())
 
-    _write_atomically(index_file, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    write_atomically(index_file, lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
 
     return ShardSummary(num_shards=len(shards), num_written=num_written, index_file=index_file)
 
@@ -199,7 +199,7 @@ def _check_settings(output_dir: Path, settings: ShardSettings) -> None:
 
         return
 
-    _write_atomically(settings_file, lambda tmp: tmp.write_text(json.dumps(current, indent=2) + "\n"))
+    write_atomically(settings_file, lambda tmp: tmp.write_text(json.dumps(current, indent=2) + "\n"))
 
 
 def _write_shard(
@@ -236,14 +236,14 @@ def _write_shard(
     stem = _shard_stem(shard_idx)
 
     if settings.shard_format == "pt":
-        _write_atomically(output_dir / f"{stem}.pt", lambda tmp: torch.save(stacked, tmp))
+        write_atomically(output_dir / f"{stem}.pt", lambda tmp: torch.save(stacked, tmp))
     else:
         for kind, tensor in stacked.items():
-            _write_atomically(output_dir / f"{stem}.{kind}.npy", lambda tmp: _save_npy(tmp, tensor.numpy()))
+            write_atomically(output_dir / f"{stem}.{kind}.npy", lambda tmp: _save_npy(tmp, tensor.numpy()))
 
     index_lines = "".join(json.dumps(record) + "\n" for record in records)
 
-    _write_atomically(_shard_index_file(output_dir, shard_idx), lambda tmp: tmp.write_text(index_lines))
+    write_atomically(_shard_index_file(output_dir, shard_idx), lambda tmp: tmp.write_text(index_lines))
 
 
 def _kinds(features: SpeechFeatures, codes: bool) -> dict[str, Tensor]:
@@ -271,12 +271,3 @@ def _shard_stem(shard_idx: int) -> str:
 
 def _shard_index_file(output_dir: Path, shard_idx: int) -> Path:
     return output_dir / f"{_shard_stem(shard_idx)}.jsonl"
-
-
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Writes through a temporary file so that an interrupted run leaves no partial file under ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-
-    write(tmp)
-
-    os.replace(tmp, path)

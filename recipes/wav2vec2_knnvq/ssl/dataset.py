@@ -9,7 +9,7 @@ from fairseq2.datasets import DataReader, SequenceBatch, SyncMode
 from fairseq2.gang import Gangs
 from fairseq2.runtime.dependency import DependencyContainer
 
-from w2v_knnvq.data.manifest_dataset import ManifestDatasetSection
+from w2v_knnvq.data.manifest_dataset import ManifestDatasetSection, whole_split_options
 from w2v_knnvq.data.speech_dataset import (
     SPEECH_MANIFEST_DATASET_FAMILY,
     SpeechManifestDataset,
@@ -74,16 +74,10 @@ def create_valid_reader(
         raise ValueError("`section.valid_split` must not be `None`.")
 
     options = replace(
-        _section_read_options(section, seed=seed),
-        min_audio_len=1,
-        max_audio_len=None,
-        crop="start",
-        crop_to_batch_shortest=False,
-        shuffle_window=1,
-        batch_shuffle_window=1,
-        sync_mode=SyncMode.UNTIL_LAST,
-        max_num_batches=section.max_num_valid_batches,
+        _section_read_options(section, seed=seed), min_audio_len=1, max_audio_len=None, crop="start", crop_to_batch_shortest=False
     )
+
+    options = whole_split_options(options, max_num_batches=section.max_num_valid_batches)
 
     return dataset.create_reader(section.valid_split, gangs, options)
 

@@ -1,0 +1,263 @@
+"""Finds a checkpoint of a recipe's run and the configuration it was trained with.
+
+Every recipe of this project (pretraining, fine-tuning, the image autoencoder) leaves
+``OUT/config.yaml`` and ``OUT/checkpoints/`` behind; the latter holds ``model.yaml``
+(the model family and configuration fairseq2's trainer writes) and one ``step_N/model/``
+directory per saved step, possibly sharded. This module is the one place that turns a
+path into a model card: it asks fairseq2's :class:`ModelMetadataLoader` for the cards of
+the checkpoint directory (``last_checkpoint``, ``best_checkpoint``,
+``checkpoint_step_N``), and the family hubs load them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Final, TypeVar
+
+import torch
+import yaml
+from torch.nn import Module
+
+from fairseq2.assets import AssetCard, AssetMetadataError, StandardAssetStore
+from fairseq2.checkpoint import ModelMetadataLoader
+from fairseq2.device import CPU, Device
+from fairseq2.models import ModelHub
+from fairseq2.runtime.dependency import get_dependency_resolver
+
+STEP_DIR_PATTERN: Final = re.compile(r"step_(\d+)")
+
+CheckpointChoice = int | str
+"""A step number, ``"last"`` or ``"best"`` (the best validation score; the last step if
+the run recorded no scores)."""
+
+ModelT = TypeVar("ModelT", bound=Module)
+ConfigT = TypeVar("ConfigT")
+
+
+class RunCheckpointError(ValueError):
+    """A path that names no usable checkpoint of a run; the message names the file and the fix."""
+
+
+class CheckpointStepNotFoundError(RunCheckpointError):
+    """The ``checkpoints`` directory has no checkpoint of the requested step (or none at all)."""
+
+    def __init__(self, checkpoints_dir: Path, step: int | None, available_steps: list[int]) -> None:
+        if step is None:
+            message = f"{checkpoints_dir}: holds no `step_N` checkpoint yet; train longer or check the path."
+        else:
+            steps = ", ".join(map(str, available_steps)) or "none"
+
+            message = f"{checkpoints_dir}: has no checkpoint of step {step}; available steps: {steps}."
+
+        super().__init__(message)
+
+        self.checkpoints_dir = checkpoints_dir
+        self.step = step
+        self.available_steps = available_steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunCheckpoint:
+    """One saved step of a run, as fairseq2 describes it."""
+
+    card: AssetCard
+    """The model card: ``model_family``, ``model_config`` and ``checkpoint`` (the step's
+    ``model`` directory, all shards)."""
+
+    checkpoints_dir: Path
+
+    step: int
+
+    @property
+    def run_dir(self) -> Path:
+        """The recipe's output directory."""
+        return self.checkpoints_dir.parent
+
+    @property
+    def model_dir(self) -> Path:
+        return self.checkpoints_dir / f"step_{self.step}" / "model"
+
+    @property
+    def metadata_file(self) -> Path:
+        """``checkpoints/model.yaml``, where the model configuration comes from."""
+        return self.checkpoints_dir / "model.yaml"
+
+    @property
+    def config_file(self) -> Path:
+        """The recipe configuration of the run, ``config.yaml``."""
+        return self.run_dir / "config.yaml"
+
+    @property
+    def family(self) -> str:
+        return self.card.field("model_family").as_(str)
+
+    @cached_property
+    def recipe_config(self) -> Mapping[str, object]:
+        """The run's ``config.yaml``; empty if the run directory holds none."""
+        if not self.config_file.is_file():
+            return {}
+
+        return _read_yaml(self.config_file)
+
+    def recipe_option(self, section: str, name: str) -> object | None:
+        """``section.name`` of the run's recipe configuration; ``None`` if it is not set."""
+        values = self.recipe_config.get(section)
+
+        return values.get(name) if isinstance(values, Mapping) else None
+
+    @property
+    def normalize_audio(self) -> bool | None:
+        """``dataset.normalize_audio`` of the run: whether the model saw standardized
+        waveforms. ``None`` if the run's configuration does not say."""
+        value = self.recipe_option("dataset", "normalize_audio")
+
+        return value if isinstance(value, bool) else None
+
+
+def find_run_checkpoint(path: Path, *, checkpoint: CheckpointChoice | None = None) -> RunCheckpoint:
+    """Finds the checkpoint that an existing ``path`` names.
+
+    :param path: A recipe's output directory, its ``checkpoints`` directory, one
+        ``checkpoints/step_N`` directory, or a file inside one.
+    :param checkpoint: A step number, ``"last"`` or ``"best"``; ``None`` takes the step
+        ``path`` names, else the last.
+
+    :raises RunCheckpointError: if ``path`` is no run output or ``checkpoint``
+        contradicts it.
+    :raises CheckpointStepNotFoundError: if the requested step was not saved.
+    """
+    path = path.expanduser().resolve()
+
+    if not path.exists():
+        raise RunCheckpointError(f"{path}: does not exist; give the output directory of a training run or one of its checkpoints.")
+
+    checkpoints_dir, path_step = _find_checkpoints_dir(path)
+
+    if path_step is not None:
+        if checkpoint is not None and checkpoint != path_step:
+            raise RunCheckpointError(f"{path}: is the checkpoint of step {path_step}, but checkpoint {checkpoint} was asked for; drop one of the two.")
+
+        checkpoint = path_step
+
+    store = _load_checkpoint_cards(checkpoints_dir)
+
+    steps = sorted(
+        int(match[1]) for child in checkpoints_dir.iterdir() if (match := STEP_DIR_PATTERN.fullmatch(child.name)) and child.is_dir()
+    )
+
+    if checkpoint is None or checkpoint == "last":
+        names = ["last_checkpoint"]
+    elif checkpoint == "best":
+        names = ["best_checkpoint", "last_checkpoint"]
+    elif isinstance(checkpoint, int) or (isinstance(checkpoint, str) and checkpoint.isdigit()):
+        checkpoint = int(checkpoint)
+
+        if checkpoint not in steps:
+            raise CheckpointStepNotFoundError(checkpoints_dir, checkpoint, steps)
+
+        names = [f"checkpoint_step_{checkpoint}"]
+    else:
+        raise RunCheckpointError(f"`checkpoint` must be a step number, 'last' or 'best', but is '{checkpoint}' instead.")
+
+    for name in names:
+        card = store.maybe_retrieve_card(name)
+
+        if card is not None:
+            step = int(Path(card.field("checkpoint").as_(str)).parent.name.removeprefix("step_"))
+
+            return RunCheckpoint(card=card, checkpoints_dir=checkpoints_dir, step=step)
+
+    raise CheckpointStepNotFoundError(checkpoints_dir, None, steps)
+
+
+def load_run_model(
+    run: RunCheckpoint,
+    hub: ModelHub[ModelT, ConfigT],
+    family: str,
+    *,
+    config: ConfigT | None = None,
+    device: Device = CPU,
+    dtype: torch.dtype = torch.float32,
+) -> ModelT:
+    """Loads the model of ``run`` through its family's hub, all shards, in eval mode.
+
+    :param family: The family of ``hub``, which ``run`` must hold.
+    :param config: Overrides the configuration of ``model.yaml`` (e.g. other dropouts).
+    :raises RunCheckpointError: if ``run`` holds a model of another family, or its weights
+        do not fit its configuration.
+    """
+    if run.family != family:
+        raise RunCheckpointError(
+            f"{run.metadata_file}: holds a `{run.family}` model, but a `{family}` model was expected; "
+            f"load it with the tools of the `{run.family}` family."
+        )
+
+    try:
+        model = hub.load_model(run.card, device=device, dtype=dtype, config=config)
+    except Exception as ex:
+        # fairseq2 wraps the family's checkpoint check; its cause says which tensors differ.
+        reason = ex.__cause__ if ex.__cause__ is not None else ex
+
+        raise RunCheckpointError(f"{run.model_dir}: the weights do not fit the configuration in {run.metadata_file} ({reason})") from ex
+
+    model.eval()
+
+    return model
+
+
+def _load_checkpoint_cards(checkpoints_dir: Path) -> StandardAssetStore:
+    metadata_file = checkpoints_dir / "model.yaml"
+
+    if not metadata_file.is_file():
+        raise RunCheckpointError(
+            f"{metadata_file}: does not exist, so the model's family and configuration are unknown; "
+            "keep the run's `checkpoints` directory as the trainer wrote it."
+        )
+
+    loader = get_dependency_resolver().resolve(ModelMetadataLoader)
+
+    try:
+        return StandardAssetStore([loader.load(checkpoints_dir)])
+    except (AssetMetadataError, OSError) as ex:
+        raise RunCheckpointError(f"{metadata_file}: cannot be read as the model card of a training run ({ex}).") from None
+
+
+def _find_checkpoints_dir(path: Path) -> tuple[Path, int | None]:
+    """:returns: The run's ``checkpoints`` directory and, if ``path`` lies inside one
+    ``step_N`` directory, its step."""
+    if path.is_dir():
+        for candidate in (path, path / "checkpoints"):
+            if _is_checkpoints_dir(candidate):
+                return candidate, None
+
+    for parent in (path, *path.parents):
+        match = STEP_DIR_PATTERN.fullmatch(parent.name)
+
+        if match is not None and _is_checkpoints_dir(parent.parent):
+            return parent.parent, int(match[1])
+
+    raise RunCheckpointError(
+        f"{path}: is no training output; expected the directory a recipe wrote to (with `checkpoints/`), "
+        "its `checkpoints` directory, or a `checkpoints/step_N` directory or a file in one."
+    )
+
+
+def _is_checkpoints_dir(path: Path) -> bool:
+    # fairseq2 names it `checkpoints`; `model.yaml` marks one that was renamed or moved.
+    return path.is_dir() and (path.name == "checkpoints" or (path / "model.yaml").is_file())
+
+
+def _read_yaml(file: Path) -> Mapping[str, object]:
+    try:
+        content = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as ex:
+        raise RunCheckpointError(f"{file}: cannot be read as YAML ({ex}).") from ex
+
+    if not isinstance(content, dict):
+        raise RunCheckpointError(f"{file}: expected a YAML mapping at the top level.")
+
+    return content

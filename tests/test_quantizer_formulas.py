@@ -228,3 +228,26 @@ def test_gumbel_samples_follow_the_assignment_probabilities() -> None:
 
     frequencies = torch.bincount(codes, minlength=3).float() / codes.numel()
     torch.testing.assert_close(frequencies, pi, atol=0.015, rtol=0.0)
+
+
+def test_codebook_statistics_by_hand() -> None:
+    from w2v_knnvq.quantizer import code_counts, code_perplexity, code_usage, individual_perplexity
+
+    # Two samples of three frames, one codebook of four codes; the last frame of sample 1 is padding.
+    codes = torch.tensor([[[0], [0], [2]], [[1], [3], [-1]]])
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+
+    counts = code_counts(codes, 4, mask)
+
+    assert counts.tolist() == [[[2, 0, 1, 0]], [[0, 1, 0, 1]]]
+    assert code_usage(counts).tolist() == [[0.5], [0.5]]
+    assert code_usage(counts.sum(dim=0)).tolist() == [1.0]
+
+    # Frequencies (2/3, 1/3): exp(-(2/3 ln 2/3 + 1/3 ln 1/3)) = 1.8899.
+    assert code_perplexity(counts[0]).item() == pytest.approx(1.8899, abs=1e-4)
+    assert code_perplexity(torch.zeros(1, 4, dtype=torch.int64)).item() == 1.0
+
+    # An underflowed probability (log p = -inf) counts 0 log 0 = 0, not NaN.
+    log_probs = torch.tensor([[0.0, -math.inf, -math.inf], [math.log(0.5), math.log(0.5), -math.inf]])
+
+    assert individual_perplexity(log_probs).tolist() == pytest.approx([1.0, 2.0])

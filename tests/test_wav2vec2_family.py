@@ -105,11 +105,11 @@ def _gumbel_quantizer_parameters(config: Wav2Vec2Config) -> int:
     return feature_dim * num_entries + num_entries + num_entries * entry_dim
 
 
-def _our_quantizer_parameters(quantizer: QuantizerConfig) -> int:
+def _our_quantizer_parameters(quantizer: QuantizerConfig, feature_dim: int) -> int:
     output_dim = quantizer.num_codebooks * quantizer.codebook_dim
 
-    if quantizer.input_dim != output_dim:
-        input_proj = quantizer.input_dim * output_dim + output_dim
+    if feature_dim != output_dim:
+        input_proj = feature_dim * output_dim + output_dim
     else:
         input_proj = 0
 
@@ -140,9 +140,9 @@ def test_arch_builds_on_meta_with_expected_parameter_count(hub, arch: str) -> No
     stock_config = Wav2Vec2Config(
         encoder_config=config.encoder_config,
         final_dim=config.final_dim,
-        quantized_dim=config.quantized_dim,
-        num_codebooks=config.num_codebooks,
-        num_codebook_entries=config.num_codebook_entries,
+        quantized_dim=config.quantizer.output_dim,
+        num_codebooks=config.quantizer.num_codebooks,
+        num_codebook_entries=config.quantizer.codebook_size,
     )
 
     with torch.device("meta"):
@@ -153,7 +153,7 @@ def test_arch_builds_on_meta_with_expected_parameter_count(hub, arch: str) -> No
     expected = (
         _num_parameters(stock)
         - _gumbel_quantizer_parameters(stock_config)
-        + _our_quantizer_parameters(config.quantizer)
+        + _our_quantizer_parameters(config.quantizer, config.encoder_config.feature_dim)
     )
 
     assert _num_parameters(model) == expected
@@ -167,8 +167,10 @@ def test_parameter_count_follows_the_method(hub, method: str) -> None:
 
     default = hub.create_new_model(_tiny("tiny_2x320"), meta=True)
 
-    difference = _our_quantizer_parameters(config.quantizer) - _our_quantizer_parameters(
-        _tiny("tiny_2x320").quantizer
+    feature_dim = config.encoder_config.feature_dim
+
+    difference = _our_quantizer_parameters(config.quantizer, feature_dim) - _our_quantizer_parameters(
+        _tiny("tiny_2x320").quantizer, feature_dim
     )
 
     assert _num_parameters(model) - _num_parameters(default) == difference
@@ -189,22 +191,34 @@ def test_paper_archs_follow_table_5(hub) -> None:
 
         quantizer = config.quantizer
         assert (quantizer.num_codebooks, quantizer.codebook_size, quantizer.codebook_dim) == (num_codebooks, codebook_size, codebook_dim)  # fmt: skip
-        assert (quantizer.method, quantizer.knn_k, quantizer.input_dim) == ("softmax-knn-ce", 2, 512)  # fmt: skip
-        assert config.quantized_dim == num_codebooks * codebook_dim
+        assert (quantizer.method, quantizer.knn_k, quantizer.input_dim) == ("softmax-knn-ce", 2, None)  # fmt: skip
+        assert config.quantizer_config().input_dim == 512
 
 
 def test_config_rejects_a_quantizer_that_does_not_fit_the_features() -> None:
     config = _tiny("tiny_1x1024")
 
     config.quantizer.input_dim = 32
-    config.num_codebooks = 2
+    config.num_distractors = 0
 
     with pytest.raises(ValidationError) as error:
         StandardObjectValidator().validate(config)
 
     message = str(error.value)
-    assert "quantizer.input_dim" in message and "feature_dim" in message
-    assert "num_codebooks" in message
+    assert "`quantizer.input_dim` must be `None` or equal `encoder_config.feature_dim` (64), but is 32 instead." in message
+    assert "`num_distractors` must be at least 1" in message
+
+
+def test_codebook_shape_has_one_source_of_truth(hub) -> None:
+    # Overriding the codebook size alone is enough; nothing mirrors it.
+    config = _tiny("tiny_2x320")
+    config.quantizer.codebook_size = 100
+
+    model = hub.create_new_model(config, meta=True)
+
+    assert model.quantizer.codebook.weight.shape == (2, 100, 32)
+    assert model.quantizer.input_dim == config.encoder_config.feature_dim
+    assert not hasattr(config, "num_codebook_entries") and not hasattr(config, "codebook_sampling_temperature")
 
 
 def test_one_override_switches_the_method(hub) -> None:
@@ -484,7 +498,7 @@ def test_stock_wav2vec2_checkpoint_is_refused(hub, tmp_path: Path) -> None:
     stock_config = Wav2Vec2Config(
         encoder_config=config.encoder_config,
         final_dim=config.final_dim,
-        quantized_dim=config.quantized_dim,
+        quantized_dim=config.quantizer.output_dim,
         num_codebooks=2,
         num_codebook_entries=320,
     )
@@ -583,3 +597,39 @@ def test_regularizer_weight_scales_only_the_regularizer(hub) -> None:
     assert torch.equal(loss0.contrastive, loss1.contrastive)
     assert loss1.aggregate.item() - loss0.aggregate.item() == pytest.approx(2.5 * loss1.regularizer.item(), rel=1e-4)  # fmt: skip
     assert math.isfinite(loss1.regularizer.item()) and loss1.regularizer.item() > 0
+
+
+def test_distractors_come_from_other_frames_of_the_same_utterance(hub) -> None:
+    model = hub.create_new_model(_tiny("tiny_2x320"), meta=False)
+    model.num_distractors = 50
+
+    # Frame i of row n holds the value 10 n + i in every dimension, so a distractor names its source.
+    targets = (10.0 * torch.arange(3).view(3, 1, 1) + torch.arange(6).view(1, 6, 1)).expand(3, 6, 4)
+
+    torch.manual_seed(0)
+    distractors = model._sample_distractors(targets)
+
+    assert distractors.shape == (3, 6, 50, 4)
+
+    source = distractors[..., 0]
+    row = (source // 10).long()
+    frame = (source % 10).long()
+
+    assert torch.equal(row, torch.arange(3).view(3, 1, 1).expand_as(row))
+    assert not (frame == torch.arange(6).view(1, 6, 1)).any()
+    assert set(frame.unique().tolist()) == set(range(6))
+
+
+def test_a_distractor_equal_to_its_target_is_masked(hub) -> None:
+    model = hub.create_new_model(_tiny("tiny_2x320"), meta=False)
+    model.num_distractors = 4
+
+    # All targets equal: every distractor equals its target and scores -inf; the target scores 1/t.
+    seqs = torch.ones(2, 5, 8)
+    targets = torch.ones(2, 5, 8)
+
+    logits = model.contrastive_logits(seqs, targets)
+
+    assert logits.shape == (2, 5, 5)
+    assert torch.allclose(logits[:, :, 0], torch.full((2, 5), 1.0 / model.logit_temp))
+    assert torch.isinf(logits[:, :, 1:]).all() and (logits[:, :, 1:] < 0).all()

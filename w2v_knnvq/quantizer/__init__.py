@@ -8,6 +8,10 @@ from w2v_knnvq.quantizer.estimators import rotation_trick as rotation_trick
 from w2v_knnvq.quantizer.estimators import straight_through as straight_through
 from w2v_knnvq.quantizer.metrics import CodebookUsage as CodebookUsage
 from w2v_knnvq.quantizer.metrics import CodebookUsageReport as CodebookUsageReport
+from w2v_knnvq.quantizer.metrics import code_counts as code_counts
+from w2v_knnvq.quantizer.metrics import code_perplexity as code_perplexity
+from w2v_knnvq.quantizer.metrics import code_usage as code_usage
+from w2v_knnvq.quantizer.metrics import distribution_perplexity as distribution_perplexity
 from w2v_knnvq.quantizer.metrics import individual_perplexity as individual_perplexity
 from w2v_knnvq.quantizer.quantizer import QuantizerOutput as QuantizerOutput
 from w2v_knnvq.quantizer.quantizer import VectorQuantizer as VectorQuantizer

@@ -82,9 +82,11 @@ class QuantizerConfig:
     method: str = "softmax-knn-ce"
     """One of :data:`METHOD_NAMES`."""
 
-    input_dim: int
+    input_dim: int | None = None
     """Dimensionality of the input vectors. A learned linear projection maps them to
-    ``num_codebooks * codebook_dim`` when the two differ."""
+    ``num_codebooks * codebook_dim`` when the two differ. ``None`` leaves it to the model
+    that owns the quantizer (the ``wav2vec2_knnvq`` family takes its CNN's
+    ``feature_dim``); a :class:`VectorQuantizer` needs it set."""
 
     num_codebooks: int = 1
     """G, the number of codebooks of product quantization; the input is split into G groups."""
@@ -125,7 +127,10 @@ class QuantizerConfig:
                 f"Unknown quantizer method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}."
             )
 
-        for name in ("input_dim", "num_codebooks", "codebook_size", "codebook_dim", "knn_k"):
+        if self.input_dim is not None and self.input_dim < 1:
+            raise ValueError(f"`input_dim` must be at least 1, but is {self.input_dim}.")
+
+        for name in ("num_codebooks", "codebook_size", "codebook_dim", "knn_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be at least 1, but is {getattr(self, name)}.")
 

@@ -10,18 +10,68 @@ from torch import Tensor
 PERPLEXITY_QUANTILES: tuple[float, ...] = (0.75, 0.90, 0.99, 1.0)
 
 
+def distribution_perplexity(probs: Tensor) -> Tensor:
+    """Return ``exp(-sum_m p_m log p_m)`` of distributions over M codes, with ``0 log 0 = 0``.
+
+    :param probs: ``(..., M)``, each row summing to 1.
+
+    :returns: ``(...)``, in ``[1, M]``: 1 for a onehot vector, M for the uniform distribution.
+    """
+    entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)
+
+    return entropy.exp()
+
+
 def individual_perplexity(log_probs: Tensor) -> Tensor:
     """Return ``exp(-sum_m p_m log p_m)`` of each smoothed quantizer (Table 2).
 
-    :param log_probs: ``(..., M)``.
+    :param log_probs: ``(..., M)``; ``-inf`` entries (underflowed probabilities) count 0.
 
     :returns: ``(...)``, in ``[1, M]``: 1 for a onehot vector, M for the simplex centre.
     """
-    log_probs = log_probs.float()
+    return distribution_perplexity(log_probs.float().exp())
 
-    entropy = -(log_probs.exp() * log_probs).sum(dim=-1)
 
-    return entropy.exp()
+def code_counts(codes: Tensor, codebook_size: int, padding_mask: Tensor | None = None) -> Tensor:
+    """Counts how often each code occurs in each of B samples.
+
+    :param codes: ``(B, T, G)`` integer codes of B samples of T frames in G codebooks.
+    :param padding_mask: ``(B, T)`` bool, ``True`` for real frames; other frames are not counted.
+
+    :returns: ``(B, G, M)`` int64 counts, on the device of ``codes``.
+    """
+    batch_size, _, num_codebooks = codes.shape
+
+    # (B, T, G) -> (B, G, T)
+    codes = codes.transpose(1, 2).to(torch.int64)
+
+    if padding_mask is None:
+        weights = torch.ones_like(codes)
+    else:
+        weights = padding_mask.to(codes.device, torch.int64).unsqueeze(1).expand_as(codes)
+
+        # Padding frames may hold any value, e.g. -1; count them nowhere.
+        codes = codes.clamp(0, codebook_size - 1)
+
+    counts = codes.new_zeros((batch_size, num_codebooks, codebook_size))
+
+    return counts.scatter_add_(2, codes, weights)
+
+
+def code_usage(counts: Tensor) -> Tensor:
+    """:param counts: ``(..., G, M)`` code counts. :returns: ``(..., G)`` float64 fraction of
+    the M codes of each codebook that occur at least once (the usage of Tables 1 and 3)."""
+    return (counts > 0).double().mean(dim=-1)
+
+
+def code_perplexity(counts: Tensor) -> Tensor:
+    """:param counts: ``(..., G, M)`` code counts. :returns: ``(..., G)`` perplexity of the code
+    histogram of each codebook (fairseq2's ``code_perplexity`` per codebook); 1 if empty."""
+    counts = counts.double()
+
+    frequencies = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
+
+    return distribution_perplexity(frequencies).float()
 
 
 @dataclass
@@ -114,11 +164,7 @@ class CodebookUsage:
             mask = padding_mask.detach().to("cpu", torch.bool)
 
         # presence[b, g, m] counts the frames of sample b assigned to code m of codebook g.
-        presence = torch.zeros((batch_size, num_codebooks, self.codebook_size), dtype=torch.int64)
-
-        weights = mask.unsqueeze(-1).expand_as(codes).to(torch.int64)
-
-        presence.scatter_add_(2, codes.transpose(1, 2), weights.transpose(1, 2))
+        presence = code_counts(codes, self.codebook_size, mask)
 
         self._code_counts += presence.sum(dim=0)
 
@@ -126,7 +172,7 @@ class CodebookUsage:
 
         self._sample_counts += used.sum(dim=0)
 
-        self._per_sample_usage.append(used.sum(dim=-1).double() / self.codebook_size)
+        self._per_sample_usage.append(code_usage(presence))
 
         if log_probs is not None:
             if log_probs.shape != (*codes.shape, self.codebook_size):
@@ -156,7 +202,7 @@ class CodebookUsage:
             percentiles = None
 
         return CodebookUsageReport(
-            usage=(self._code_counts > 0).double().mean(dim=-1),
+            usage=code_usage(self._code_counts),
             per_sample_usage=torch.cat(self._per_sample_usage),
             popularity=self._sample_counts.double() / num_samples,
             code_counts=self._code_counts.clone(),

@@ -15,6 +15,7 @@ from w2v_knnvq.quantizer.assign import cosine_logits, gather_codes, gumbel_softm
 from w2v_knnvq.quantizer.codebook import Codebook, SimVQCodebook
 from w2v_knnvq.quantizer.config import QuantizerConfig
 from w2v_knnvq.quantizer.estimators import rotation_trick, straight_through
+from w2v_knnvq.quantizer.metrics import code_counts, code_perplexity
 from w2v_knnvq.quantizer.regularizers import (
     commitment_codebook_loss,
     knn_loss,
@@ -80,12 +81,19 @@ class VectorQuantizer(Module):
 
         config.check()
 
+        if config.input_dim is None:
+            raise ValueError(
+                "`config.input_dim` must be set, but is `None` instead; give the dimensionality of the vectors to quantize."
+            )
+
         self.config = config
+
+        self.input_dim = config.input_dim
 
         spec = config.spec
 
-        if config.input_dim != config.output_dim:
-            self.input_proj = Linear(config.input_dim, config.output_dim, device=device, dtype=dtype)
+        if self.input_dim != config.output_dim:
+            self.input_proj = Linear(self.input_dim, config.output_dim, device=device, dtype=dtype)
         else:
             self.register_module("input_proj", None)
 
@@ -153,9 +161,9 @@ class VectorQuantizer(Module):
         """
         config = self.config
 
-        if x.size(-1) != config.input_dim:
+        if x.size(-1) != self.input_dim:
             raise ValueError(
-                f"The quantizer expects vectors of dimension {config.input_dim}, but got shape {tuple(x.shape)}."
+                f"The quantizer expects vectors of dimension {self.input_dim}, but got shape {tuple(x.shape)}."
             )
 
         leading_shape = x.shape[:-1]
@@ -297,18 +305,10 @@ class VectorQuantizer(Module):
 
     def _hard_perplexity(self, codes: Tensor, mask: Tensor | None) -> Tensor:
         """:returns: ``(G,)`` perplexity of the code histogram of ``codes`` ``(N, G)``."""
-        if mask is not None:
-            codes = codes[mask]
+        # (N, G) -> (1, N, G) -> (G, M)
+        counts = code_counts(codes.unsqueeze(0), self.config.codebook_size, None if mask is None else mask.unsqueeze(0))[0]
 
-        counts = torch.zeros(
-            (self.config.num_codebooks, self.config.codebook_size), device=codes.device
-        )
-
-        counts.scatter_add_(1, codes.t(), torch.ones_like(codes.t(), dtype=counts.dtype))
-
-        freqs = counts / counts.sum(dim=-1, keepdim=True).clamp_min(1.0)
-
-        return (-torch.special.xlogy(freqs, freqs).sum(dim=-1)).exp()
+        return code_perplexity(counts)
 
     def extra_repr(self) -> str:
         config = self.config

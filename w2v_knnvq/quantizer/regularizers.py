@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from w2v_knnvq.quantizer.config import KnnMetric
+from w2v_knnvq.quantizer.metrics import distribution_perplexity
 
 
 def knn_loss(
@@ -74,10 +75,8 @@ def perplexity(probs: Tensor, *, mask: Tensor | None = None) -> Tensor:
 
     mean_probs = probs.mean(dim=0) if probs.size(0) > 0 else probs.new_full(probs.shape[1:], 1.0)
 
-    # xlogy gives 0 log 0 = 0 for codes that no sample visits.
-    entropy = -torch.special.xlogy(mean_probs, mean_probs).sum(dim=-1)
-
-    return entropy.exp()
+    # 0 log 0 = 0 for codes that no sample visits.
+    return distribution_perplexity(mean_probs)
 
 
 def perplexity_loss(probs: Tensor, *, mask: Tensor | None = None) -> Tensor:

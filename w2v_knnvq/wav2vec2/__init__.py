@@ -18,10 +18,10 @@ from w2v_knnvq.wav2vec2.family import (
 from w2v_knnvq.wav2vec2.hub import (
     get_wav2vec2_knnvq_model_hub as get_wav2vec2_knnvq_model_hub,
 )
-from w2v_knnvq.wav2vec2.interop import (
+from w2v_knnvq.wav2vec2.checkpoint import (
     Wav2Vec2KnnVqCheckpointError as Wav2Vec2KnnVqCheckpointError,
 )
-from w2v_knnvq.wav2vec2.interop import (
+from w2v_knnvq.wav2vec2.checkpoint import (
     convert_wav2vec2_knnvq_state_dict as convert_wav2vec2_knnvq_state_dict,
 )
 from w2v_knnvq.wav2vec2.model import Wav2Vec2KnnVqLoss as Wav2Vec2KnnVqLoss

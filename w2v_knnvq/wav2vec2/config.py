@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
-from fairseq2.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2EncoderConfig
+from fairseq2.models.wav2vec2 import Wav2Vec2EncoderConfig
 from fairseq2.runtime.config_registry import ConfigRegistrar
 from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.utils.validation import ValidationResult
@@ -17,59 +17,93 @@ WAV2VEC2_KNNVQ_FAMILY: Final = "wav2vec2_knnvq"
 
 
 @dataclass(kw_only=True)
-class Wav2Vec2KnnVqConfig(Wav2Vec2Config):
-    """Holds the configuration of a wav2vec 2.0 model whose Gumbel quantizer and
-    diversity loss are replaced by a :class:`~w2v_knnvq.quantizer.VectorQuantizer`
+class Wav2Vec2KnnVqConfig:
+    """Holds the configuration of a wav2vec 2.0 pretraining model whose Gumbel quantizer
+    and diversity loss are replaced by a :class:`~w2v_knnvq.quantizer.VectorQuantizer`
     and its regularization loss.
 
+    Like fairseq2's ``wav2vec2_asr`` family it holds an ``encoder_config`` and builds the
+    encoder with fairseq2's :class:`Wav2Vec2EncoderFactory`, so the encoder loads into a
+    ``wav2vec2_asr`` model unchanged. The quantizer section is the only place that states
+    the codebook shape; the quantizer's input dimension is the encoder's ``feature_dim``.
     The default values correspond to the ``base_2x320`` architecture.
-
-    The quantizer section is the authority on codebook shapes. The inherited
-    fields ``num_codebooks``, ``num_codebook_entries`` and ``quantized_dim`` must
-    mirror it (they are validated) so that code written for fairseq2's
-    :class:`Wav2Vec2Config` reads true values. The inherited
-    ``codebook_sampling_temperature`` does not apply; Gumbel annealing is set by
-    ``quantizer.gumbel_tau_anneal``.
     """
 
+    encoder_config: Wav2Vec2EncoderConfig = field(default_factory=Wav2Vec2EncoderConfig)
+    """The CNN feature extractor and the Transformer encoder."""
+
     quantizer: QuantizerConfig = field(
-        default_factory=lambda: QuantizerConfig(
-            input_dim=512, num_codebooks=2, codebook_size=320, codebook_dim=128, knn_k=2
-        )
+        default_factory=lambda: QuantizerConfig(num_codebooks=2, codebook_size=320, codebook_dim=128, knn_k=2)
     )
-    """The quantizer. ``input_dim`` must equal ``encoder_config.feature_dim``
-    since the quantizer sees the layer-normed CNN features."""
+    """The quantizer of the layer-normed CNN features. Its ``input_dim`` is left unset
+    (``None``): the model takes ``encoder_config.feature_dim``."""
 
     regularizer_weight: float = 1.0
-    """The weight of the quantizer's mean-reduced regularization loss relative to
-    the per-frame contrastive loss (the paper's ``L_main + L_reg`` is 1.0)."""
+    """The weight of the quantizer's mean-reduced regularization loss relative to the
+    per-frame contrastive loss (the paper's ``L_main + L_reg`` is 1.0)."""
+
+    final_dim: int = 256
+    """The dimensionality of the final projection of context vectors and quantized targets."""
+
+    final_proj_bias: bool = True
+    """If ``True``, the final projection of the context vectors learns an additive bias."""
+
+    quantizer_encoder_grad: bool = True
+    """If ``True``, the quantizer's gradient reaches the CNN feature extractor."""
+
+    # Mask
+    temporal_mask_span_len: int = 10
+    """The length of each temporal mask span that is applied over time steps."""
+
+    max_temporal_mask_prob: float = 0.69
+    """The maximum probability of masking a time step. fairseq2 draws span starts with
+    replacement, so 0.69 covers about as many frames as fairseq's 0.65."""
+
+    min_num_temporal_mask_spans: int = 2
+    """The minimum number of temporal masks sampled per sequence."""
+
+    spatial_mask_span_len: int = 10
+    """The length of each spatial mask span that is applied over features."""
+
+    max_spatial_mask_prob: float = 0.0
+    """The maximum probability of masking a feature."""
+
+    min_num_spatial_mask_spans: int = 2
+    """The minimum number of spatial masks sampled per sequence."""
+
+    # Contrastive loss
+    num_distractors: int = 100
+    """The number of distractors sampled per masked frame."""
+
+    logit_temp: float = 0.1
+    """The temperature that divides the contrastive cosine logits."""
+
+    def quantizer_config(self) -> QuantizerConfig:
+        """:returns: ``quantizer`` with ``input_dim`` set to the CNN's ``feature_dim``."""
+        return replace(self.quantizer, input_dim=self.encoder_config.feature_dim)
 
     def validate(self) -> ValidationResult:
         result = ValidationResult()
 
-        quantizer = self.quantizer
+        feature_dim = self.encoder_config.feature_dim
 
-        if quantizer.input_dim != self.encoder_config.feature_dim:
+        input_dim = self.quantizer.input_dim
+
+        if input_dim is not None and input_dim != feature_dim:
             result.add_error(
-                f"`quantizer.input_dim` must equal `encoder_config.feature_dim` ({self.encoder_config.feature_dim}), but is {quantizer.input_dim} instead."
+                f"`quantizer.input_dim` must be `None` or equal `encoder_config.feature_dim` ({feature_dim}), but is {input_dim} instead."
             )
 
-        mirrored = (
-            ("num_codebooks", self.num_codebooks, "quantizer.num_codebooks", quantizer.num_codebooks),
-            ("num_codebook_entries", self.num_codebook_entries, "quantizer.codebook_size", quantizer.codebook_size),
-            ("quantized_dim", self.quantized_dim, "quantizer.num_codebooks * quantizer.codebook_dim", quantizer.output_dim),
-        )  # fmt: skip
-
-        for name, value, source, expected in mirrored:
-            if value != expected:
-                result.add_error(
-                    f"`{name}` must equal `{source}` ({expected}), but is {value} instead."
-                )
+        try:
+            self.quantizer.check()
+        except ValueError as ex:
+            result.add_error(f"`quantizer` is invalid: {ex}")
 
         if self.regularizer_weight < 0.0:
-            result.add_error(
-                f"`regularizer_weight` must be non-negative, but is {self.regularizer_weight} instead."
-            )
+            result.add_error(f"`regularizer_weight` must be non-negative, but is {self.regularizer_weight} instead.")
+
+        if self.num_distractors < 1:
+            result.add_error(f"`num_distractors` must be at least 1, but is {self.num_distractors} instead.")
 
         return result
 
@@ -81,25 +115,10 @@ def _make_config(
     codebook_size: int,
     codebook_dim: int,
     final_dim: int,
-    logit_temp: float = 0.1,
 ) -> Wav2Vec2KnnVqConfig:
-    quantizer = QuantizerConfig(
-        input_dim=encoder_config.feature_dim,
-        num_codebooks=num_codebooks,
-        codebook_size=codebook_size,
-        codebook_dim=codebook_dim,
-        knn_k=2,
-    )
+    quantizer = QuantizerConfig(num_codebooks=num_codebooks, codebook_size=codebook_size, codebook_dim=codebook_dim, knn_k=2)
 
-    return Wav2Vec2KnnVqConfig(
-        encoder_config=encoder_config,
-        final_dim=final_dim,
-        quantized_dim=quantizer.output_dim,
-        num_codebooks=num_codebooks,
-        num_codebook_entries=codebook_size,
-        logit_temp=logit_temp,
-        quantizer=quantizer,
-    )
+    return Wav2Vec2KnnVqConfig(encoder_config=encoder_config, final_dim=final_dim, quantizer=quantizer)
 
 
 def _paper_encoder() -> Wav2Vec2EncoderConfig:
@@ -116,7 +135,8 @@ def _paper_encoder() -> Wav2Vec2EncoderConfig:
 
 
 def _base_encoder() -> Wav2Vec2EncoderConfig:
-    return Wav2Vec2Config().encoder_config
+    # fairseq2's `base` wav2vec 2.0 encoder.
+    return Wav2Vec2EncoderConfig()
 
 
 def _large_encoder() -> Wav2Vec2EncoderConfig:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing_extensions import override
-
-from fairseq2.models.wav2vec2 import Wav2Vec2Factory
+from fairseq2.models.transformer import TransformerEncoder
+from fairseq2.models.wav2vec2 import (
+    StandardWav2Vec2Masker,
+    Wav2Vec2EncoderFactory,
+    Wav2Vec2Frontend,
+    Wav2Vec2Masker,
+)
 from fairseq2.utils.validation import ValidationError
 
 from w2v_knnvq.quantizer import VectorQuantizer
@@ -16,22 +20,22 @@ def create_wav2vec2_knnvq_model(config: Wav2Vec2KnnVqConfig) -> Wav2Vec2KnnVqMod
     return Wav2Vec2KnnVqFactory(config).create_model()
 
 
-class Wav2Vec2KnnVqFactory(Wav2Vec2Factory):
-    """fairseq2's wav2vec 2.0 factory with the quantizer and model class swapped;
-    the frontend, encoder and masker come from the parent unchanged."""
-
-    _config: Wav2Vec2KnnVqConfig
+class Wav2Vec2KnnVqFactory:
+    """Composes fairseq2's wav2vec 2.0 encoder (:class:`Wav2Vec2EncoderFactory`) and
+    standard masker with a :class:`VectorQuantizer`, as fairseq2's ``wav2vec2_asr``
+    factory composes the encoder with a CTC head."""
 
     def __init__(self, config: Wav2Vec2KnnVqConfig) -> None:
-        # Configurations built in code skip fairseq2's validation of asset cards
-        # and recipe sections; a mismatched quantizer would only fail in forward.
+        # Configurations built in code skip fairseq2's validation of asset cards and
+        # recipe sections; a mismatched quantizer would only fail in forward.
         result = config.validate()
         if result.has_error():
             raise ValidationError(result)
 
-        super().__init__(config)
+        self._config = config
 
-    @override
+        self._encoder_factory = Wav2Vec2EncoderFactory(config.encoder_config)
+
     def create_model(self) -> Wav2Vec2KnnVqModel:
         config = self._config
 
@@ -43,12 +47,30 @@ class Wav2Vec2KnnVqFactory(Wav2Vec2Factory):
             self.create_quantizer(),
             config.final_dim,
             regularizer_weight=config.regularizer_weight,
+            quantizer_encoder_grad=config.quantizer_encoder_grad,
             final_proj_bias=config.final_proj_bias,
             num_distractors=config.num_distractors,
             logit_temp=config.logit_temp,
-            quantizer_encoder_grad=config.quantizer_encoder_grad,
         )
 
-    @override
-    def create_quantizer(self) -> VectorQuantizer:  # type: ignore[override]
-        return VectorQuantizer(self._config.quantizer)
+    def create_encoder_frontend(self) -> Wav2Vec2Frontend:
+        return self._encoder_factory.create_encoder_frontend()
+
+    def create_encoder(self) -> TransformerEncoder:
+        return self._encoder_factory.create_encoder()
+
+    def create_masker(self) -> Wav2Vec2Masker:
+        config = self._config
+
+        return StandardWav2Vec2Masker(
+            config.encoder_config.model_dim,
+            config.temporal_mask_span_len,
+            config.max_temporal_mask_prob,
+            config.min_num_temporal_mask_spans,
+            config.spatial_mask_span_len,
+            config.max_spatial_mask_prob,
+            config.min_num_spatial_mask_spans,
+        )
+
+    def create_quantizer(self) -> VectorQuantizer:
+        return VectorQuantizer(self._config.quantizer_config())

@@ -12,7 +12,7 @@ from w2v_knnvq.wav2vec2.config import (
     register_wav2vec2_knnvq_configs,
 )
 from w2v_knnvq.wav2vec2.factory import create_wav2vec2_knnvq_model
-from w2v_knnvq.wav2vec2.interop import convert_wav2vec2_knnvq_state_dict
+from w2v_knnvq.wav2vec2.checkpoint import convert_wav2vec2_knnvq_state_dict
 from w2v_knnvq.wav2vec2.model import Wav2Vec2KnnVqModel
 
 

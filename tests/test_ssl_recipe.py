@@ -342,3 +342,53 @@ def test_missing_manifest_and_empty_split_name_the_file(manifest_dir: Path, tmp_
 
     with pytest.raises(DatasetError, match="empty.tsv.*no utterances"):
         SpeechManifestDataset(tmp_path).read_split("empty")
+
+
+def test_stock_wav2vec2_adapter_reports_per_codebook_figures(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fairseq2's Gumbel wav2vec 2.0 runs through the same criterion as a baseline."""
+    # The Gumbel quantizer compiles a matmul on first use, which takes long on a CPU.
+    monkeypatch.setattr(torch._dynamo.config, "disable", True)
+
+    from fairseq2.datasets import SequenceBatch
+    from fairseq2.metrics import MetricBag
+    from fairseq2.models.wav2vec2 import Wav2Vec2Config, create_wav2vec2_model
+
+    from recipes.wav2vec2_knnvq.ssl.criterion import GumbelWav2Vec2Adapter, SslCriterion, SslLossSection, adapt_pretraining_model
+    from recipes.wav2vec2_knnvq.ssl.metrics import BATCH_CODEBOOK_USAGE, HARD_PERPLEXITY, ElementwiseMean, add_ssl_metrics
+    from w2v_knnvq.features.extractor import quantize_frames, run_cnn
+    from w2v_knnvq.quantizer import code_counts, code_perplexity
+
+    encoder_config = WAV2VEC2_KNNVQ_ARCHS[ARCH]().encoder_config
+
+    torch.manual_seed(0)
+    model = create_wav2vec2_model(Wav2Vec2Config(encoder_config=encoder_config, quantized_dim=32, num_codebooks=2, num_codebook_entries=16))
+
+    adapter = adapt_pretraining_model(model)
+    assert isinstance(adapter, GumbelWav2Vec2Adapter)
+    assert (adapter.codebook_shape.num_codebooks, adapter.codebook_shape.codebook_size) == (2, 16)
+
+    batch = SequenceBatch(torch.randn(2, 24_000), None)
+
+    metric_bag = MetricBag(device=CPU)
+    add_ssl_metrics(metric_bag, 2)
+
+    torch.manual_seed(1)
+    loss, num_targets = SslCriterion(model, adapter, SslLossSection())(batch, metric_bag)
+
+    assert torch.isfinite(loss) and num_targets > 0
+
+    # The Gumbel quantizer's one-hot samples, recomputed with the same seed, give the figures per codebook.
+    torch.manual_seed(1)
+    _, output = model(*batch.as_input())
+    codes = output.quantizer_output.cb.view(-1, 2, 16).argmax(dim=-1)
+    counts = code_counts(codes.unsqueeze(0), 16)[0]
+
+    assert torch.allclose(metric_bag.get(HARD_PERPLEXITY, ElementwiseMean).compute().float(), code_perplexity(counts))
+    assert torch.allclose(metric_bag.get(BATCH_CODEBOOK_USAGE, ElementwiseMean).compute(), (counts > 0).double().mean(dim=-1))
+
+    # Validation codes of whole utterances: the argmax of the quantizer's logits at every real frame.
+    model.eval()
+    frames = quantize_frames(model, run_cnn(model, batch.seqs, [24_000, 16_000]))
+    assert frames.log_probs is None
+    assert frames.codes.shape[-1] == 2 and (frames.codes[1, frames.padding_mask[1]] >= 0).all()
+    assert (frames.codes[1, ~frames.padding_mask[1]] == -1).all()

@@ -6,17 +6,22 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq2.models.wav2vec2 import Wav2Vec2FeatureExtractor
+from fairseq2.models.wav2vec2 import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 from fairseq2.nn import BatchLayout
 
 from w2v_knnvq.features.audio import MODEL_SAMPLE_RATE, AudioInputError, prepare_waveform, read_audio
 from w2v_knnvq.features.loading import PretrainedModel
+from w2v_knnvq.quantizer import VectorQuantizer
 from w2v_knnvq.wav2vec2 import Wav2Vec2KnnVqModel
+
+PretrainingModel = Wav2Vec2KnnVqModel | Wav2Vec2Model
+"""A pretraining model of this project's family or fairseq2's ``wav2vec2`` (Gumbel) family."""
 
 PADDING_CODE = -1
 """The code reported for padding frames."""
@@ -76,7 +81,7 @@ class SpeechFeatureExtractor:
     included), is computed here over the real samples of each utterance only.
     """
 
-    def __init__(self, pretrained: PretrainedModel | Wav2Vec2KnnVqModel, *, normalize_audio: bool | None = None) -> None:
+    def __init__(self, pretrained: PretrainedModel | PretrainingModel, *, normalize_audio: bool | None = None) -> None:
         """
         :param pretrained: A loaded model (see :func:`load_pretrained_model`) or a bare model.
         :param normalize_audio: Standardize each waveform as pretraining did; by
@@ -205,7 +210,8 @@ class SpeechFeatureExtractor:
 
     @property
     def _feature_extractor(self) -> Wav2Vec2FeatureExtractor:
-        return self.model.encoder_frontend.feature_extractor  # type: ignore[return-value]
+        # The constructor checked the type.
+        return cast(Wav2Vec2FeatureExtractor, self.model.encoder_frontend.feature_extractor)
 
     def _check_lengths(self, waveforms: list[Tensor], sources: Sequence[str]) -> None:
         for waveform, source in zip(waveforms, sources):
@@ -218,21 +224,14 @@ class SpeechFeatureExtractor:
         model = self.model
         frontend = model.encoder_frontend
 
-        features, frame_lens = self._run_cnn(seqs, seq_lens)
+        cnn = run_cnn(model, seqs, seq_lens)
 
-        layout = BatchLayout.of(features, frame_lens)
-
-        frame_lengths = torch.tensor(frame_lens, device=features.device, dtype=torch.int64)
-
-        padding_mask = torch.arange(features.size(1), device=features.device).unsqueeze(0) < frame_lengths.unsqueeze(1)
-
-        features = frontend.post_extract_layer_norm(features) * padding_mask.unsqueeze(-1)
-
-        codes = model.quantizer(features, padding_mask).codes.masked_fill(~padding_mask.unsqueeze(-1), PADDING_CODE)
+        codes = quantize_frames(model, cnn).codes
 
         hidden_states: dict[int, Tensor] = {}
 
         if layers:
+            padding_mask = cnn.padding_mask
 
             def keep(layer_idx: int, layer_output: Tensor, layer_output_layout: BatchLayout, num_layers: int) -> bool:
                 if layer_idx in layers:
@@ -240,40 +239,133 @@ class SpeechFeatureExtractor:
 
                 return True
 
-            seqs, _ = frontend.process_features(features, layout)
+            layout = BatchLayout.of(cnn.features, cnn.frame_lens)
+
+            encoder_input, _ = frontend.process_features(cnn.features, layout)
 
             with model.encoder.register_layer_hook(keep):
-                model.encoder(seqs, layout)
+                model.encoder(encoder_input, layout)
 
-        return SpeechFeatures(cnn_features=features, hidden_states=hidden_states, codes=codes, frame_lengths=frame_lengths)
+        return SpeechFeatures(
+            cnn_features=cnn.features,
+            hidden_states=hidden_states,
+            codes=codes,
+            frame_lengths=torch.tensor(cnn.frame_lens, device=cnn.features.device, dtype=torch.int64),
+        )
 
-    def _run_cnn(self, seqs: Tensor, seq_lens: list[int]) -> tuple[Tensor, list[int]]:
-        """Mirrors :class:`Wav2Vec2FeatureExtractor` in eval mode with a group norm
-        that ignores padding.
 
-        :param seqs: ``(N, S_wav)`` zero-padded waveforms.
-        :returns: ``(N, S, F)`` raw CNN features and the frame count of each row.
-        """
-        lengths = list(seq_lens)
+@dataclass(kw_only=True)
+class CnnFeatures:
+    """The layer-normed CNN features of N padded utterances, zero at padding frames."""
 
-        # (N, S_wav) -> (N, 1, S_wav)
-        x = seqs.unsqueeze(1)
+    features: Tensor
+    """``(N, S, F)``."""
 
-        for layer, (_, kernel_size, stride) in zip(self._feature_extractor.layers, self._feature_extractor.layer_descs):
-            x = layer.conv(x)
+    frame_lens: list[int]
+    """The number of real frames of each utterance."""
 
-            lengths = [math.floor((length - kernel_size) / stride) + 1 for length in lengths]
+    @property
+    def padding_mask(self) -> Tensor:
+        """``(N, S)`` bool, ``True`` at real frames."""
+        positions = torch.arange(self.features.size(1), device=self.features.device)
 
-            if layer.group_norm is not None:
-                x = _masked_group_norm(x, lengths, layer.group_norm)
+        return positions.unsqueeze(0) < torch.tensor(self.frame_lens, device=self.features.device).unsqueeze(1)
 
-            if layer.layer_norm is not None:
-                x = layer.layer_norm(x.transpose(1, 2)).transpose(1, 2)
 
-            x = layer.activation(x)
+@dataclass(kw_only=True)
+class FrameCodes:
+    """The eval-mode codes of every frame of N padded utterances."""
 
-        # (N, F, S) -> (N, S, F)
-        return x.transpose(1, 2), lengths
+    codes: Tensor
+    """``(N, S, G)`` int64, :data:`PADDING_CODE` at padding frames."""
+
+    log_probs: Tensor | None
+    """``(N, S, G, M)`` log assignment probabilities of a smoothed quantizer; ``None``
+    for hard quantizers and fairseq2's Gumbel quantizer."""
+
+    padding_mask: Tensor
+    """``(N, S)`` bool, ``True`` at real frames."""
+
+
+def run_cnn(model: PretrainingModel, seqs: Tensor, seq_lens: Sequence[int]) -> CnnFeatures:
+    """Runs the CNN of ``model`` and its layer norm on zero-padded waveforms, each
+    utterance normalized as it would be on its own (:func:`_masked_group_norm`).
+
+    :param seqs: ``(N, S_wav)`` waveforms, zero after ``seq_lens[i]`` samples.
+    """
+    raw_features, frame_lens = _run_feature_extractor(model.encoder_frontend.feature_extractor, seqs, seq_lens)
+
+    cnn = CnnFeatures(features=raw_features, frame_lens=frame_lens)
+
+    cnn.features = model.encoder_frontend.post_extract_layer_norm(raw_features) * cnn.padding_mask.unsqueeze(-1)
+
+    return cnn
+
+
+def quantize_frames(model: PretrainingModel, cnn: CnnFeatures) -> FrameCodes:
+    """Quantizes every real frame of ``cnn`` with the eval-mode (argmax) quantizer of
+    ``model``: a :class:`~w2v_knnvq.quantizer.VectorQuantizer` or fairseq2's Gumbel quantizer.
+
+    :raises ValueError: if ``model`` is in training mode, where codes are sampled.
+    """
+    if model.training:
+        raise ValueError("`model` must be in eval mode to assign codes deterministically, but is in training mode instead.")
+
+    padding_mask = cnn.padding_mask
+
+    quantizer = model.quantizer
+
+    log_probs: Tensor | None = None
+
+    if isinstance(quantizer, VectorQuantizer):
+        output = quantizer(cnn.features, padding_mask)
+
+        codes, log_probs = output.codes, output.log_probs
+    else:
+        batch_size, num_frames = cnn.features.shape[:2]
+
+        # (N, S, G x V) -> (N, S, G, V), the logits whose argmax fairseq2's quantizer picks.
+        logits = quantizer.entry_proj(cnn.features).view(batch_size, num_frames, quantizer.num_codebooks, -1)
+
+        codes = logits.argmax(dim=-1)
+
+    codes = codes.masked_fill(~padding_mask.unsqueeze(-1), PADDING_CODE)
+
+    return FrameCodes(codes=codes, log_probs=log_probs, padding_mask=padding_mask)
+
+
+def _run_feature_extractor(extractor: object, seqs: Tensor, seq_lens: Sequence[int]) -> tuple[Tensor, list[int]]:
+    """Mirrors :class:`Wav2Vec2FeatureExtractor` in eval mode with a group norm
+    that ignores padding.
+
+    :param seqs: ``(N, S_wav)`` zero-padded waveforms.
+    :returns: ``(N, S, F)`` raw CNN features and the frame count of each row.
+    """
+    if not isinstance(extractor, Wav2Vec2FeatureExtractor):
+        raise ValueError(
+            f"The model must read waveforms through a `Wav2Vec2FeatureExtractor`, but reads them through a `{type(extractor).__name__}` instead."
+        )
+
+    lengths = list(seq_lens)
+
+    # (N, S_wav) -> (N, 1, S_wav)
+    x = seqs.unsqueeze(1)
+
+    for layer, (_, kernel_size, stride) in zip(extractor.layers, extractor.layer_descs):
+        x = layer.conv(x)
+
+        lengths = [math.floor((length - kernel_size) / stride) + 1 for length in lengths]
+
+        if layer.group_norm is not None:
+            x = _masked_group_norm(x, lengths, layer.group_norm)
+
+        if layer.layer_norm is not None:
+            x = layer.layer_norm(x.transpose(1, 2)).transpose(1, 2)
+
+        x = layer.activation(x)
+
+    # (N, F, S) -> (N, S, F)
+    return x.transpose(1, 2), lengths
 
 
 def _masked_group_norm(x: Tensor, lengths: list[int], norm: torch.nn.GroupNorm) -> Tensor:

@@ -8,7 +8,7 @@ jsonl recorder writes as arrays and TensorBoard as one scalar per codebook
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, MutableMapping, Sequence
+from collections.abc import Iterable, MutableMapping
 from typing import Final
 
 import torch
@@ -20,6 +20,8 @@ from fairseq2.datasets import SequenceBatch
 from fairseq2.metrics import Mean, MetricBag, Sum, format_as_float
 from fairseq2.metrics.recorders import MetricDescriptor
 from fairseq2.runtime.dependency import DependencyContainer
+
+from w2v_knnvq.quantizer import code_usage
 
 CODEBOOK_USAGE: Final = "codebook_usage"
 UTTERANCE_CODEBOOK_USAGE: Final = "utterance_codebook_usage"
@@ -88,7 +90,7 @@ class CodeCounts(Metric[Tensor]):
     @override
     @torch.inference_mode()
     def compute(self) -> Tensor:
-        return (self.counts > 0).double().mean(dim=-1)
+        return code_usage(self.counts)
 
     @override
     @torch.inference_mode()
@@ -119,7 +121,7 @@ class UtteranceCodebookUsage(Metric[Tensor]):
     def update(self, utterance_counts: Tensor) -> Self:
         """:param utterance_counts: Code counts per utterance. *Shape:* ``(N, G, M)``."""
         # (N, G, M) -> (N, G)
-        usage = (utterance_counts > 0).double().mean(dim=-1)
+        usage = code_usage(utterance_counts)
 
         self.usage_sum += usage.sum(dim=0).to(self.device)
 
@@ -181,25 +183,6 @@ class ElementwiseMean(Metric[Tensor]):
             self.weights += metric.weights.to(self.device)
 
         return self
-
-
-def count_codes_per_utterance(codes: Sequence[Tensor], codebook_size: int) -> Tensor:
-    """Counts, for every utterance, how often each codebook entry occurs.
-
-    :param codes: N integer tensors of shape ``(S_i, G)``, one per utterance.
-    :returns: *Shape:* ``(N, G, M)`` int64 counts.
-    """
-    num_codebooks = codes[0].size(-1)
-
-    counts = codes[0].new_zeros((len(codes), num_codebooks, codebook_size), dtype=torch.int64)
-
-    for utterance_counts, utterance_codes in zip(counts, codes):
-        # (S, G) -> (G, S)
-        utterance_codes = utterance_codes.t().to(torch.int64)
-
-        utterance_counts.scatter_add_(1, utterance_codes, torch.ones_like(utterance_codes))
-
-    return counts
 
 
 def add_ssl_metrics(metric_bag: MetricBag, num_codebooks: int) -> None:

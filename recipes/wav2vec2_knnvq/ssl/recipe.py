@@ -10,7 +10,6 @@ from collections.abc import MutableMapping
 from typing import final
 
 from torch import Tensor
-from torch.nn import Module
 from typing_extensions import override
 
 # fairseq2.recipe must be imported before fairseq2.evaluator, which imports it back.
@@ -26,12 +25,7 @@ from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
 
 from recipes.wav2vec2_knnvq.ssl.config import SslRecipeConfig
-from recipes.wav2vec2_knnvq.ssl.criterion import (
-    CodebookShape,
-    SslCriterion,
-    get_codebook_shape,
-    quantize_utterances,
-)
+from recipes.wav2vec2_knnvq.ssl.criterion import CodebookShape, SslCriterion, adapt_pretraining_model
 from recipes.wav2vec2_knnvq.ssl.dataset import (
     create_train_reader,
     create_valid_reader,
@@ -46,11 +40,12 @@ from recipes.wav2vec2_knnvq.ssl.metrics import (
     UtteranceCodebookUsage,
     add_codebook_usage_metrics,
     add_ssl_metrics,
-    count_codes_per_utterance,
     publish_per_codebook,
     register_ssl_metric_descriptors,
 )
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
+from w2v_knnvq.features.extractor import PretrainingModel, quantize_frames, run_cnn
+from w2v_knnvq.quantizer import code_counts, individual_perplexity
 
 
 @final
@@ -69,9 +64,11 @@ class SslRecipe(Recipe):
 
         base_model = context.get_model()
 
-        criterion = SslCriterion(context.get_data_parallel_model(), base_model, config.loss)
+        adapter = adapt_pretraining_model(base_model)
 
-        codebook_shape = get_codebook_shape(base_model)
+        criterion = SslCriterion(context.get_data_parallel_model(), adapter, config.loss)
+
+        codebook_shape = adapter.codebook_shape
 
         dataset = context.get_dataset_as(SpeechManifestDataset)
 
@@ -94,7 +91,7 @@ class SslRecipe(Recipe):
 
         valid_unit = SslEvalUnit(
             criterion,
-            base_model,
+            adapter.base_model,
             codebook_shape,
             min_audio_len=config.dataset.min_audio_len,
             max_audio_len=config.dataset.max_audio_len,
@@ -142,7 +139,7 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
     def __init__(
         self,
         criterion: SslCriterion,
-        base_model: Module,
+        base_model: PretrainingModel,
         codebook_shape: CodebookShape,
         *,
         min_audio_len: int,
@@ -169,24 +166,24 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
         if loss_batch is not None:
             self._criterion(loss_batch, metric_bag)
 
-        seqs, seqs_layout = batch.as_input()
+        # Padded utterances get the codes they would get on their own: the CNN's group
+        # norm ignores padding here.
+        frames = quantize_frames(self._base_model, run_cnn(self._base_model, batch.seqs, batch.seq_lens))
 
-        utterances = quantize_utterances(self._base_model, seqs, seqs_layout)
-
-        counts = count_codes_per_utterance(
-            [utterance.codes for utterance in utterances], self._codebook_shape.codebook_size
-        )
+        # (N, G, M)
+        counts = code_counts(frames.codes, self._codebook_shape.codebook_size, frames.padding_mask)
 
         metric_bag.get(CODEBOOK_USAGE, CodeCounts).update(counts)
 
         metric_bag.get(UTTERANCE_CODEBOOK_USAGE, UtteranceCodebookUsage).update(counts)
 
-        for utterance in utterances:
-            if utterance.individual_perplexity is not None:
-                metric_bag.get(INDIVIDUAL_PERPLEXITY, ElementwiseMean).update(
-                    utterance.individual_perplexity.mean(dim=0),
-                    weight=utterance.individual_perplexity.size(0),
-                )
+        if frames.log_probs is not None:
+            # (N, S, G) -> (N_frames, G)
+            perplexities = individual_perplexity(frames.log_probs)[frames.padding_mask]
+
+            metric_bag.get(INDIVIDUAL_PERPLEXITY, ElementwiseMean).update(
+                perplexities.mean(dim=0), weight=perplexities.size(0)
+            )
 
     def _crop_for_loss(self, batch: SequenceBatch) -> SequenceBatch | None:
         """:returns: The utterances of ``batch`` long enough for the loss, each cut to its

@@ -27,7 +27,7 @@ from w2v_knnvq.features import (
     SpeechFeatureExtractor,
     load_pretrained_model,
 )
-from w2v_knnvq.features import audio as features_audio
+from w2v_knnvq.features import audio_input
 from w2v_knnvq.features.shards import ShardExtractionError, load_shard, read_index
 from w2v_knnvq.wav2vec2 import Wav2Vec2KnnVqModel, get_wav2vec2_knnvq_model_hub
 
@@ -249,7 +249,7 @@ def test_files_resampling_stereo_and_bad_audio(extractor: SpeechFeatureExtractor
     stereo_file = tmp_path / "stereo32k.wav"
     soundfile.write(stereo_file, stereo.T.numpy(), 32_000, subtype="FLOAT")
 
-    features_audio._warned_multichannel = False
+    audio_input._warned_multichannel = False
 
     with caplog.at_level(logging.WARNING):
         from_files = extractor.extract_files([mono_file, stereo_file, stereo_file], layers=[-1])

@@ -15,11 +15,11 @@ from w2v_knnvq.data.manifest import (
     BadFilesError,
     CorpusScan,
     ManifestConfig,
-    ManifestEntry,
+    CorpusUtterance,
     ManifestError,
     make_manifest,
     read_manifest,
-    read_transcripts,
+    read_manifest_transcripts,
     scan_corpus,
     write_manifest,
 )
@@ -91,7 +91,7 @@ def test_single_split_manifest_matches_corpus(tmp_path: Path, split: str) -> Non
     trans = _trans_lines(CORPUS_DIR / split)
 
     assert [Path(rel_path).stem for rel_path in rel_paths] == [utt for utt, _ in trans]
-    assert read_transcripts(files.wrd_path) == [transcript for _, transcript in trans]
+    assert read_manifest_transcripts(files.wrd_path) == [transcript for _, transcript in trans]
 
 
 def test_combined_splits_prefix_paths_with_split(tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_combined_splits_prefix_paths_with_split(tmp_path: Path) -> None:
 
         assert split_entries == [(f"{split}/{rel}", n) for rel, n in single_entries]
 
-    transcripts = read_transcripts(files.wrd_path)
+    transcripts = read_manifest_transcripts(files.wrd_path)
 
     # Sorted order puts dev before test before train.
     expected = [
@@ -231,7 +231,7 @@ def test_bad_files_are_skipped_with_flag(
 
     assert len(entries) == SPLIT_SIZES["dev"] - len(reasons)
     assert names.isdisjoint(reasons)
-    assert len(read_transcripts(output_dir / "dev.wrd")) == len(entries)
+    assert len(read_manifest_transcripts(output_dir / "dev.wrd")) == len(entries)
     # Only the manifest pair is left behind, no temporary file.
     assert sorted(path.name for path in output_dir.iterdir()) == ["dev.tsv", "dev.wrd"]
 
@@ -278,8 +278,8 @@ def test_reader_round_trip(tmp_path: Path) -> None:
     scan = CorpusScan(
         audio_root=Path("/corpus/train"),
         entries=[
-            ManifestEntry(rel_path="1/10/1-10-0000.flac", num_samples=16000, transcript="IN THE"),
-            ManifestEntry(rel_path="1/10/1-10-0001.flac", num_samples=24321, transcript="IT'S"),
+            CorpusUtterance(rel_path="1/10/1-10-0000.flac", num_samples=16000, transcript="IN THE"),
+            CorpusUtterance(rel_path="1/10/1-10-0001.flac", num_samples=24321, transcript="IT'S"),
         ],
         bad_files=[],
     )
@@ -294,7 +294,7 @@ def test_reader_round_trip(tmp_path: Path) -> None:
 
     assert root == Path("/corpus/train")
     assert entries == [("1/10/1-10-0000.flac", 16000), ("1/10/1-10-0001.flac", 24321)]
-    assert read_transcripts(files.wrd_path) == ["IN THE", "IT'S"]
+    assert read_manifest_transcripts(files.wrd_path) == ["IN THE", "IT'S"]
 
 
 @pytest.mark.parametrize(
@@ -324,19 +324,19 @@ def test_readers_name_missing_and_mismatched_files(tmp_path: Path) -> None:
     (tmp_path / "m.wrd").write_text("ONE\n", encoding="utf-8")
 
     with pytest.raises(ManifestError, match="1 transcript line.* but .*m.tsv has 2 entries"):
-        read_transcripts(tmp_path / "m.wrd")
+        read_manifest_transcripts(tmp_path / "m.wrd")
 
     (tmp_path / "m.wrd").write_text("ONE\n\n", encoding="utf-8")
 
     with pytest.raises(ManifestError, match="m.wrd:2: empty transcript"):
-        read_transcripts(tmp_path / "m.wrd")
+        read_manifest_transcripts(tmp_path / "m.wrd")
 
     (tmp_path / "other.wrd").write_text("ONE\nTWO\n", encoding="utf-8")
 
     with pytest.raises(ManifestError, match="other.tsv does not exist"):
-        read_transcripts(tmp_path / "other.wrd")
+        read_manifest_transcripts(tmp_path / "other.wrd")
 
-    assert read_transcripts(tmp_path / "other.wrd", manifest_path=tmp_path / "m.tsv") == [
+    assert read_manifest_transcripts(tmp_path / "other.wrd", manifest_path=tmp_path / "m.tsv") == [
         "ONE",
         "TWO",
     ]

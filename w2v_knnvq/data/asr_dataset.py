@@ -22,7 +22,7 @@ from fairseq2.datasets import DataReader, DatasetError, Seq2SeqBatch
 from fairseq2.gang import Gangs
 from fairseq2.logging import log
 
-from w2v_knnvq.data.manifest import ManifestError, read_transcripts
+from w2v_knnvq.data.manifest import ManifestError, read_manifest_transcripts
 from w2v_knnvq.data.manifest_dataset import (
     ManifestReadOptions,
     bucket_by_num_samples,
@@ -109,7 +109,7 @@ class AsrManifestDataset:
         manifest = read_manifest_split(self._manifest_dir / f"{split}.tsv")
 
         try:
-            transcripts = read_transcripts(self.transcript_file(split), manifest_path=manifest.manifest_file)
+            transcripts = read_manifest_transcripts(self.transcript_file(split), manifest_path=manifest.manifest_file)
         except ManifestError as ex:
             raise DatasetError(f"Transcripts of split `{split}` cannot be read: {ex}") from ex
 

@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from w2v_knnvq.data.audio import AudioFileError, inspect_audio
+from w2v_knnvq.data.audio_check import AudioFileError, inspect_audio
 from w2v_knnvq.data.progress import ProgressLine
 from w2v_knnvq.files import write_lines_atomically
 
@@ -68,7 +68,7 @@ class BadFilesError(ManifestError):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ManifestEntry:
+class CorpusUtterance:
     """One utterance of a manifest."""
 
     rel_path: str
@@ -84,9 +84,9 @@ class CorpusScan:
     """The usable utterances of one or more splits, and the files that are not usable."""
 
     audio_root: Path
-    """Absolute directory that ``ManifestEntry.rel_path`` is relative to."""
+    """Absolute directory that ``CorpusUtterance.rel_path`` is relative to."""
 
-    entries: list[ManifestEntry]
+    entries: list[CorpusUtterance]
     """Sorted by ``rel_path``."""
 
     bad_files: list[BadFile]
@@ -255,7 +255,7 @@ def scan_corpus(
 
         return info.num_samples
 
-    entries: list[ManifestEntry] = []
+    entries: list[CorpusUtterance] = []
 
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
         for done, (candidate, result) in enumerate(
@@ -265,7 +265,7 @@ def scan_corpus(
                 bad_files.append(result)
             elif candidate.transcript is not None:
                 entries.append(
-                    ManifestEntry(
+                    CorpusUtterance(
                         rel_path=candidate.audio_path.relative_to(audio_root).as_posix(),
                         num_samples=result,
                         transcript=candidate.transcript,
@@ -432,7 +432,7 @@ def _parse_num_samples(field: str) -> int | None:
     return int(field) if field.isdigit() and int(field) > 0 else None
 
 
-def read_transcripts(path: Path, *, manifest_path: Path | None = None) -> list[str]:
+def read_manifest_transcripts(path: Path, *, manifest_path: Path | None = None) -> list[str]:
     """Reads a ``.wrd`` file and checks that it has one line per entry of its manifest.
 
     :param manifest_path: The ``.tsv`` the transcripts belong to; defaults to the

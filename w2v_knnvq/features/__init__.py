@@ -9,10 +9,10 @@
     features.codes  # (N, S, G)
 """
 
-from w2v_knnvq.features.audio import MODEL_SAMPLE_RATE as MODEL_SAMPLE_RATE
-from w2v_knnvq.features.audio import AudioInputError as AudioInputError
-from w2v_knnvq.features.audio import prepare_waveform as prepare_waveform
-from w2v_knnvq.features.audio import read_audio as read_audio
+from w2v_knnvq.features.audio_input import MODEL_SAMPLE_RATE as MODEL_SAMPLE_RATE
+from w2v_knnvq.features.audio_input import AudioInputError as AudioInputError
+from w2v_knnvq.features.audio_input import prepare_waveform as prepare_waveform
+from w2v_knnvq.features.audio_input import read_audio as read_audio
 from w2v_knnvq.features.extractor import PADDING_CODE as PADDING_CODE
 from w2v_knnvq.features.extractor import SpeechFeatureExtractor as SpeechFeatureExtractor
 from w2v_knnvq.features.extractor import SpeechFeatures as SpeechFeatures

@@ -15,7 +15,7 @@ from torch import Tensor
 from fairseq2.models.wav2vec2 import Wav2Vec2FeatureExtractor, Wav2Vec2Model
 from fairseq2.nn import BatchLayout
 
-from w2v_knnvq.features.audio import MODEL_SAMPLE_RATE, AudioInputError, prepare_waveform, read_audio
+from w2v_knnvq.features.audio_input import MODEL_SAMPLE_RATE, AudioInputError, prepare_waveform, read_audio
 from w2v_knnvq.features.loading import PretrainedModel
 from w2v_knnvq.quantizer import VectorQuantizer
 from w2v_knnvq.wav2vec2 import Wav2Vec2KnnVqModel

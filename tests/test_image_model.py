@@ -1,12 +1,13 @@
-"""The image autoencoder: architectures of Table 4, shapes, losses, fairseq2 family."""
+"""The image autoencoder: architectures of Table 4, shapes, losses, fairseq2 family and cards."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from fairseq2.composition import _register_library
+from fairseq2.error import InvalidOperationError
 from fairseq2.recipe.run import _swap_default_resolver
-from fairseq2.runtime.dependency import DependencyContainer
+from fairseq2.runtime.dependency import DependencyContainer, get_dependency_resolver
 
 from w2v_knnvq.image import (
     IMAGE_VQAE_ARCHS,
@@ -133,7 +134,7 @@ def test_config_errors_are_clear() -> None:
     with pytest.raises(ValueError, match="halve"):
         ImageVqaeModel(config)
 
-    with pytest.raises(ValueError, match="Unknown image autoencoder architecture"):
+    with pytest.raises(ValueError, match=r"`arch` must be an image autoencoder architecture .*, but is 'f8' instead"):
         get_image_vqae_config("f8")
 
     model = ImageVqaeModel(get_image_vqae_config("tiny"))
@@ -141,12 +142,15 @@ def test_config_errors_are_clear() -> None:
         model(torch.zeros(1, 3, 64, 64))
 
 
-def test_fairseq2_family_registers_all_archs() -> None:
+def test_extension_registers_the_family_and_its_archs() -> None:
     container = DependencyContainer()
 
+    # fairseq2's start-up runs the w2v-knnvq extension, which registers the family.
     _register_library(container)
 
-    register_image_vqae(container)
+    # So a recipe that registered it again would fail at start-up.
+    with pytest.raises(InvalidOperationError, match="already a registered provider"):
+        register_image_vqae(container)
 
     with _swap_default_resolver(container):
         hub = get_image_vqae_model_hub()
@@ -160,3 +164,12 @@ def test_fairseq2_family_registers_all_archs() -> None:
 
     assert isinstance(model, ImageVqaeModel)
     assert model.config.quantizer.codebook_size == 64
+
+
+def test_architecture_cards_name_every_arch() -> None:
+    get_dependency_resolver()  # starts fairseq2 with its extensions
+
+    hub = get_image_vqae_model_hub()
+
+    for arch in IMAGE_VQAE_ARCHS:
+        assert hub.get_model_config(f"image_vqae_{arch}") == get_image_vqae_config(arch)

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from recipes.image_vqae.config import EUCLIDEAN_HARD_METHODS, method_peak_lr, method_weight_decay
+from w2v_knnvq.image import IMAGE_VQAE_FAMILY, get_image_vqae_model_hub
 from w2v_knnvq.image.data import list_image_files, load_image
-from w2v_knnvq.image.evaluation import frechet_distance, make_fid_features
+from w2v_knnvq.image.metrics import frechet_distance, make_fid_features
+from w2v_knnvq.runs import CheckpointStepNotFoundError, find_run_checkpoint, load_run_model
 
 REPO = Path(__file__).resolve().parents[1]
 MINIIMAGES = REPO / "tests" / "data" / "miniimages"
@@ -109,18 +111,46 @@ def test_schedule_shorter_than_warmup_is_refused(tmp_path: Path) -> None:
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
     )
     assert result.returncode != 0
-    assert "must exceed `lr_scheduler.config.num_warmup_steps` (20)" in result.stdout + result.stderr
+    output = " ".join((result.stdout + result.stderr).split())
+    assert "`lr_scheduler.config.num_warmup_steps` must be smaller than `regime.num_steps` (10)" in output
+    assert "but is 20 instead" in output
+
+
+def test_image_hub_loads_the_runs_checkpoint_outside_the_recipe(knn_run: tuple[Path, str, str]) -> None:
+    out_dir = knn_run[0]
+
+    run = find_run_checkpoint(out_dir)
+    assert (run.step, run.family) == (4, IMAGE_VQAE_FAMILY)
+
+    # The run recorded no validation score, so the best checkpoint is the last one.
+    assert find_run_checkpoint(out_dir, checkpoint="best").model_dir == run.model_dir
+    assert find_run_checkpoint(out_dir / "checkpoints" / "step_4").model_dir == run.model_dir
+
+    with pytest.raises(CheckpointStepNotFoundError, match="available steps: 4"):
+        find_run_checkpoint(out_dir, checkpoint=2)  # keep_last_n_checkpoints=1 removed it
+
+    model = load_run_model(run, get_image_vqae_model_hub(), IMAGE_VQAE_FAMILY)
+    assert not model.training
+    assert (model.config.quantizer.method, model.config.latent_size) == ("softmax-knn-ce", 8)
+
+    saved = torch.load(run.model_dir / "pp_00" / "tp_00" / "sdp_00.pt", map_location="cpu", weights_only=True)
+    loaded = model.state_dict()
+
+    assert loaded.keys() == saved.keys()
+    for name, tensor in saved.items():
+        assert torch.equal(loaded[name], tensor), name
 
 
 def test_evaluation_tool_writes_table_plots_and_merges(knn_run: tuple[Path, str, str], tmp_path: Path) -> None:
     out_dir = knn_run[0]
 
     result = _tool("evaluate", str(out_dir), str(MINIIMAGES / "val"), str(tmp_path / "a"),
-                   "--max-images", "4", "--batch-size", "4", "--device", "cpu")
+                   "--max-images", "4", "--batch-size", "4", "--device", "cpu", "--checkpoint", "4")
     assert result.returncode == 0, result.stderr
     assert "Inception Score skipped" in result.stdout
 
     evaluation = json.loads((tmp_path / "a" / "evaluation.json").read_text())
+    assert evaluation["checkpoint"] == "step_4"
     assert evaluation["method"] == "softmax-knn-ce" and evaluation["knn_k"] == 1
     assert evaluation["feature_map"] == "8x8x8" and evaluation["num_images"] == 4
     assert 0.0 < evaluation["code_use"][0] <= 1.0
@@ -147,6 +177,12 @@ def test_evaluation_tool_writes_table_plots_and_merges(knn_run: tuple[Path, str,
     merged = (tmp_path / "merged.md").read_text()
     assert "| softmax-knn-ce | 1 |" in merged and "| hg-ppl | — |" in merged
     assert merged.count("| hg-ppl |") == 1  # hg-ppl has no perplexity row in the Table 2 part
+
+    # A step the run did not keep is refused with the steps it has.
+    result = _tool("evaluate", str(out_dir), str(MINIIMAGES / "val"), str(tmp_path / "c"),
+                   "--device", "cpu", "--no-fid", "--checkpoint", "2")
+    assert result.returncode != 0
+    assert "has no checkpoint of step 2; available steps: 4" in result.stderr
 
 
 def test_frechet_distance_matches_gaussian_formula() -> None:

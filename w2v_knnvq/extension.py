@@ -11,11 +11,15 @@ from __future__ import annotations
 from fairseq2.composition import register_package_assets
 from fairseq2.runtime.dependency import DependencyContainer
 
+from w2v_knnvq.image import register_image_vqae
 from w2v_knnvq.wav2vec2 import register_wav2vec2_knnvq_family
 
 
 def setup_w2v_knnvq(container: DependencyContainer) -> None:
-    """Register the ``wav2vec2_knnvq`` model family and the asset cards of w2v-knnvq."""
+    """Register the ``wav2vec2_knnvq`` and ``image_vqae`` model families and the asset
+    cards of w2v-knnvq."""
     register_wav2vec2_knnvq_family(container)
+
+    register_image_vqae(container)
 
     register_package_assets(container, "w2v_knnvq.assets")

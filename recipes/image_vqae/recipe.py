@@ -4,32 +4,35 @@ from __future__ import annotations
 
 import math
 from collections.abc import MutableMapping
+from pathlib import Path
 
 import torch
-from fairseq2.logging import log
-from fairseq2.metrics import Mean, MetricBag, Sum
-from fairseq2.metrics import format_as_float
-from fairseq2.metrics.recorders import MetricDescriptor
-from fairseq2.recipe import Recipe, RecipeContext
-from fairseq2.recipe.cli import main as run_recipe_cli
-from fairseq2.recipe.config import AdamWConfig, CosineAnnealingLRConfig, OptimizerSection
-from fairseq2.runtime.dependency import DependencyContainer
-from fairseq2.evaluator import EvalUnit
-from fairseq2.task import Task
-from fairseq2.trainer import TrainUnit
 from torch.nn import Module
 from typing_extensions import override
 
-from w2v_knnvq.image import ImageVqaeModel, ImageVqaeOutput, register_image_vqae
-from w2v_knnvq.image.data import list_image_files
-from w2v_knnvq.image.reader import ImageBatch, ImageFolderReader
-from w2v_knnvq.quantizer import METHODS
+# fairseq2.recipe must be imported before fairseq2.evaluator, which imports it back.
+from fairseq2.recipe import Recipe, RecipeContext  # isort: skip
+from fairseq2.evaluator import EvalUnit
+from fairseq2.logging import log
+from fairseq2.metrics import Mean, MetricBag, Sum, format_as_float
+from fairseq2.metrics.recorders import MetricDescriptor
+from fairseq2.recipe.cli import main as run_recipe_cli
+from fairseq2.recipe.config import AdamWConfig, OptimizerSection
+from fairseq2.recipe.error import RecipeError
+from fairseq2.runtime.dependency import DependencyContainer
+from fairseq2.task import Task
+from fairseq2.trainer import TrainUnit
 
+from recipes.common import check_warmup
 from recipes.image_vqae.config import (
     ImageVqaeRecipeConfig,
     method_peak_lr,
     method_weight_decay,
 )
+from w2v_knnvq.image import ImageVqaeModel, ImageVqaeOutput
+from w2v_knnvq.image.data import list_image_files
+from w2v_knnvq.image.reader import ImageBatch, ImageFolderReader
+from w2v_knnvq.quantizer import METHODS
 
 _METRIC_DESCRIPTORS = (
     ("reconstruction_loss", "Reconstruction Loss (MSE)", 91),
@@ -137,13 +140,34 @@ class ImageVqaeEvalUnit(EvalUnit[ImageBatch]):
         _add_rmse(values)
 
 
+def _create_reader(
+    context: RecipeContext, config: ImageVqaeRecipeConfig, root: Path, split: str, *, image_size: int, shuffle: bool
+) -> ImageFolderReader:
+    """Reads the images of ``root/split/CLASS/*.JPEG`` as ``(N, 3, image_size, image_size)`` batches."""
+    files = list_image_files(root / split)
+
+    log.info("Image split {}: {} images, cropped to {}x{}.", split, len(files), image_size, image_size)
+
+    return ImageFolderReader(
+        files,
+        context.gangs,
+        image_size=image_size,
+        batch_size=config.dataset.batch_size,
+        shuffle=shuffle,
+        seed=config.common.seed,
+        num_workers=config.dataset.num_workers,
+        num_accumulate=config.trainer.grad_accumulation.num_batches,
+    )
+
+
 class ImageVqaeRecipe(Recipe):
-    """Trains an ``image_vqae`` model on an ImageNet-layout image folder."""
+    """Trains an ``image_vqae`` model on an ImageNet-layout image folder.
+
+    The ``image_vqae`` family itself comes from the w2v-knnvq fairseq2 extension.
+    """
 
     @override
     def register(self, container: DependencyContainer) -> None:
-        register_image_vqae(container)
-
         for name, display_name, priority in _METRIC_DESCRIPTORS:
             container.collection.register_instance(
                 MetricDescriptor,
@@ -162,30 +186,11 @@ class ImageVqaeRecipe(Recipe):
 
         self._apply_method_hyperparameters(config, optimizer_section, model.config.quantizer.method)
 
-        if config.dataset.path is None:
-            raise ValueError(
-                "`dataset.path` must point to an image folder in the ImageNet layout "
-                "(PATH/train/CLASS/*.JPEG); set it with --config dataset.path=PATH."
-            )
-
-        self._check_schedule(config)
-
-        image_size = model.config.image_size
+        dataset_path = self._check_config(config)
 
         def make_reader(split: str, shuffle: bool) -> ImageFolderReader:
-            files = list_image_files(config.dataset.path / split)
-
-            log.info("Image split {}: {} images, cropped to {}x{}.", split, len(files), image_size, image_size)
-
-            return ImageFolderReader(
-                files,
-                context.gangs,
-                image_size=image_size,
-                batch_size=config.dataset.batch_size,
-                shuffle=shuffle,
-                seed=config.common.seed,
-                num_workers=config.dataset.num_workers,
-                num_accumulate=config.trainer.grad_accumulation.num_batches,
+            return _create_reader(
+                context, config, dataset_path, split, image_size=model.config.image_size, shuffle=shuffle
             )
 
         data_parallel_model = context.get_data_parallel_model()
@@ -207,17 +212,21 @@ class ImageVqaeRecipe(Recipe):
         )
 
     @staticmethod
-    def _check_schedule(config: ImageVqaeRecipeConfig) -> None:
-        scheduler_config = config.lr_scheduler.config
-        num_steps = config.regime.num_steps
+    def _check_config(config: ImageVqaeRecipeConfig) -> Path:
+        """:returns: ``dataset.path``, which must be set.
 
-        if isinstance(scheduler_config, CosineAnnealingLRConfig) and num_steps is not None:
-            if scheduler_config.cycle_len is None and num_steps <= scheduler_config.num_warmup_steps:
-                raise ValueError(
-                    f"`regime.num_steps` ({num_steps}) must exceed "
-                    f"`lr_scheduler.config.num_warmup_steps` ({scheduler_config.num_warmup_steps}) "
-                    "so that the cosine annealing has steps to run; lower the warmup or raise the steps."
-                )
+        :raises RecipeError: if ``dataset.path`` is not set or the warmup is too long.
+        """
+        path = config.dataset.path
+        if path is None:
+            raise RecipeError(
+                "`dataset.path` must point to an image folder in the ImageNet layout "
+                "(PATH/train/CLASS/*.JPEG), but is not set; set it with --config dataset.path=PATH."
+            )
+
+        check_warmup(config.lr_scheduler.config, config.regime.num_steps)
+
+        return path
 
     @staticmethod
     def _apply_method_hyperparameters(
@@ -225,8 +234,8 @@ class ImageVqaeRecipe(Recipe):
     ) -> None:
         optimizer_config = optimizer_section.config
         if not isinstance(optimizer_config, AdamWConfig):
-            raise ValueError(
-                f"`optimizer.name` must be 'adamw' (Appendix B.1), but is '{optimizer_section.name}'."
+            raise RecipeError(
+                f"`optimizer.name` must be 'adamw' (Appendix B.1), but is '{optimizer_section.name}' instead."
             )
 
         optimizer_config.lr = config.peak_lr if config.peak_lr is not None else method_peak_lr(method)

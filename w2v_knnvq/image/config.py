@@ -6,6 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+from fairseq2.runtime.config_registry import ConfigRegistrar
+from fairseq2.runtime.dependency import DependencyContainer
+
 from w2v_knnvq.quantizer import QuantizerConfig
 
 IMAGE_VQAE_FAMILY: Final = "image_vqae"
@@ -49,10 +52,12 @@ class ImageVqaeConfig:
 
     @property
     def latent_channels(self) -> int:
+        """Channels C of the latent map ``(N, C, h, w)``, the quantized vectors' size."""
         return self.stage_channels[-1]
 
     @property
     def latent_size(self) -> int:
+        """Height and width h = w of the latent map ``(N, C, h, w)``."""
         return self.stage_sizes[-1]
 
     def check(self) -> None:
@@ -64,22 +69,23 @@ class ImageVqaeConfig:
         if not self.stage_channels or len(self.stage_channels) != len(self.stage_sizes):
             raise ValueError(
                 "`stage_channels` and `stage_sizes` must be non-empty lists of equal length, "
-                f"but have lengths {len(self.stage_channels)} and {len(self.stage_sizes)}."
+                f"but have lengths {len(self.stage_channels)} and {len(self.stage_sizes)} instead."
             )
 
         previous = self.image_size
         for size in self.stage_sizes:
             if size not in (previous, previous // 2) or size < 1:
                 raise ValueError(
-                    "Each entry of `stage_sizes` must equal the previous size or halve it "
-                    f"(starting from `image_size`={self.image_size}), but got {self.stage_sizes}."
+                    "Each entry of `stage_sizes` must equal the previous size or halve it, starting "
+                    f"from `image_size` ({self.image_size}), but `stage_sizes` is {self.stage_sizes} instead."
                 )
             previous = size
 
         if self.quantizer.input_dim != self.latent_channels:
             raise ValueError(
-                f"`quantizer.input_dim` must equal the latent channels {self.latent_channels}, "
-                f"but is {self.quantizer.input_dim}. Override both together."
+                f"`quantizer.input_dim` must equal the latent channels {self.latent_channels} "
+                f"(the last entry of `stage_channels`), but is {self.quantizer.input_dim} instead; "
+                "override both together."
             )
 
         self.quantizer.check()
@@ -94,6 +100,7 @@ def _config(
     codebook_size: int,
     num_groups: int = 32,
 ) -> ImageVqaeConfig:
+    """One architecture with a single codebook of ``codebook_size`` codes over its latent channels."""
     latent_channels = stage_channels[-1]
 
     return ImageVqaeConfig(
@@ -160,13 +167,24 @@ IMAGE_VQAE_ARCHS: Final[dict[str, Callable[[], ImageVqaeConfig]]] = {
 
 
 def get_image_vqae_config(arch: str) -> ImageVqaeConfig:
-    """Return a fresh configuration of the architecture ``arch``."""
+    """Return a fresh configuration of the architecture ``arch``.
+
+    :raises ValueError: if ``arch`` is not one of :data:`IMAGE_VQAE_ARCHS`.
+    """
     try:
         make = IMAGE_VQAE_ARCHS[arch]
     except KeyError:
         raise ValueError(
-            f"Unknown image autoencoder architecture {arch!r}; choose one of "
-            f"{', '.join(IMAGE_VQAE_ARCHS)}."
+            f"`arch` must be an image autoencoder architecture ({', '.join(IMAGE_VQAE_ARCHS)}), "
+            f"but is '{arch}' instead."
         ) from None
 
     return make()
+
+
+def register_image_vqae_configs(container: DependencyContainer) -> None:
+    """Register every architecture of :data:`IMAGE_VQAE_ARCHS` under its name."""
+    arch = ConfigRegistrar(container, ImageVqaeConfig)
+
+    for name, make_config in IMAGE_VQAE_ARCHS.items():
+        arch(name)(make_config)

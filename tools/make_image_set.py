@@ -35,7 +35,7 @@ def _photos() -> dict[str, Callable[[], np.ndarray]]:
         "hubble": data.hubble_deep_field,
         "retina": data.retina,
         "tissue": data.immunohistochemistry,
-        "motorcycle": lambda: data.stereo_motorcycle()[0],
+        "motorcycle": lambda: data.stereo_motorcycle()[0],  # type: ignore[no-untyped-call]  # scikit-image leaves it unannotated
     }
 
 

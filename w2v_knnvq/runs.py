@@ -22,8 +22,9 @@ import torch
 import yaml
 from torch.nn import Module
 
-from fairseq2.assets import AssetCard, AssetMetadataError, StandardAssetStore
+from fairseq2.assets import AssetCard, AssetCardError, AssetMetadataError, StandardAssetStore
 from fairseq2.checkpoint import ModelMetadataLoader
+from fairseq2.model_checkpoint import CorruptModelCheckpointError
 from fairseq2.device import CPU, Device
 from fairseq2.models import ModelHub
 from fairseq2.runtime.dependency import get_dependency_resolver
@@ -198,11 +199,17 @@ def load_run_model(
 
     try:
         model = hub.load_model(run.card, device=device, dtype=dtype, config=config)
-    except Exception as ex:
-        # fairseq2 wraps the family's checkpoint check; its cause says which tensors differ.
-        reason = ex.__cause__ if ex.__cause__ is not None else ex
+    except (AssetCardError, ValueError) as ex:
+        # fairseq2 wraps a state dict that does not fit the model (and the family's own
+        # checkpoint check) in an asset card error; its cause says which tensors differ.
+        cause = ex.__cause__
 
-        raise RunCheckpointError(f"{run.model_dir}: the weights do not fit the configuration in {run.metadata_file} ({reason})") from ex
+        if isinstance(ex, ValueError) or isinstance(cause, (CorruptModelCheckpointError, ValueError)):
+            raise RunCheckpointError(
+                f"{run.model_dir}: the weights do not fit the configuration in {run.metadata_file} ({cause or ex})"
+            ) from ex
+
+        raise RunCheckpointError(f"{run.model_dir}: cannot be loaded ({ex}); check that the checkpoint is complete.") from ex
 
     model.eval()
 

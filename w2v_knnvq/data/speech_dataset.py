@@ -89,18 +89,16 @@ class SpeechManifestDataset:
 
         entries = _drop_short(manifest, options.min_audio_len)
 
-        if options.max_audio_len is None:
-            longest = max(int(entry["num_samples"]) for entry in entries)
+        max_audio_len = options.max_audio_len
 
-            options = replace(
-                options, max_audio_len=longest, max_num_elements=max(options.max_num_elements, longest)
-            )
+        if max_audio_len is None:
+            max_audio_len = max(int(entry["num_samples"]) for entry in entries)
 
-        assert options.max_audio_len is not None
+            options = replace(options, max_num_elements=max(options.max_num_elements, max_audio_len))
 
         bucket_sizes = length_bucket_sizes(
             max_num_elements=options.max_num_elements,
-            max_audio_len=options.max_audio_len,
+            max_audio_len=max_audio_len,
             min_audio_len=options.min_audio_len,
             num_seqs_multiple_of=options.num_seqs_multiple_of,
         )
@@ -110,14 +108,14 @@ class SpeechManifestDataset:
         # Every rank crops differently.
         seed = options.seed + 1 + gangs.dp.rank
 
-        _bucket_at_cropped_len(builder, bucket_sizes, options)
+        _bucket_at_cropped_len(builder, bucket_sizes, options.min_audio_len, max_audio_len)
 
         if options.batch_shuffle_window != 1:
             builder.shuffle(options.batch_shuffle_window, seed)
 
         decode_audio(builder, manifest.audio_dir, options.num_parallel_calls)
 
-        builder.map(_WaveformCropper(manifest.manifest_file, options, seed))
+        builder.map(_WaveformCropper(manifest.manifest_file, options, max_audio_len, seed))
 
         return create_pipeline_reader(builder, gangs, options)
 
@@ -149,33 +147,32 @@ def _drop_short(manifest: ManifestSplit, min_audio_len: int) -> list[dict[str, A
 
 
 def _bucket_at_cropped_len(
-    builder: DataPipelineBuilder, bucket_sizes: list[tuple[int, int]], options: SpeechReadOptions
+    builder: DataPipelineBuilder, bucket_sizes: list[tuple[int, int]], min_audio_len: int, max_audio_len: int
 ) -> None:
-    max_audio_len = options.max_audio_len
-
     # Long utterances are bucketed at their cropped length, so none is dropped.
     def use_cropped_len(example: dict[str, Any]) -> dict[str, Any]:
         return {**example, "num_samples": min(int(example["num_samples"]), max_audio_len)}
 
     builder.map(use_cropped_len)
 
-    bucket_by_num_samples(builder, bucket_sizes, options.min_audio_len)
+    bucket_by_num_samples(builder, bucket_sizes, min_audio_len)
 
 
 @final
 class _WaveformCropper:
     """Turns a bucket of decoded examples into a :class:`SequenceBatch`."""
 
-    def __init__(self, manifest_file: Path, options: SpeechReadOptions, seed: int) -> None:
+    def __init__(self, manifest_file: Path, options: SpeechReadOptions, max_audio_len: int, seed: int) -> None:
         self._manifest_file = manifest_file
         self._options = options
+        self._max_audio_len = max_audio_len
         self._generator = torch.Generator().manual_seed(seed)
         self._collater = Collater(pad_value=0)
 
     def __call__(self, bucket: list[dict[str, Any]]) -> SequenceBatch:
         waveforms = load_waveforms(bucket, self._manifest_file, normalize=self._options.normalize_audio)
 
-        crop_len = self._options.max_audio_len
+        crop_len = self._max_audio_len
 
         if self._options.crop_to_batch_shortest:
             crop_len = min(crop_len, min(len(w) for w in waveforms))

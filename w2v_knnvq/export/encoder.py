@@ -138,7 +138,7 @@ def encoder_state_dict(model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig) -
         pos_conv_v = pos_conv_weight
         pos_conv_g = torch.linalg.vector_norm(pos_conv_weight, dim=(0, 1), keepdim=True)
 
-    exported[_POS_CONV_G] = pos_conv_g  # type: ignore[assignment]
+    exported[_POS_CONV_G] = pos_conv_g
     exported[_POS_CONV_V] = pos_conv_v
 
     for key, value in source.items():

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 from w2v_knnvq.export.encoder import ExportError, describe_encoder, encoder_state_dict, mask_embedding
@@ -14,7 +15,7 @@ if TYPE_CHECKING:
     import transformers
 
 
-def _import_transformers():  # type: ignore[no-untyped-def]
+def _import_transformers() -> ModuleType:
     try:
         import safetensors  # noqa: F401
         import transformers

@@ -71,7 +71,7 @@ def torchaudio_state_dict(model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig
 
 def to_torchaudio(model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig) -> TorchaudioWav2Vec2Model:
     """:returns: A torchaudio ``Wav2Vec2Model`` in eval mode with the encoder's weights."""
-    ta_model = wav2vec2_model(**torchaudio_builder_args(config))  # type: ignore[arg-type]
+    ta_model = wav2vec2_model(**torchaudio_builder_args(config))
 
     ta_model.load_state_dict(torchaudio_state_dict(model, config), strict=True)
 

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq2.models.wav2vec2 import Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from fairseq2.models.wav2vec2 import GumbelWav2Vec2VectorQuantizer, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from fairseq2.models.wav2vec2.feature_extractor import Wav2Vec2FeatureExtractionLayer
 from fairseq2.nn import BatchLayout
 
 from w2v_knnvq.features.audio_input import MODEL_SAMPLE_RATE, AudioInputError, prepare_waveform, read_audio
@@ -87,6 +88,8 @@ class SpeechFeatureExtractor:
         :param normalize_audio: Standardize each waveform as pretraining did; by
             default what the pretraining run used (``False`` for a bare model).
         """
+        model: PretrainingModel
+
         if isinstance(pretrained, PretrainedModel):
             model = pretrained.model
 
@@ -321,13 +324,17 @@ def quantize_frames(model: PretrainingModel, cnn: CnnFeatures) -> FrameCodes:
         output = quantizer(cnn.features, padding_mask)
 
         codes, log_probs = output.codes, output.log_probs
-    else:
+    elif isinstance(quantizer, GumbelWav2Vec2VectorQuantizer):
         batch_size, num_frames = cnn.features.shape[:2]
 
         # (N, S, G x V) -> (N, S, G, V), the logits whose argmax fairseq2's quantizer picks.
         logits = quantizer.entry_proj(cnn.features).view(batch_size, num_frames, quantizer.num_codebooks, -1)
 
         codes = logits.argmax(dim=-1)
+    else:
+        raise TypeError(
+            f"The quantizer must be a `VectorQuantizer` or a `GumbelWav2Vec2VectorQuantizer`, but is a `{type(quantizer).__name__}` instead."
+        )
 
     codes = codes.masked_fill(~padding_mask.unsqueeze(-1), PADDING_CODE)
 
@@ -351,7 +358,10 @@ def _run_feature_extractor(extractor: object, seqs: Tensor, seq_lens: Sequence[i
     # (N, S_wav) -> (N, 1, S_wav)
     x = seqs.unsqueeze(1)
 
-    for layer, (_, kernel_size, stride) in zip(extractor.layers, extractor.layer_descs):
+    for module, (_, kernel_size, stride) in zip(extractor.layers, extractor.layer_descs, strict=True):
+        # `layers` is a `Sequential` of these.
+        layer = cast(Wav2Vec2FeatureExtractionLayer, module)
+
         x = layer.conv(x)
 
         lengths = [math.floor((length - kernel_size) / stride) + 1 for length in lengths]

@@ -184,7 +184,7 @@ class VectorQuantizer(Module):
         num_vectors = leading_shape.numel()
 
         # Autocast off: quantizer math in float32 (meta tensors know no autocast).
-        if torch.amp.is_autocast_available(x.device.type):
+        if torch.amp.autocast_mode.is_autocast_available(x.device.type):
             float32_math: AbstractContextManager[object] = torch.autocast(
                 device_type=x.device.type, enabled=False
             )

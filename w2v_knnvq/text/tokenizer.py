@@ -117,7 +117,7 @@ def char_vocab_size(transcripts: Iterable[str]) -> int:
 
     Distinct non-space characters, plus the word boundary, plus ``<pad>``/blank and ``<unk>``.
     """
-    chars = set()
+    chars: set[str] = set()
 
     for text in transcripts:
         chars.update(text)

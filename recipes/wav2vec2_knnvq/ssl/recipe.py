@@ -18,12 +18,11 @@ from fairseq2.datasets import SequenceBatch
 from fairseq2.evaluator import EvalUnit
 from fairseq2.metrics import MetricBag
 from fairseq2.recipe.cli import main as run_recipe_cli
-from fairseq2.recipe.config import CosineAnnealingLRConfig
-from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
 
+from recipes.common import check_warmup
 from recipes.wav2vec2_knnvq.ssl.config import SslRecipeConfig
 from recipes.wav2vec2_knnvq.ssl.criterion import CodebookShape, SslCriterion, adapt_pretraining_model
 from recipes.wav2vec2_knnvq.ssl.dataset import (
@@ -60,7 +59,7 @@ class SslRecipe(Recipe):
     def create_task(self, context: RecipeContext) -> Task:
         config = context.get_config_as(SslRecipeConfig)
 
-        _check_lr_schedule(config)
+        check_warmup(config.lr_scheduler.config, config.regime.num_steps)
 
         base_model = context.get_model()
 
@@ -203,21 +202,6 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
     @override
     def process_metric_values(self, values: MutableMapping[str, object]) -> None:
         publish_per_codebook(values)
-
-
-def _check_lr_schedule(config: SslRecipeConfig) -> None:
-    """Turns fairseq2's division by zero on a warmup as long as training into a clear error."""
-    scheduler = config.lr_scheduler.config
-    num_steps = config.regime.num_steps
-
-    if not isinstance(scheduler, CosineAnnealingLRConfig) or scheduler.cycle_len is not None or num_steps is None:
-        return
-
-    if scheduler.num_warmup_steps >= num_steps:
-        raise RecipeError(
-            f"`lr_scheduler.config.num_warmup_steps` ({scheduler.num_warmup_steps}) must be smaller than "
-            f"`regime.num_steps` ({num_steps}) for the cosine annealing to have steps left; lower the warmup."
-        )
 
 
 def main() -> None:

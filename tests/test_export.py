@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from types import ModuleType
 import json
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 
 
-def _load_tool(name: str):  # type: ignore[no-untyped-def]
+def _load_tool(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
     assert spec is not None and spec.loader is not None
 
@@ -40,7 +41,7 @@ def _load_tool(name: str):  # type: ignore[no-untyped-def]
 @pytest.mark.parametrize("arch", ["tiny_1x1024", "tiny_2x320"])
 def test_exports_match_our_features(arch: str, tmp_path: Path) -> None:
     # The helper that writes a pretraining run's layout lives beside this file.
-    from test_features import write_run
+    from tests.test_features import write_run
 
     run_dir = tmp_path / "run"
     models = write_run(run_dir, arch, steps=(3,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+from types import ModuleType
 import logging
 import math
 import os
@@ -286,7 +287,7 @@ def test_files_resampling_stereo_and_bad_audio(extractor: SpeechFeatureExtractor
         extractor.extract([torch.full((16_000,), float("nan"))])
 
 
-def _load_tool(name: str):  # type: ignore[no-untyped-def]
+def _load_tool(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
     assert spec is not None and spec.loader is not None
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ CORPUS_DIR = REPO_ROOT / "tests" / "data" / "minispeech"
 SPLIT_SIZES = {"train": 84, "dev": 16, "test": 16}
 
 
-def _config(output_dir: Path, splits: list[str], **kwargs: object) -> ManifestConfig:
+def _config(output_dir: Path, splits: list[str], **kwargs: Any) -> ManifestConfig:
     return ManifestConfig(
         corpus_dir=CORPUS_DIR, splits=splits, output_dir=output_dir, show_progress=False, **kwargs
     )

@@ -111,6 +111,7 @@ def test_smoothed_codes_are_argmax_of_cosine_logits() -> None:
     x = torch.randn(20, 12)
     output = quantizer(x)
 
+    assert quantizer.input_proj is not None
     z = quantizer.input_proj(x)
     similarity = normalize(z, dim=-1) @ normalize(quantizer.codebook()[0], dim=-1).t()
 

@@ -94,7 +94,7 @@ def test_ddp_training_steps_keep_ranks_identical(tmp_path: Path) -> None:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
     # Forked workers skip re-importing torch and fairseq2, the bulk of the cost.
-    mp.start_processes(
+    mp.start_processes(  # type: ignore[attr-defined]  # torch does not re-export it in __all__
         _train_all,
         args=(str(tmp_path / "store"), str(tmp_path)),
         nprocs=WORLD_SIZE,

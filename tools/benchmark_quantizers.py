@@ -64,7 +64,7 @@ def build_step(name: str, layout: str, device: torch.device) -> Callable[[Tensor
 
         # The module with its outputs and metrics, minus the KNN loss: the regularizer's own
         # cost. Each measurement runs in its own process, so the patch stays here.
-        quantizer_module.knn_loss = lambda log_probs, *args, **kwargs: log_probs.new_zeros(())
+        vars(quantizer_module)["knn_loss"] = lambda log_probs, *args, **kwargs: log_probs.new_zeros(())
 
     config = QuantizerConfig.from_method(
         method,
@@ -77,10 +77,12 @@ def build_step(name: str, layout: str, device: torch.device) -> Callable[[Tensor
     quantizer = VectorQuantizer(config, device=device).train()
 
     if name == BARE_SOFTMAX:
-        assert quantizer.input_proj is not None
+        input_proj = quantizer.input_proj
+
+        assert input_proj is not None
 
         def bare_step(x: Tensor) -> Tensor:
-            z = quantizer.input_proj(x).reshape(-1, num_codebooks, config.codebook_dim)
+            z = input_proj(x).reshape(-1, num_codebooks, config.codebook_dim)
             codebook = quantizer.codebook()
             probs = torch.softmax(cosine_logits(z, codebook, quantizer.temperature()), dim=-1)
             return torch.einsum("ngm,gmd->ngd", probs, codebook).sum()
@@ -104,7 +106,7 @@ def measure(name: str, layout: str, device_name: str, frames: int, repeats: int)
     step = build_step(name, layout, device)
 
     def run() -> None:
-        step(x).backward()
+        torch.autograd.backward(step(x))
         x.grad = None
 
     def synchronize() -> None:

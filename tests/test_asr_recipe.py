@@ -14,25 +14,36 @@ import pytest
 import torch
 import yaml
 
+from fairseq2.assets import AssetCard
 from fairseq2.checkpoint import ModelMetadataDumper
+from fairseq2.datasets import SyncMode
 from fairseq2.device import CPU
 from fairseq2.gang import FakeGang, create_fake_gangs
 from fairseq2.models.wav2vec2.asr import Wav2Vec2AsrConfig, create_wav2vec2_asr_model
 from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyResolver, get_dependency_resolver
+from fairseq2.utils.validation import ObjectValidator, ValidationError
 
-from recipes.wav2vec2_knnvq.asr.eval import EvalError, read_finetune_run_settings, transcribe
+from recipes.wav2vec2_knnvq.asr.dataset import batch_utterance_ids
+from recipes.wav2vec2_knnvq.asr.eval.config import AsrEvalDatasetSection, FinetunedModelSection
+from recipes.wav2vec2_knnvq.asr.eval.finetune_run import (
+    find_finetuned_checkpoint,
+    run_normalize_audio,
+    run_tokenizer_path,
+)
+from recipes.wav2vec2_knnvq.asr.eval.recipe import create_eval_reader
 from recipes.wav2vec2_knnvq.asr.pretrained import (
     PretrainedEncoderSection,
     check_audio_normalization,
     load_pretrained_encoder,
-    resolve_pretrained_model,
+    resolve_pretrained_encoder,
     share_encoder_config,
 )
 from recipes.wav2vec2_knnvq.asr.recipe import _set_target_vocab_size
 from recipes.wav2vec2_knnvq.asr.tokenizer import CtcTokenizerSection, prepare_ctc_tokenizer
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset, AsrReadOptions
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
+from w2v_knnvq.runs import RunCheckpoint, find_run_checkpoint
 from w2v_knnvq.text import load_ctc_tokenizer, word_edits
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
 
@@ -61,12 +72,29 @@ def _env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=python_path, FAIRSEQ2_EXTENSION_TRACE="1")
 
 
-def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(command, cwd=REPO_ROOT, env=_env(), capture_output=True, text=True, timeout=150)
+def _run(
+    command: list[str], *, env: dict[str, str] | None = None, expected_returncode: int = 0
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, cwd=REPO_ROOT, env=env or _env(), capture_output=True, text=True, timeout=150)
 
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == expected_returncode, result.stdout[-4000:] + result.stderr[-4000:]
 
     return result
+
+
+def _run_eval(
+    finetune_dir: Path, manifest_dir: Path, output_dir: Path, *overrides: str, expected_returncode: int = 0
+) -> subprocess.CompletedProcess[str]:
+    """Evaluates on the `valid` split through the evaluation's command line, on the CPU."""
+    return _run(
+        [
+            sys.executable, "-m", "recipes.wav2vec2_knnvq.asr.eval", "--no-rich", "--config",
+            f"model.run_dir={finetune_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
+            "dataset.split=valid", *overrides, "--", str(output_dir),
+        ],  # fmt: skip
+        env=dict(_env(), FAIRSEQ2_DEVICE="cpu"),
+        expected_returncode=expected_returncode,
+    )
 
 
 def _read_jsonl(path: Path) -> list[dict[str, object]]:
@@ -265,12 +293,7 @@ def test_encoder_comes_from_pretrained_model_and_cnn_stays_frozen(finetune_dir: 
 def test_eval_writes_transcripts_and_figures(finetune_dir: Path, manifest_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "eval"
 
-    result = _run(
-        [
-            sys.executable, "-m", "recipes.wav2vec2_knnvq.asr.eval", str(finetune_dir),
-            "--manifest-dir", str(manifest_dir), "--split", "valid", "--output-dir", str(output_dir), "--device", "cpu",
-        ]  # fmt: skip
-    )
+    result = _run_eval(finetune_dir, manifest_dir, output_dir)
 
     printed = json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -304,7 +327,57 @@ def test_eval_writes_transcripts_and_figures(finetune_dir: Path, manifest_dir: P
     assert record["normalize_audio"] is False
 
     # The best checkpoint by validation WER is evaluated by default.
-    assert Path(record["checkpoint"]).parent.name == f"step_{_best_step(finetune_dir)}"
+    best_step = _best_step(finetune_dir)
+
+    assert Path(record["checkpoint"]).parent.name == f"step_{best_step}"
+
+    # The recipe's validation unit scored the split: fairseq2 recorded the same figures,
+    # which agree with the validation of that step during fine-tuning.
+    [metrics] = _read_jsonl(output_dir / "metrics/eval/valid.jsonl")
+
+    assert float(metrics["Word Error Rate (WER)"]) == pytest.approx(record["wer"])  # type: ignore[arg-type]
+    assert float(metrics["Character Error Rate (CER)"]) == pytest.approx(record["cer"])  # type: ignore[arg-type]
+
+    assert record["wer"] == pytest.approx(_validation_wers(finetune_dir)[best_step])
+
+
+def test_eval_names_the_saved_steps_of_a_missing_checkpoint(
+    finetune_dir: Path, manifest_dir: Path, tmp_path: Path
+) -> None:
+    result = _run_eval(finetune_dir, manifest_dir, tmp_path / "eval", "model.checkpoint=7", expected_returncode=2)
+
+    steps = sorted({_best_step(finetune_dir), NUM_STEPS})
+
+    saved = f"{finetune_dir / 'checkpoints'} ({steps})"
+
+    assert f"`model.checkpoint` must be one of the steps saved in {saved}" in result.stderr
+    assert "but is 7 instead" in result.stderr
+
+    assert not (tmp_path / "eval/valid.json").exists()
+
+
+def test_finetuned_checkpoint_is_chosen_by_name_or_step(finetune_dir: Path, pretrained_dir: Path) -> None:
+    best_step = _best_step(finetune_dir)
+
+    for checkpoint, step in (("best", best_step), ("last", NUM_STEPS), (NUM_STEPS, NUM_STEPS)):
+        run = find_finetuned_checkpoint(FinetunedModelSection(run_dir=finetune_dir, checkpoint=checkpoint))
+
+        assert run.step == step, checkpoint
+
+    with pytest.raises(RecipeError, match="must hold a `wav2vec2_asr` model, but .* describes a `wav2vec2_knnvq`"):
+        find_finetuned_checkpoint(FinetunedModelSection(run_dir=pretrained_dir, checkpoint="last"))
+
+
+def test_eval_model_section_is_only_the_run(resolver: DependencyResolver) -> None:
+    validator = resolver.resolve(ObjectValidator)
+
+    validator.validate(FinetunedModelSection(run_dir=Path("run"), checkpoint=20))
+
+    with pytest.raises(ValidationError, match="`checkpoint` must be 'best', 'last' or a step number, but is 'first'"):
+        validator.validate(FinetunedModelSection(checkpoint="first"))
+
+    with pytest.raises(ValidationError, match="`name` must not be set.*read from `run_dir`"):
+        validator.validate(FinetunedModelSection(name="wav2vec2_asr_base_10h"))
 
 
 def test_pretrained_model_is_found_from_any_path_form(resolver: DependencyResolver, pretrained_dir: Path) -> None:
@@ -313,24 +386,40 @@ def test_pretrained_model_is_found_from_any_path_form(resolver: DependencyResolv
     expected = str(step_dir / "model")
 
     for path in (pretrained_dir, pretrained_dir / "checkpoints", step_dir, step_dir / CHECKPOINT_FILE):
-        pretrained = resolve_pretrained_model(resolver, PretrainedEncoderSection(path=path))
+        pretrained = resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=path))
 
         assert pretrained.card.field("checkpoint").as_(str) == expected, path
 
+        assert pretrained.source == expected
+
         assert pretrained.encoder_config.model_dim == 64
 
-    with pytest.raises(RecipeError, match="has no checkpoint of step 7.*steps \\[2\\]"):
-        resolve_pretrained_model(resolver, PretrainedEncoderSection(path=pretrained_dir, step=7))
+    with pytest.raises(RecipeError, match="`pretrained_encoder.step` must be one of the steps saved in .*\\(\\[2\\]\\), but is 7"):
+        resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=pretrained_dir, step=7))
 
-    with pytest.raises(RecipeError, match="is no pretraining output"):
-        resolve_pretrained_model(resolver, PretrainedEncoderSection(path=pretrained_dir.parent))
+    with pytest.raises(RecipeError, match="is no training output"):
+        resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=pretrained_dir.parent))
 
     with pytest.raises(RecipeError, match="does not exist"):
-        resolve_pretrained_model(resolver, PretrainedEncoderSection(path=pretrained_dir / "missing"))
+        resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=pretrained_dir / "missing"))
+
+
+def test_pretrained_model_needs_the_model_yaml_of_its_run(
+    resolver: DependencyResolver, pretrained_dir: Path, tmp_path: Path
+) -> None:
+    run_dir = shutil.copytree(pretrained_dir, tmp_path / "pretrained")
+
+    (run_dir / "checkpoints/model.yaml").unlink()
+
+    # The model section of config.yaml does not stand in for it.
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"family": "wav2vec2_knnvq", "arch": "tiny_2x320"}}))
+
+    with pytest.raises(RecipeError, match="model.yaml: does not exist.*keep the run's `checkpoints` directory"):
+        resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=run_dir))
 
 
 def test_encoder_structure_is_shared_and_conflicts_are_refused(resolver: DependencyResolver, pretrained_dir: Path) -> None:
-    pretrained = resolve_pretrained_model(resolver, PretrainedEncoderSection(path=pretrained_dir))
+    pretrained = resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=pretrained_dir))
 
     overrides: dict[str, object] = {"encoder_config": {"layer_drop_p": 0.3}}
 
@@ -414,43 +503,45 @@ def test_relative_tokenizer_path_is_recorded_absolute(frozen_dir: Path, finetune
 
     assert config["tokenizer"]["path"] == str(expected)
 
-    assert read_finetune_run_settings(frozen_dir / "checkpoints").tokenizer_path == expected
+    assert run_tokenizer_path(find_run_checkpoint(frozen_dir)) == expected
 
 
-def _write_run_config(run_dir: Path, config: dict[str, object]) -> Path:
+def _write_run_config(run_dir: Path, config: dict[str, object]) -> RunCheckpoint:
+    """A checkpoint of ``run_dir`` whose ``config.yaml`` holds ``config``."""
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
 
-    config_file = run_dir / "config.yaml"
+    return _run_checkpoint(run_dir)
 
-    config_file.write_text(yaml.safe_dump(config))
 
-    return config_file
+def _run_checkpoint(run_dir: Path) -> RunCheckpoint:
+    return RunCheckpoint(card=AssetCard("checkpoint_step_1", {}), checkpoints_dir=run_dir / "checkpoints", step=1)
 
 
 def test_eval_settings_come_from_the_run_config(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
 
-    _write_run_config(run_dir, {"tokenizer": {"path": None, "name": "abc"}, "dataset": {"normalize_audio": True}})
+    run = _write_run_config(run_dir, {"tokenizer": {"path": None, "name": "abc"}, "dataset": {"normalize_audio": True}})
 
-    settings = read_finetune_run_settings(run_dir / "checkpoints")
+    assert run_normalize_audio(run) is True
+    assert run_tokenizer_path(run) == run_dir / "tokenizer/abc.yaml"
 
-    assert settings.normalize_audio is True
-    assert settings.tokenizer_path == run_dir / "tokenizer/abc.yaml"
+    run = _write_run_config(run_dir, {"tokenizer": {"path": "tok/abc.yaml"}, "dataset": {"normalize_audio": False}})
 
-    _write_run_config(run_dir, {"tokenizer": {"path": "tok/abc.yaml"}, "dataset": {"normalize_audio": False}})
+    assert run_normalize_audio(run) is False
 
-    with pytest.raises(EvalError, match="relative path tok/abc.yaml.*--tokenizer"):
-        read_finetune_run_settings(run_dir / "checkpoints")
+    with pytest.raises(RecipeError, match="relative path tok/abc.yaml.*set `tokenizer.path` of the evaluation"):
+        run_tokenizer_path(run)
 
-    _write_run_config(run_dir, {"tokenizer": {"name": "abc"}, "dataset": {}})
+    run = _write_run_config(run_dir, {"tokenizer": {"name": "abc"}, "dataset": {}})
 
-    with pytest.raises(EvalError, match="no boolean `dataset.normalize_audio`"):
-        read_finetune_run_settings(run_dir / "checkpoints")
+    with pytest.raises(RecipeError, match="`dataset.normalize_audio` in .*config.yaml must be a boolean, but is None"):
+        run_normalize_audio(run)
 
-    with pytest.raises(EvalError, match="does not exist.*audio normalization"):
-        read_finetune_run_settings(tmp_path / "missing" / "checkpoints")
+    for read_setting in (run_normalize_audio, run_tokenizer_path):
+        with pytest.raises(RecipeError, match="does not exist.*audio normalization"):
+            read_setting(_run_checkpoint(tmp_path / "missing"))
 
 
 @pytest.mark.parametrize("normalize_audio", [True, False])
@@ -470,29 +561,25 @@ def test_eval_reads_audio_as_the_run_did(finetune_dir: Path, manifest_dir: Path,
 
     tokenizer = load_ctc_tokenizer(finetune_dir / "tokenizer/minispeech_char.yaml")
 
-    model = create_wav2vec2_asr_model(_tiny_asr_config(tokenizer.vocab_info.size))
+    section = AsrEvalDatasetSection(split="train4", max_num_elements=400_000)
 
-    transcriptions = transcribe(
-        model, tokenizer, RecordingDataset(), "train4", CPU, 400_000, normalize_audio=normalize_audio  # type: ignore[arg-type]
-    )
+    gangs = create_fake_gangs(CPU)
 
-    assert len(transcriptions) == NUM_TRAIN_UTTERANCES
+    reader = create_eval_reader(RecordingDataset(), section, tokenizer, gangs, normalize_audio=normalize_audio, seed=2)  # type: ignore[arg-type]
+
+    ids = [utterance_id for batches in reader for batch in batches for utterance_id in batch_utterance_ids(batch)]
+
+    assert len(ids) == NUM_TRAIN_UTTERANCES
 
     assert [options.normalize_audio for options in read_options] == [normalize_audio]
 
     # The options of the recipe's validation reader, so that the figures agree.
-    assert read_options[0].min_audio_len == 1
-    assert read_options[0].shuffle_window == 1
+    [options] = read_options
 
-
-def _tiny_asr_config(vocab_size: int) -> Wav2Vec2AsrConfig:
-    config = Wav2Vec2AsrConfig()
-
-    config.encoder_config = WAV2VEC2_KNNVQ_ARCHS["tiny_2x320"]().encoder_config
-    config.target_vocab_size = vocab_size
-    config.spatial_mask_span_len = 16
-
-    return config
+    assert options.min_audio_len == 1
+    assert options.shuffle_window == options.batch_shuffle_window == 1
+    assert options.sync_mode == SyncMode.UNTIL_LAST
+    assert options.max_num_batches is None
 
 
 def _pretrained_copy_with_config(pretrained_dir: Path, destination: Path, normalize_audio: bool) -> Path:
@@ -510,17 +597,18 @@ def test_audio_normalization_must_match_pretraining(
 
     normalized_dir = _pretrained_copy_with_config(pretrained_dir, tmp_path / "normalized", True)
 
-    pretrained = resolve_pretrained_model(resolver, PretrainedEncoderSection(path=normalized_dir))
+    pretrained = resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=normalized_dir))
 
-    assert pretrained.pretraining_normalize_audio() is True
+    assert pretrained.run is not None
+    assert pretrained.run.normalize_audio is True
 
     check_audio_normalization(pretrained, True, finetune_config)
 
     with pytest.raises(
         RecipeError,
         match=(
-            f"is false in the fine-tuning config \\({finetune_config}\\).*"
-            f"`dataset.normalize_audio: true` \\({normalized_dir / 'config.yaml'}\\).*"
+            f"must be true as in the pretraining of .* \\({normalized_dir / 'config.yaml'}\\), "
+            f"but is false instead in the fine-tuning config \\({finetune_config}\\).*"
             "Set `dataset.normalize_audio=true`"
         ),
     ):
@@ -528,20 +616,21 @@ def test_audio_normalization_must_match_pretraining(
 
     raw_dir = _pretrained_copy_with_config(pretrained_dir, tmp_path / "raw", False)
 
-    pretrained = resolve_pretrained_model(resolver, PretrainedEncoderSection(path=raw_dir))
+    pretrained = resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=raw_dir))
 
     with pytest.raises(RecipeError, match="Set `dataset.normalize_audio=false`"):
         check_audio_normalization(pretrained, True, finetune_config)
 
     # Without the pretraining run's config.yaml there is nothing to compare with.
-    pretrained = resolve_pretrained_model(resolver, PretrainedEncoderSection(path=pretrained_dir))
+    pretrained = resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=pretrained_dir))
 
-    assert pretrained.pretraining_normalize_audio() is None
+    assert pretrained.run is not None
+    assert pretrained.run.normalize_audio is None
 
     check_audio_normalization(pretrained, True, finetune_config)
 
 
-class _RankGang(FakeGang):
+class _RankGang(FakeGang):  # type: ignore[misc]  # a test double of one rank
     """A rank of a larger gang whose broadcasts deliver ``rank_0_objects``."""
 
     def __init__(self, rank: int, rank_0_objects: list[object] | None = None) -> None:

@@ -1,8 +1,14 @@
-"""The ``dataset`` section of the fine-tuning recipe and the readers built from it."""
+"""The ``dataset`` section of the fine-tuning recipe and the readers built from it.
+
+The evaluation recipe reads its split with :func:`create_valid_reader` too, so that its
+figures agree with validation.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import cast
 
 from fairseq2.composition import register_dataset_family
 from fairseq2.data.tokenizers import Tokenizer
@@ -17,7 +23,7 @@ from w2v_knnvq.data.asr_dataset import (
     AsrReadOptions,
     open_asr_manifest_dataset,
 )
-from w2v_knnvq.data.manifest_dataset import ManifestDatasetSection
+from w2v_knnvq.data.manifest_dataset import ManifestDatasetSection, whole_split_options
 
 
 def register_asr_manifest_dataset(container: DependencyContainer) -> None:
@@ -58,44 +64,72 @@ def create_train_reader(
     seed: int,
     num_accumulate: int,
 ) -> DataReader[Seq2SeqBatch]:
-    options = AsrReadOptions(
+    options = replace(
+        section_read_options(section, seed=seed),
         min_audio_len=section.min_audio_len,
         max_audio_len=section.max_audio_len,
-        max_num_elements=section.max_num_elements,
-        normalize_audio=section.normalize_audio,
         shuffle_window=section.shuffle_window,
         batch_shuffle_window=section.batch_shuffle_window,
-        num_parallel_calls=section.num_parallel_calls,
-        num_prefetch=section.num_prefetch,
         num_accumulate=num_accumulate,
         sync_mode=SyncMode.UNTIL_FIRST,
-        seed=seed,
     )
 
     return dataset.create_reader(section.train_split, tokenizer, gangs, options)
 
 
-def create_valid_reader(
-    dataset: AsrManifestDataset, section: AsrDatasetSection, tokenizer: Tokenizer, gangs: Gangs, *, seed: int
-) -> DataReader[Seq2SeqBatch]:
-    """Reads the whole validation split in manifest order; no utterance is dropped for length."""
-    if section.valid_split is None:
-        raise ValueError("`section.valid_split` must not be `None`.")
-
-    longest = max(utterance.num_samples for utterance in dataset.read_split(section.valid_split).utterances)
-
-    options = AsrReadOptions(
-        min_audio_len=1,
-        max_audio_len=longest,
-        max_num_elements=max(section.max_num_elements, longest),
+def section_read_options(section: AsrDatasetSection, *, seed: int) -> AsrReadOptions:
+    """The options that training and validation both take from ``section``."""
+    return AsrReadOptions(
+        max_num_elements=section.max_num_elements,
         normalize_audio=section.normalize_audio,
-        shuffle_window=1,
-        batch_shuffle_window=1,
         num_parallel_calls=section.num_parallel_calls,
         num_prefetch=section.num_prefetch,
-        sync_mode=SyncMode.UNTIL_LAST,
-        max_num_batches=section.max_num_valid_batches,
         seed=seed,
     )
 
-    return dataset.create_reader(section.valid_split, tokenizer, gangs, options)
+
+def create_valid_reader(
+    dataset: AsrManifestDataset,
+    split: str,
+    tokenizer: Tokenizer,
+    gangs: Gangs,
+    options: AsrReadOptions,
+    *,
+    max_num_batches: int | None = None,
+) -> DataReader[Seq2SeqBatch]:
+    """Reads the whole ``split`` in manifest order, as validation and evaluation do; no
+    utterance is dropped for length.
+
+    :param options: How the audio is decoded and batched; the length limits are widened
+        to the split's longest utterance, which may exceed ``max_num_elements``.
+    :param max_num_batches: Caps the batches per rank; ``None`` reads the whole split.
+    """
+    longest = max(utterance.num_samples for utterance in dataset.read_split(split).utterances)
+
+    options = replace(
+        options, min_audio_len=1, max_audio_len=longest, max_num_elements=max(options.max_num_elements, longest)
+    )
+
+    options = whole_split_options(options, max_num_batches=max_num_batches)
+
+    return dataset.create_reader(split, tokenizer, gangs, options)
+
+
+def batch_utterance_ids(batch: Seq2SeqBatch) -> list[str]:
+    """The ids of the utterances of a batch (their audio file names without extension)."""
+    return cast(list[str], _batch_example(batch)["ids"])
+
+
+def batch_transcripts(batch: Seq2SeqBatch) -> list[str]:
+    """The reference transcripts of the utterances of a batch, whitespace collapsed."""
+    return cast(list[str], _batch_example(batch)["transcripts"])
+
+
+def batch_manifest_indices(batch: Seq2SeqBatch) -> list[int]:
+    """The positions of the utterances of a batch in their manifest."""
+    return cast(list[int], _batch_example(batch)["indices"])
+
+
+def _batch_example(batch: Seq2SeqBatch) -> Mapping[str, object]:
+    # Set by the collater of `AsrManifestDataset.create_reader`.
+    return cast(Mapping[str, object], batch.example)

@@ -30,14 +30,7 @@ from fairseq2.runtime.dependency import DependencyResolver
 from fairseq2.utils.structured import ValueConverter
 from fairseq2.utils.validation import ValidationResult
 
-from w2v_knnvq.checkpoints import (
-    CheckpointStepNotFoundError,
-    PretrainedModelDescription,
-    PretrainingCheckpoint,
-    PretrainingCheckpointError,
-    locate_pretraining_checkpoint,
-    read_pretrained_model_description,
-)
+from w2v_knnvq.runs import CheckpointStepNotFoundError, RunCheckpoint, RunCheckpointError, find_run_checkpoint
 
 ENCODER_FINE_TUNING_FIELDS: Final = frozenset(
     {
@@ -88,43 +81,24 @@ class PretrainedEncoderSection:
 
 
 @final
-class PretrainedModel:
-    """The card, the configuration and (on demand) the weights of the pretrained model."""
+@dataclass(frozen=True, kw_only=True)
+class PretrainedEncoder:
+    """The pretrained model whose encoder the ASR model starts from: its card, the
+    configuration of its encoder and (on demand) its weights."""
 
-    def __init__(
-        self,
-        card: AssetCard,
-        config: object,
-        encoder_config: Wav2Vec2EncoderConfig,
-        *,
-        recipe_config_file: Path | None = None,
-        recipe_config: Mapping[str, object] | None = None,
-    ) -> None:
-        """
-        :param recipe_config_file: The ``config.yaml`` of the pretraining run, if the model
-            was named by a path to one.
-        :param recipe_config: Its contents.
-        """
-        self.card = card
-        self.config = config
-        self.encoder_config = encoder_config
-        self.recipe_config_file = recipe_config_file
-        self.recipe_config = recipe_config or {}
+    card: AssetCard
 
-    def pretraining_normalize_audio(self) -> bool | None:
-        """``dataset.normalize_audio`` of the pretraining run; ``None`` if its config does not say."""
-        dataset_section = self.recipe_config.get("dataset")
+    encoder_config: Wav2Vec2EncoderConfig
 
-        if not isinstance(dataset_section, Mapping):
-            return None
+    source: str
+    """How messages name the model: its checkpoint directory or its asset card name."""
 
-        value = dataset_section.get("normalize_audio")
-
-        return value if isinstance(value, bool) else None
+    run: RunCheckpoint | None = None
+    """The pretraining run, if the model was named by a path to one."""
 
     def load_shared_state_dict(self) -> dict[str, Tensor]:
         """Loads the pretrained model on CPU and returns its :data:`SHARED_PARAMETER_PREFIXES` entries."""
-        log.info("Loading the pretrained model {} to initialize the encoder.", self.card.name)
+        log.info("Loading the pretrained model {} to initialize the encoder.", self.source)
 
         model = load_model(self.card, device=CPU, dtype=torch.float32)
 
@@ -135,100 +109,87 @@ class PretrainedModel:
         }
 
 
-def resolve_pretrained_model(resolver: DependencyResolver, section: PretrainedEncoderSection) -> PretrainedModel:
+def resolve_pretrained_encoder(resolver: DependencyResolver, section: PretrainedEncoderSection) -> PretrainedEncoder:
     """:raises RecipeError: if the model cannot be found or has no wav2vec 2.0 encoder."""
-    recipe_config_file: Path | None = None
-    recipe_config: Mapping[str, object] | None = None
-
     if section.path is not None:
-        checkpoint = _locate_checkpoint(section.path, section.step)
+        run = _find_pretraining_checkpoint(section.path, section.step)
 
-        description = _describe(checkpoint)
+        return _describe_encoder(resolver, run.card, str(run.model_dir), run)
 
-        card = description.card
+    if section.name is not None:
+        return _describe_encoder(resolver, _retrieve_card(resolver, section.name), section.name, None)
 
-        if description.recipe_config:
-            recipe_config_file = checkpoint.run_dir / "config.yaml"
-            recipe_config = description.recipe_config
-    elif section.name is not None:
-        card = resolver.resolve(AssetStore).maybe_retrieve_card(section.name)
+    raise RecipeError("`pretrained_encoder.name` or `pretrained_encoder.path` must be specified.")
 
-        if card is None:
-            raise RecipeError(
-                f"`pretrained_encoder.name` is {section.name}, but no asset card has that name. "
-                "For a pretraining run, set `common.assets.prev_checkpoint_dir` to its `checkpoints` "
-                "directory and use `last_checkpoint` or `checkpoint_step_N`, or set `pretrained_encoder.path`."
-            )
-    else:
-        raise RecipeError("`pretrained_encoder.name` or `pretrained_encoder.path` must be specified.")
 
+def _find_pretraining_checkpoint(path: Path, step: int | None) -> RunCheckpoint:
+    try:
+        return find_run_checkpoint(path, checkpoint=step)
+    except CheckpointStepNotFoundError as ex:
+        if ex.step is None:
+            raise RecipeError(f"`pretrained_encoder.path`: {ex}") from None
+
+        raise RecipeError(
+            f"`pretrained_encoder.step` must be one of the steps saved in {ex.checkpoints_dir} "
+            f"({ex.available_steps}), but is {ex.step} instead."
+        ) from None
+    except RunCheckpointError as ex:
+        raise RecipeError(f"`pretrained_encoder.path`: {ex}") from None
+
+
+def _retrieve_card(resolver: DependencyResolver, name: str) -> AssetCard:
+    card = resolver.resolve(AssetStore).maybe_retrieve_card(name)
+
+    if card is None:
+        raise RecipeError(
+            f"`pretrained_encoder.name` must name an asset card, but no card is named {name}. "
+            "For a pretraining run, set `common.assets.prev_checkpoint_dir` to its `checkpoints` "
+            "directory and use `last_checkpoint` or `checkpoint_step_N`, or set `pretrained_encoder.path`."
+        )
+
+    return card
+
+
+def _describe_encoder(
+    resolver: DependencyResolver, card: AssetCard, source: str, run: RunCheckpoint | None
+) -> PretrainedEncoder:
+    """:raises RecipeError: if ``card`` describes no model with a wav2vec 2.0 encoder."""
     family = resolver.resolve(ModelFamily, key=get_model_family_name(card))
 
-    config = family.get_model_config(card)
-
-    encoder_config = getattr(config, "encoder_config", None)
+    encoder_config = getattr(family.get_model_config(card), "encoder_config", None)
 
     if not isinstance(encoder_config, Wav2Vec2EncoderConfig):
         raise RecipeError(
-            f"The pretrained model {card.name} of family `{family.name}` has no wav2vec 2.0 encoder "
-            "configuration; name a `wav2vec2_knnvq` or `wav2vec2` model."
+            f"The pretrained model {source} must have a wav2vec 2.0 encoder, but is of family `{family.name}` "
+            "instead; name a `wav2vec2_knnvq` or `wav2vec2` model."
         )
 
-    return PretrainedModel(
-        card, config, encoder_config, recipe_config_file=recipe_config_file, recipe_config=recipe_config
-    )
+    return PretrainedEncoder(card=card, encoder_config=encoder_config, source=source, run=run)
 
 
-def _locate_checkpoint(path: Path, step: int | None) -> PretrainingCheckpoint:
-    path = path.expanduser().resolve()
-
-    if not path.exists():
-        raise RecipeError(
-            f"`pretrained_encoder.path` {path} does not exist; give a pretraining output directory or one of its checkpoints."
-        )
-
-    try:
-        return locate_pretraining_checkpoint(path, step=step)
-    except CheckpointStepNotFoundError as ex:
-        raise RecipeError(
-            f"{ex.checkpoints_dir} has no checkpoint {'at all' if ex.step is None else f'of step {ex.step}'}; "
-            f"it has steps {ex.available_steps or 'none'}. Pick one with `pretrained_encoder.step`."
-        ) from None
-    except PretrainingCheckpointError as ex:
-        raise RecipeError(f"`pretrained_encoder.path`: {ex}") from None
-
-
-def _describe(checkpoint: PretrainingCheckpoint) -> PretrainedModelDescription:
-    try:
-        return read_pretrained_model_description(checkpoint)
-    except PretrainingCheckpointError as ex:
-        raise RecipeError(f"`pretrained_encoder.path`: {ex}") from None
-
-
-def check_audio_normalization(pretrained: PretrainedModel, normalize_audio: bool, config_file: Path) -> None:
+def check_audio_normalization(pretrained: PretrainedEncoder, normalize_audio: bool, config_file: Path) -> None:
     """Makes sure fine-tuning feeds the encoder audio scaled as in pretraining.
 
     :param normalize_audio: ``dataset.normalize_audio`` of the fine-tuning run.
     :param config_file: Where the fine-tuning run records its configuration.
     :raises RecipeError: if the pretraining run's ``config.yaml`` says otherwise.
     """
-    pretrained_value = pretrained.pretraining_normalize_audio()
+    run = pretrained.run
 
-    if pretrained_value is None or pretrained_value == normalize_audio:
+    if run is None or run.normalize_audio is None or run.normalize_audio == normalize_audio:
         return
 
-    flag = "true" if pretrained_value else "false"
+    flag = "true" if run.normalize_audio else "false"
 
     raise RecipeError(
-        f"`dataset.normalize_audio` is {str(normalize_audio).lower()} in the fine-tuning config ({config_file}), but the pretrained "
-        f"model {pretrained.card.name} was pretrained with `dataset.normalize_audio: {flag}` "
-        f"({pretrained.recipe_config_file}), so the encoder would see audio scaled differently. "
-        f"Set `dataset.normalize_audio={flag}`."
+        f"`dataset.normalize_audio` must be {flag} as in the pretraining of {pretrained.source} ({run.config_file}), "
+        f"but is {str(normalize_audio).lower()} instead in the fine-tuning config ({config_file}); the encoder would "
+        f"see audio scaled differently. Set `dataset.normalize_audio={flag}`."
     )
 
 
 def share_encoder_config(
-    resolver: DependencyResolver, pretrained: PretrainedModel, model_overrides: MutableMapping[str, object]
+    resolver: DependencyResolver, pretrained: PretrainedEncoder, model_overrides: MutableMapping[str, object]
 ) -> None:
     """Sets the structural ``encoder_config`` fields of the ASR model overrides to the
     pretrained model's.
@@ -237,40 +198,36 @@ def share_encoder_config(
     :raises RecipeError: if an override the user set explicitly differs from the
         pretrained model, since its weights could not be loaded.
     """
-    value_converter = resolver.resolve(ValueConverter)
-
-    pretrained_fields = value_converter.unstructure(pretrained.encoder_config)
-
-    if not isinstance(pretrained_fields, dict):
-        raise RecipeError(f"The encoder configuration of {pretrained.card.name} cannot be read.")
-
     encoder_overrides = model_overrides.setdefault("encoder_config", {})
 
     if not isinstance(encoder_overrides, MutableMapping):
-        raise RecipeError("`model.config_overrides.encoder_config` must be a mapping of encoder fields.")
+        raise RecipeError(
+            "`model.config_overrides.encoder_config` must be a mapping of encoder fields, "
+            f"but is of type `{type(encoder_overrides)}` instead."
+        )
+
+    value_converter = resolver.resolve(ValueConverter)
 
     conflicts = []
 
-    for config_field in fields(Wav2Vec2EncoderConfig):
-        name = config_field.name
+    for name in _structural_encoder_fields():
+        pretrained_value = value_converter.unstructure(getattr(pretrained.encoder_config, name))
 
-        if name in ENCODER_FINE_TUNING_FIELDS:
-            continue
-
-        pretrained_value = pretrained_fields[name]
-
-        if name in encoder_overrides:
-            if _as_plain(encoder_overrides[name]) != _as_plain(pretrained_value):
-                conflicts.append(f"{name}: {encoder_overrides[name]!r} here, {pretrained_value!r} pretrained")
-        else:
+        if name not in encoder_overrides:
             encoder_overrides[name] = pretrained_value
+        elif _as_plain(encoder_overrides[name]) != _as_plain(pretrained_value):
+            conflicts.append(f"{name}: {encoder_overrides[name]!r} here, {pretrained_value!r} pretrained")
 
     if conflicts:
         raise RecipeError(
             f"`model.config_overrides.encoder_config` differs from the encoder of the pretrained model "
-            f"{pretrained.card.name}, so its weights cannot be loaded: {'; '.join(conflicts)}. "
+            f"{pretrained.source}, so its weights cannot be loaded: {'; '.join(conflicts)}. "
             "Remove these overrides; the encoder structure is taken from the pretrained model."
         )
+
+
+def _structural_encoder_fields() -> list[str]:
+    return [field.name for field in fields(Wav2Vec2EncoderConfig) if field.name not in ENCODER_FINE_TUNING_FIELDS]
 
 
 def _as_plain(value: object) -> object:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 from fairseq2.data.tokenizers import Tokenizer
 from fairseq2.gang import Gangs
@@ -12,8 +13,10 @@ from fairseq2.recipe.error import RecipeError
 
 from w2v_knnvq.text import load_ctc_tokenizer, read_transcripts, train_char_tokenizer
 
-TRAINED_TOKENIZER_DIR = "tokenizer"
+TRAINED_TOKENIZER_DIR: Final = "tokenizer"
 """Where, under the output directory, the recipe writes the tokenizer it trains."""
+
+DEFAULT_TOKENIZER_NAME: Final = "ctc_char"
 
 
 @dataclass(kw_only=True)
@@ -24,7 +27,7 @@ class CtcTokenizerSection:
     training split and writes it to ``OUTPUT_DIR/tokenizer/{name}.yaml``. A relative
     path is taken from the directory the recipe is started in."""
 
-    name: str = "ctc_char"
+    name: str = DEFAULT_TOKENIZER_NAME
     """The name of the tokenizer the recipe trains; unused with ``path``."""
 
     def __post_init__(self) -> None:
@@ -35,6 +38,7 @@ class CtcTokenizerSection:
 
 
 def trained_tokenizer_card(output_dir: Path, name: str) -> Path:
+    """The asset card of the tokenizer ``name`` that the recipe trained into ``output_dir``."""
     return output_dir / TRAINED_TOKENIZER_DIR / f"{name}.yaml"
 
 
@@ -55,6 +59,14 @@ def prepare_ctc_tokenizer(
 
         _train_on_rank_0(path, section.name, train_transcripts, gangs)
 
+    return load_recipe_tokenizer(path), path
+
+
+def load_recipe_tokenizer(path: Path) -> Tokenizer:
+    """Loads the CTC tokenizer from its asset card or ``.model`` file.
+
+    :raises RecipeError: if the file is missing or holds no CTC tokenizer.
+    """
     try:
         tokenizer = load_ctc_tokenizer(path)
     except (OSError, ValueError) as ex:
@@ -62,7 +74,7 @@ def prepare_ctc_tokenizer(
 
     log.info("CTC tokenizer {} with a vocabulary of {}.", path, tokenizer.vocab_info.size)
 
-    return tokenizer, path
+    return tokenizer
 
 
 def _train_on_rank_0(card_path: Path, name: str, train_transcripts: Path, gangs: Gangs) -> None:

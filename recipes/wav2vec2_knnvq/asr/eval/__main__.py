@@ -1,0 +1,3 @@
+from recipes.wav2vec2_knnvq.asr.eval.recipe import main
+
+main()

@@ -1,0 +1,121 @@
+"""The configuration of the evaluation recipe.
+
+Only the fine-tuning run and the split are required; the model, its tokenizer and the
+audio normalization come from the run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from fairseq2.recipe.config import (
+    CommonSection,
+    DatasetSection,
+    EvaluatorSection,
+    GangSection,
+    ReferenceModelSection,
+)
+from fairseq2.utils.validation import ValidationResult
+
+from w2v_knnvq.data.asr_dataset import ASR_MANIFEST_DATASET_FAMILY
+from w2v_knnvq.runs import CheckpointChoice
+
+CHECKPOINT_NAMES: Final = ("best", "last")
+
+
+@dataclass(kw_only=True)
+class FinetunedModelSection(ReferenceModelSection):
+    """A checkpoint of a fine-tuning run of :mod:`recipes.wav2vec2_knnvq.asr`.
+
+    The recipe points ``path``, ``family`` and ``config_overrides`` at the checkpoint and
+    its ``checkpoints/model.yaml`` before the model is loaded, so they stay unset here.
+    """
+
+    run_dir: Path = field(default_factory=Path)
+    """The output directory of the fine-tuning run, or its ``checkpoints`` directory; a
+    relative path is taken from the directory the recipe is started in."""
+
+    checkpoint: CheckpointChoice = "best"
+    """``best`` (the lowest validation WER; the last step if the run kept no scores),
+    ``last``, or a step number."""
+
+    def validate(self) -> ValidationResult:
+        result = ValidationResult()
+
+        for name, value in (
+            ("name", self.name),
+            ("path", self.path),
+            ("family", self.family),
+            ("arch", self.arch),
+            ("config_overrides", self.config_overrides),
+        ):
+            if value is not None:
+                result.add_error(f"`{name}` must not be set, but is {value!r}; the model is read from `run_dir`.")
+
+        if isinstance(self.checkpoint, str) and self.checkpoint not in CHECKPOINT_NAMES:
+            result.add_error(
+                f"`checkpoint` must be 'best', 'last' or a step number, but is '{self.checkpoint}' instead."
+            )
+
+        if isinstance(self.checkpoint, int) and self.checkpoint < 1:
+            result.add_error(f"`checkpoint` must be a step number of at least 1, but is {self.checkpoint} instead.")
+
+        return result
+
+
+@dataclass(kw_only=True)
+class AsrEvalDatasetSection(DatasetSection):
+    """The split to evaluate, ``{manifest_dir}/{split}.tsv`` with its ``{split}.wrd``
+    transcripts (``config_overrides.manifest_dir``). It is read whole, in manifest order,
+    as the fine-tuning recipe reads its validation split."""
+
+    family: str | None = ASR_MANIFEST_DATASET_FAMILY
+
+    split: str = "valid"
+
+    max_num_elements: int = 3_200_000
+    """The number of audio samples per batch and rank, padding included (at least the
+    longest utterance of the split)."""
+
+    num_parallel_calls: int = 4
+    """The number of utterances decoded in parallel."""
+
+    num_prefetch: int = 4
+
+    def validate(self) -> ValidationResult:
+        result = super().validate()
+
+        if self.max_num_elements < 1:
+            result.add_error(f"`max_num_elements` must be at least 1, but is {self.max_num_elements} instead.")
+
+        return result
+
+
+@dataclass(kw_only=True)
+class EvalTokenizerSection:
+    path: Path | None = None
+    """The asset card (``NAME.yaml``) or ``NAME.model`` file of the tokenizer; ``None``
+    takes the one the fine-tuning run used, as its ``config.yaml`` records it."""
+
+    def __post_init__(self) -> None:
+        # Resolved here so that the evaluation's `config.yaml` records the absolute path.
+        if self.path is not None:
+            self.path = self.path.expanduser().resolve()
+
+
+@dataclass(kw_only=True)
+class AsrEvalRecipeConfig:
+    model: FinetunedModelSection = field(default_factory=lambda: FinetunedModelSection())
+
+    dataset: AsrEvalDatasetSection = field(default_factory=lambda: AsrEvalDatasetSection())
+
+    tokenizer: EvalTokenizerSection = field(default_factory=lambda: EvalTokenizerSection())
+
+    gang: GangSection = field(default_factory=lambda: GangSection())
+
+    evaluator: EvaluatorSection = field(default_factory=lambda: EvaluatorSection())
+
+    common: CommonSection = field(default_factory=lambda: CommonSection(no_sweep_dir=True))
+    """``no_sweep_dir``: the transcripts and figures go straight to the output directory."""

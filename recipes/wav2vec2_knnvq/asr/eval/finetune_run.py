@@ -1,0 +1,105 @@
+"""What the evaluation takes over from the fine-tuning run: the checkpoint, the tokenizer
+and the audio normalization the model was trained with."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Final
+
+from fairseq2.recipe.config import ReferenceModelSection
+from fairseq2.recipe.error import RecipeError
+
+from recipes.wav2vec2_knnvq.asr.eval.config import FinetunedModelSection
+from recipes.wav2vec2_knnvq.asr.tokenizer import DEFAULT_TOKENIZER_NAME, trained_tokenizer_card
+from w2v_knnvq.runs import CheckpointStepNotFoundError, RunCheckpoint, RunCheckpointError, find_run_checkpoint
+
+ASR_MODEL_FAMILY: Final = "wav2vec2_asr"
+
+
+def find_finetuned_checkpoint(section: FinetunedModelSection) -> RunCheckpoint:
+    """:raises RecipeError: if ``section.run_dir`` holds no such checkpoint of a
+    ``wav2vec2_asr`` model."""
+    try:
+        run = find_run_checkpoint(section.run_dir, checkpoint=section.checkpoint)
+    except CheckpointStepNotFoundError as ex:
+        if ex.step is None:
+            raise RecipeError(f"`model.run_dir`: {ex}") from None
+
+        raise RecipeError(
+            f"`model.checkpoint` must be one of the steps saved in {ex.checkpoints_dir} ({ex.available_steps}), "
+            f"'best' or 'last', but is {ex.step} instead."
+        ) from None
+    except RunCheckpointError as ex:
+        raise RecipeError(f"`model.run_dir`: {ex}") from None
+
+    if run.family != ASR_MODEL_FAMILY:
+        raise RecipeError(
+            f"`model.run_dir` must hold a `{ASR_MODEL_FAMILY}` model, but {run.metadata_file} describes a "
+            f"`{run.family}` model instead; give the output directory of the fine-tuning recipe."
+        )
+
+    return run
+
+
+def point_at_checkpoint(section: ReferenceModelSection, run: RunCheckpoint) -> None:
+    """Makes fairseq2 load the model of ``run`` from ``section``: its step's model
+    directory, with the family and configuration of ``checkpoints/model.yaml``."""
+    section.path = run.model_dir
+    section.family = run.family
+    section.config_overrides = run.card.field("model_config").value
+
+
+def check_run_config(run: RunCheckpoint) -> None:
+    """:raises RecipeError: if the run's ``config.yaml`` is missing."""
+    if not run.config_file.is_file():
+        raise RecipeError(
+            f"{run.config_file} does not exist, so the run's tokenizer and audio normalization are unknown; "
+            "keep the fine-tuning output directory intact."
+        )
+
+
+def run_normalize_audio(run: RunCheckpoint) -> bool:
+    """``dataset.normalize_audio`` of the run: the model only knows audio read this way.
+
+    :raises RecipeError: if the run's ``config.yaml`` does not say.
+    """
+    check_run_config(run)
+
+    normalize_audio = run.normalize_audio
+
+    if normalize_audio is None:
+        raise RecipeError(
+            f"`dataset.normalize_audio` in {run.config_file} must be a boolean, but is "
+            f"{run.recipe_option('dataset', 'normalize_audio')!r} instead; the file is not one the fine-tuning recipe wrote."
+        )
+
+    return normalize_audio
+
+
+def run_tokenizer_path(run: RunCheckpoint) -> Path:
+    """The tokenizer the run trained with: ``tokenizer.path`` of its ``config.yaml``, else
+    the one it trained into its output directory.
+
+    :raises RecipeError: if the run's ``config.yaml`` is missing or gives a relative path.
+    """
+    check_run_config(run)
+
+    path = run.recipe_option("tokenizer", "path")
+
+    if path is None:
+        name = run.recipe_option("tokenizer", "name")
+
+        return trained_tokenizer_card(run.run_dir, name if isinstance(name, str) else DEFAULT_TOKENIZER_NAME)
+
+    tokenizer_path = Path(str(path)).expanduser()
+
+    # The recipe records the path it resolved; a relative one cannot be resolved again
+    # since the directory the run was started in is unknown.
+    if not tokenizer_path.is_absolute():
+        raise RecipeError(
+            f"`tokenizer.path` in {run.config_file} must be absolute, but is the relative path {tokenizer_path} "
+            "instead, relative to the directory the run was started in, which is unknown; set `tokenizer.path` "
+            "of the evaluation."
+        )
+
+    return tokenizer_path

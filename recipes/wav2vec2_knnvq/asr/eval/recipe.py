@@ -1,0 +1,191 @@
+"""Evaluates a fine-tuned CTC model on one split: greedy decoding, WER and CER.
+
+Run through fairseq2's recipe CLI, e.g.::
+
+    python -m recipes.wav2vec2_knnvq.asr.eval --config model.run_dir=FINETUNE_DIR \\
+        dataset.config_overrides.manifest_dir=manifests dataset.split=test-clean -- EVAL_DIR
+
+``FINETUNE_DIR`` is the output directory of ``python -m recipes.wav2vec2_knnvq.asr`` (or
+its ``checkpoints`` directory); ``model.checkpoint`` picks ``best`` (the default), ``last``
+or a step number. The run's ``config.yaml`` names the tokenizer (unless ``tokenizer.path``
+is set) and whether the audio is normalized, as in training. The split is read and scored
+by the fine-tuning recipe's validation reader and unit; :mod:`.report` lists what is
+written to ``EVAL_DIR``, next to fairseq2's ``config.yaml``, logs and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import MutableMapping
+from pathlib import Path
+from typing import final
+
+from typing_extensions import override
+
+# fairseq2.recipe must be imported before fairseq2.evaluator, which imports it back.
+from fairseq2.recipe import Recipe, RecipeContext  # isort: skip
+from fairseq2.data.tokenizers import TokenDecoder, Tokenizer
+from fairseq2.datasets import DataReader, Seq2SeqBatch
+from fairseq2.evaluator import EvalUnit
+from fairseq2.gang import Gangs
+from fairseq2.logging import log
+from fairseq2.metrics import MetricBag
+from fairseq2.models.wav2vec2.asr import Wav2Vec2AsrModel
+from fairseq2.recipe.cli import main as run_recipe_cli
+from fairseq2.recipe.config import ReferenceModelSection
+from fairseq2.recipe.error import RecipeError
+from fairseq2.runtime.dependency import DependencyContainer
+from fairseq2.task import Task
+
+from recipes.wav2vec2_knnvq.asr.criterion import CtcCriterion
+from recipes.wav2vec2_knnvq.asr.dataset import create_valid_reader, register_asr_manifest_dataset
+from recipes.wav2vec2_knnvq.asr.eval.config import AsrEvalDatasetSection, AsrEvalRecipeConfig
+from recipes.wav2vec2_knnvq.asr.eval.finetune_run import (
+    find_finetuned_checkpoint,
+    point_at_checkpoint,
+    run_normalize_audio,
+    run_tokenizer_path,
+)
+from recipes.wav2vec2_knnvq.asr.eval.report import EvalReport, TranscriptCollector
+from recipes.wav2vec2_knnvq.asr.metrics import register_asr_metric_descriptors
+from recipes.wav2vec2_knnvq.asr.recipe import AsrEvalUnit
+from recipes.wav2vec2_knnvq.asr.tokenizer import load_recipe_tokenizer
+from w2v_knnvq.data.asr_dataset import AsrManifestDataset, AsrReadOptions
+from w2v_knnvq.text import check_vocab_size
+
+
+@final
+class AsrEvalRecipe(Recipe):
+    @override
+    def register(self, container: DependencyContainer) -> None:
+        register_asr_manifest_dataset(container)
+
+        register_asr_metric_descriptors(container)
+
+    @override
+    def create_task(self, context: RecipeContext) -> Task:
+        config = context.get_config_as(AsrEvalRecipeConfig)
+
+        run = find_finetuned_checkpoint(config.model)
+
+        log.info("Evaluating the checkpoint of step {} in {}.", run.step, run.checkpoints_dir)
+
+        tokenizer_path = config.tokenizer.path if config.tokenizer.path is not None else run_tokenizer_path(run)
+
+        normalize_audio = run_normalize_audio(run)
+
+        tokenizer = load_recipe_tokenizer(tokenizer_path)
+
+        # The model is loaded on the first `get_model()` from the (singleton) model
+        # section, so it must point at the checkpoint by then.
+        point_at_checkpoint(context.resolver.resolve(ReferenceModelSection, key="model"), run)
+
+        _check_vocab_size(tokenizer, context.get_model_as(Wav2Vec2AsrModel), tokenizer_path)
+
+        dataset = context.get_dataset_as(AsrManifestDataset)
+
+        reader = create_eval_reader(
+            dataset, config.dataset, tokenizer, context.gangs, normalize_audio=normalize_audio, seed=config.common.seed
+        )
+
+        report = EvalReport(
+            output_dir=context.output_dir,
+            split=config.dataset.split,
+            settings={
+                "split": config.dataset.split,
+                "checkpoint": str(run.model_dir),
+                "tokenizer": str(tokenizer_path),
+                "normalize_audio": normalize_audio,
+            },
+        )
+
+        criterion = CtcCriterion(context.get_data_parallel_model())
+
+        unit = AsrReportUnit(criterion, tokenizer.create_decoder(), report, context.gangs)
+
+        return context.create_evaluator([unit], [reader])
+
+    @property
+    @override
+    def config_kls(self) -> type[object]:
+        return AsrEvalRecipeConfig
+
+
+def _check_vocab_size(tokenizer: Tokenizer, model: Wav2Vec2AsrModel, tokenizer_path: Path) -> None:
+    """:raises RecipeError: if the CTC head of ``model`` does not fit ``tokenizer``."""
+    try:
+        check_vocab_size(tokenizer.vocab_info.size, model.final_proj.output_dim, tokenizer_path)
+    except ValueError as ex:
+        raise RecipeError(str(ex)) from None
+
+
+def create_eval_reader(
+    dataset: AsrManifestDataset,
+    section: AsrEvalDatasetSection,
+    tokenizer: Tokenizer,
+    gangs: Gangs,
+    *,
+    normalize_audio: bool,
+    seed: int,
+) -> DataReader[Seq2SeqBatch]:
+    """Reads ``section.split`` whole, in manifest order, with the reader of the
+    fine-tuning recipe's validation.
+
+    :param normalize_audio: Standardize each utterance, as the model was fine-tuned.
+    """
+    options = AsrReadOptions(
+        max_num_elements=section.max_num_elements,
+        normalize_audio=normalize_audio,
+        num_parallel_calls=section.num_parallel_calls,
+        num_prefetch=section.num_prefetch,
+        seed=seed,
+    )
+
+    return create_valid_reader(dataset, section.split, tokenizer, gangs, options)
+
+
+@final
+class AsrReportUnit(EvalUnit[Seq2SeqBatch]):
+    """The fine-tuning recipe's validation (CTC loss, WER and CER of greedy decoding) of
+    one split, which also writes the split's transcriptions and figures on rank 0."""
+
+    def __init__(self, criterion: CtcCriterion, decoder: TokenDecoder, report: EvalReport, gangs: Gangs) -> None:
+        self._transcripts = TranscriptCollector()
+        self._unit = AsrEvalUnit(criterion, decoder, hypothesis_sink=self._transcripts)
+        self._report = report
+        self._gangs = gangs
+
+    @property
+    @override
+    def name(self) -> str:
+        return self._report.split
+
+    @override
+    def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
+        self._unit.prepare_metric_bag(metric_bag)
+
+    @override
+    def process_batch(self, batch: Seq2SeqBatch, metric_bag: MetricBag) -> None:
+        self._unit.process_batch(batch, metric_bag)
+
+    @override
+    def finalize(self, metric_bag: MetricBag) -> None:
+        transcriptions = self._transcripts.gather(self._gangs.dp)
+
+        if self._gangs.root.rank != 0:
+            return
+
+        record = self._report.write(transcriptions)
+
+        log.info("Wrote the {} transcriptions of {} and their figures to {}.", len(transcriptions), self._report.split, self._report.output_dir)  # fmt: skip
+
+        print(json.dumps(record), flush=True)
+
+    @override
+    def process_metric_values(self, values: MutableMapping[str, object]) -> None:
+        self._unit.process_metric_values(values)
+
+
+def main() -> None:
+    """The console entry point of the evaluation."""
+    run_recipe_cli(AsrEvalRecipe())

@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test benchmark clean-venv
+.PHONY: demo test lint benchmark clean-venv
 
 $(STAMP): pyproject.toml tools/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash tools/bootstrap.sh
@@ -14,8 +14,14 @@ $(STAMP): pyproject.toml tools/bootstrap.sh
 demo: $(STAMP)
 	$(VENV)/bin/python -m recipes.wav2vec2_knnvq.demo
 
-test: $(STAMP)
+# The tests run after the linters, the format check and the type check, which fail fast.
+test: lint
 	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 benchmark: $(STAMP)
 	$(VENV)/bin/python tools/benchmark_quantizers.py

@@ -88,10 +88,18 @@ def _run_eval(
     """Evaluates on the `valid` split through the evaluation's command line, on the CPU."""
     return _run(
         [
-            sys.executable, "-m", "recipes.wav2vec2_knnvq.asr.eval", "--no-rich", "--config",
-            f"model.run_dir={finetune_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
-            "dataset.split=valid", *overrides, "--", str(output_dir),
-        ],  # fmt: skip
+            sys.executable,
+            "-m",
+            "recipes.wav2vec2_knnvq.asr.eval",
+            "--no-rich",
+            "--config",
+            f"model.run_dir={finetune_dir}",
+            f"dataset.config_overrides.manifest_dir={manifest_dir}",
+            "dataset.split=valid",
+            *overrides,
+            "--",
+            str(output_dir),
+        ],
         env=dict(_env(), FAIRSEQ2_DEVICE="cpu"),
         expected_returncode=expected_returncode,
     )
@@ -184,9 +192,17 @@ def finetune_dir(manifest_dir: Path, pretrained_dir: Path, tmp_path_factory: pyt
 
     _run(
         [
-            sys.executable, "-m", "recipes.wav2vec2_knnvq.asr", "--no-rich",
-            "--config-file", str(TINY_CPU_CONFIG), "--config", *overrides, "--", str(output_dir),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "recipes.wav2vec2_knnvq.asr",
+            "--no-rich",
+            "--config-file",
+            str(TINY_CPU_CONFIG),
+            "--config",
+            *overrides,
+            "--",
+            str(output_dir),
+        ]
     )
 
     return output_dir
@@ -218,9 +234,17 @@ def frozen_dir(
 
     _run(
         [
-            sys.executable, "-m", "recipes.wav2vec2_knnvq.asr", "--no-rich",
-            "--config-file", str(TINY_CPU_CONFIG), "--config", *overrides, "--", str(output_dir),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "recipes.wav2vec2_knnvq.asr",
+            "--no-rich",
+            "--config-file",
+            str(TINY_CPU_CONFIG),
+            "--config",
+            *overrides,
+            "--",
+            str(output_dir),
+        ]
     )
 
     return output_dir
@@ -312,11 +336,11 @@ def test_eval_writes_transcripts_and_figures(finetune_dir: Path, manifest_dir: P
 
     assert rows[0] == ["id", "ref", "hyp"]
 
-    assert [row[1:] for row in rows[1:]] == [[ref, hyp] for ref, hyp in zip(refs, hyps)]
+    assert [row[1:] for row in rows[1:]] == [[ref, hyp] for ref, hyp in zip(refs, hyps, strict=True)]
 
     assert rows[1][0] == "1013-10130-0000"
 
-    errors = sum(word_edits(ref, hyp).errors for ref, hyp in zip(refs, hyps))
+    errors = sum(word_edits(ref, hyp).errors for ref, hyp in zip(refs, hyps, strict=True))
     num_words = sum(len(ref.split()) for ref in refs)
 
     assert record["wer"] == pytest.approx(100.0 * errors / num_words)
@@ -364,7 +388,7 @@ def test_finetuned_checkpoint_is_chosen_by_name_or_step(finetune_dir: Path, pret
 
         assert run.step == step, checkpoint
 
-    with pytest.raises(RecipeError, match="must hold a `wav2vec2_asr` model, but .* describes a `wav2vec2_knnvq`"):
+    with pytest.raises(RecipeError, match=r"must hold a `wav2vec2_asr` model, but .* describes a `wav2vec2_knnvq`"):
         find_finetuned_checkpoint(FinetunedModelSection(run_dir=pretrained_dir, checkpoint="last"))
 
 
@@ -376,7 +400,7 @@ def test_eval_model_section_is_only_the_run(resolver: DependencyResolver) -> Non
     with pytest.raises(ValidationError, match="`checkpoint` must be 'best', 'last' or a step number, but is 'first'"):
         validator.validate(FinetunedModelSection(checkpoint="first"))
 
-    with pytest.raises(ValidationError, match="`name` must not be set.*read from `run_dir`"):
+    with pytest.raises(ValidationError, match=r"`name` must not be set.*read from `run_dir`"):
         validator.validate(FinetunedModelSection(name="wav2vec2_asr_base_10h"))
 
 
@@ -394,7 +418,9 @@ def test_pretrained_model_is_found_from_any_path_form(resolver: DependencyResolv
 
         assert pretrained.encoder_config.model_dim == 64
 
-    with pytest.raises(RecipeError, match="`pretrained_encoder.step` must be one of the steps saved in .*\\(\\[2\\]\\), but is 7"):
+    with pytest.raises(
+        RecipeError, match=r"`pretrained_encoder.step` must be one of the steps saved in .*\(\[2\]\), but is 7"
+    ):
         resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=pretrained_dir, step=7))
 
     with pytest.raises(RecipeError, match="is no training output"):
@@ -414,11 +440,13 @@ def test_pretrained_model_needs_the_model_yaml_of_its_run(
     # The model section of config.yaml does not stand in for it.
     (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"family": "wav2vec2_knnvq", "arch": "tiny_2x320"}}))
 
-    with pytest.raises(RecipeError, match="model.yaml: does not exist.*keep the run's `checkpoints` directory"):
+    with pytest.raises(RecipeError, match=r"model.yaml: does not exist.*keep the run's `checkpoints` directory"):
         resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=run_dir))
 
 
-def test_encoder_structure_is_shared_and_conflicts_are_refused(resolver: DependencyResolver, pretrained_dir: Path) -> None:
+def test_encoder_structure_is_shared_and_conflicts_are_refused(
+    resolver: DependencyResolver, pretrained_dir: Path
+) -> None:
     pretrained = resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=pretrained_dir))
 
     overrides: dict[str, object] = {"encoder_config": {"layer_drop_p": 0.3}}
@@ -451,7 +479,7 @@ def test_mismatched_encoder_is_refused(pretrained_dir: Path) -> None:
 
     model = create_wav2vec2_asr_model(config)
 
-    with pytest.raises(RecipeError, match="ffn.inner_proj.weight \\(128, 64\\) vs. \\(96, 64\\)"):
+    with pytest.raises(RecipeError, match=r"ffn.inner_proj.weight \(128, 64\) vs. \(96, 64\)"):
         load_pretrained_encoder(model, state_dict, "tiny")
 
 
@@ -531,16 +559,16 @@ def test_eval_settings_come_from_the_run_config(tmp_path: Path) -> None:
 
     assert run_normalize_audio(run) is False
 
-    with pytest.raises(RecipeError, match="relative path tok/abc.yaml.*set `tokenizer.path` of the evaluation"):
+    with pytest.raises(RecipeError, match=r"relative path tok/abc.yaml.*set `tokenizer.path` of the evaluation"):
         run_tokenizer_path(run)
 
     run = _write_run_config(run_dir, {"tokenizer": {"name": "abc"}, "dataset": {}})
 
-    with pytest.raises(RecipeError, match="`dataset.normalize_audio` in .*config.yaml must be a boolean, but is None"):
+    with pytest.raises(RecipeError, match=r"`dataset.normalize_audio` in .*config.yaml must be a boolean, but is None"):
         run_normalize_audio(run)
 
     for read_setting in (run_normalize_audio, run_tokenizer_path):
-        with pytest.raises(RecipeError, match="does not exist.*audio normalization"):
+        with pytest.raises(RecipeError, match=r"does not exist.*audio normalization"):
             read_setting(_run_checkpoint(tmp_path / "missing"))
 
 
@@ -618,7 +646,7 @@ def test_audio_normalization_must_match_pretraining(
 
     pretrained = resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=raw_dir))
 
-    with pytest.raises(RecipeError, match="Set `dataset.normalize_audio=false`"):
+    with pytest.raises(RecipeError, match=r"Set `dataset.normalize_audio=false`"):
         check_audio_normalization(pretrained, True, finetune_config)
 
     # Without the pretraining run's config.yaml there is nothing to compare with.
@@ -668,5 +696,5 @@ def test_tokenizer_training_failure_reaches_every_rank(tmp_path: Path) -> None:
 
     rank_1 = _RankGang(1, rank_0_objects=[message])
 
-    with pytest.raises(RecipeError, match="No transcript text.*reported by rank 0 to rank 1"):
+    with pytest.raises(RecipeError, match=r"No transcript text.*reported by rank 0 to rank 1"):
         prepare_ctc_tokenizer(section, empty_transcripts, tmp_path, replace(create_fake_gangs(CPU), root=rank_1))

@@ -85,9 +85,7 @@ def _run_tool(*args: str, path: str | None = None) -> subprocess.CompletedProces
     if path is not None:
         env["PATH"] = path
 
-    return subprocess.run(
-        [sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=120
-    )
+    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=120)
 
 
 def test_synthesizer_names_missing_packages(tmp_path: Path) -> None:
@@ -107,9 +105,7 @@ def test_synthesizer_is_deterministic_and_builds_librispeech_layout(tmp_path: Pa
     sizes = ["--train-utterances", "12", "--dev-utterances", "2", "--test-utterances", "2"]
 
     for name, num_jobs in (("a", "2"), ("b", "1")):
-        result = _run_tool(
-            "--output-dir", str(tmp_path / name), "--seed", "3", "--num-jobs", num_jobs, *sizes
-        )
+        result = _run_tool("--output-dir", str(tmp_path / name), "--seed", "3", "--num-jobs", num_jobs, *sizes)
 
         assert result.returncode == 0, result.stderr
         assert "synthesizing utterances: 16/16" in result.stderr

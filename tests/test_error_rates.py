@@ -56,9 +56,7 @@ def test_char_edits_count_spaces() -> None:
 
 
 def test_kitten_sitting() -> None:
-    assert align("KITTEN", "SITTING") == EditCounts(
-        substitutions=2, insertions=1, reference_length=6
-    )
+    assert align("KITTEN", "SITTING") == EditCounts(substitutions=2, insertions=1, reference_length=6)
 
 
 def test_alignment_matches_editdistance_and_lengths() -> None:

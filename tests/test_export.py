@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-from types import ModuleType
 import json
 import os
 from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("FAIRSEQ2_EXTENSION_TRACE", "1")
 
@@ -16,7 +16,13 @@ import torch
 
 from fairseq2.models.transformer import TransformerNormOrder
 
-from w2v_knnvq.export import ExportError, describe_encoder, load_torchaudio_export, to_huggingface, torchaudio_builder_args
+from w2v_knnvq.export import (
+    ExportError,
+    describe_encoder,
+    load_torchaudio_export,
+    to_huggingface,
+    torchaudio_builder_args,
+)
 from w2v_knnvq.features import SpeechFeatureExtractor
 from w2v_knnvq.wav2vec2 import get_wav2vec2_knnvq_model_hub
 

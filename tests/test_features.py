@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-from types import ModuleType
 import logging
 import math
 import os
 from pathlib import Path
+from types import ModuleType
 
 os.environ.setdefault("FAIRSEQ2_EXTENSION_TRACE", "1")
 
@@ -26,9 +26,9 @@ from w2v_knnvq.features import (
     AudioInputError,
     PretrainedModelError,
     SpeechFeatureExtractor,
+    audio_input,
     load_pretrained_model,
 )
-from w2v_knnvq.features import audio_input
 from w2v_knnvq.features.shards import ShardExtractionError, load_shard, read_index
 from w2v_knnvq.wav2vec2 import Wav2Vec2KnnVqModel, get_wav2vec2_knnvq_model_hub
 
@@ -47,7 +47,9 @@ def _tone(num_samples: int, sample_rate: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(wave.astype(np.float32))
 
 
-def write_run(run_dir: Path, arch: str, *, steps: tuple[int, ...] = (2, 4), model_yaml: bool = True) -> dict[int, Wav2Vec2KnnVqModel]:
+def write_run(
+    run_dir: Path, arch: str, *, steps: tuple[int, ...] = (2, 4), model_yaml: bool = True
+) -> dict[int, Wav2Vec2KnnVqModel]:
     """Writes what the pretraining recipe leaves behind: ``config.yaml``,
     ``checkpoints/model.yaml`` and one ``sdp_00.pt`` per step (different weights each)."""
     get_dependency_resolver()
@@ -60,7 +62,9 @@ def write_run(run_dir: Path, arch: str, *, steps: tuple[int, ...] = (2, 4), mode
 
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    recipe_config = {"model": {"family": "wav2vec2_knnvq", "arch": arch, "config_overrides": {"quantizer": {"method": METHOD}}}}
+    recipe_config = {
+        "model": {"family": "wav2vec2_knnvq", "arch": arch, "config_overrides": {"quantizer": {"method": METHOD}}}
+    }
 
     (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_config))
 
@@ -131,13 +135,13 @@ def test_loads_last_step_given_step_and_step_file(run_2x320, tmp_path: Path) -> 
     bare_run = tmp_path / "bare"
     write_run(bare_run, "tiny_1x1024", steps=(1,), model_yaml=False)
 
-    with pytest.raises(PretrainedModelError, match=r"model\.yaml: does not exist, so the model's family and configuration are unknown"):
+    with pytest.raises(
+        PretrainedModelError, match=r"model\.yaml: does not exist, so the model's family and configuration are unknown"
+    ):
         load_pretrained_model(bare_run)
 
 
-def test_refuses_other_family_and_mismatched_checkpoint(run_2x320, tmp_path: Path) -> None:
-    run_dir, _ = run_2x320
-
+def test_refuses_other_family_and_mismatched_checkpoint(tmp_path: Path) -> None:
     other = tmp_path / "other"
     (other / "checkpoints" / "step_1" / "model" / "pp_00" / "tp_00").mkdir(parents=True)
     (other / "checkpoints" / "step_1" / "model" / "pp_00" / "tp_00" / "sdp_00.pt").write_bytes(b"")
@@ -239,7 +243,9 @@ def test_padded_batch_matches_one_by_one(extractor: SpeechFeatureExtractor) -> N
         assert torch.equal(trimmed.codes, alone.codes)
 
 
-def test_files_resampling_stereo_and_bad_audio(extractor: SpeechFeatureExtractor, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_files_resampling_stereo_and_bad_audio(
+    extractor: SpeechFeatureExtractor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     mono = _tone(32_000, 32_000, seed=3)
 
     mono_file = tmp_path / "mono32k.wav"
@@ -297,7 +303,9 @@ def _load_tool(name: str) -> ModuleType:
     return module
 
 
-def test_cli_writes_shards_and_resumes_without_duplicates(run_2x320, extractor: SpeechFeatureExtractor, tmp_path: Path) -> None:
+def test_cli_writes_shards_and_resumes_without_duplicates(
+    run_2x320, extractor: SpeechFeatureExtractor, tmp_path: Path
+) -> None:
     run_dir, _ = run_2x320
 
     audio_dir = tmp_path / "audio"
@@ -319,7 +327,18 @@ def test_cli_writes_shards_and_resumes_without_duplicates(run_2x320, extractor: 
 
     output_dir = tmp_path / "features"
 
-    args = [str(run_dir), str(manifest), str(output_dir), "--layers", "0", "-1", "--shard-size", "2", "--batch-size", "2"]
+    args = [
+        str(run_dir),
+        str(manifest),
+        str(output_dir),
+        "--layers",
+        "0",
+        "-1",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "2",
+    ]
 
     assert tool.main(args) == 0
 
@@ -357,9 +376,9 @@ def test_cli_writes_shards_and_resumes_without_duplicates(run_2x320, extractor: 
     # Other settings cannot resume into the same directory.
     assert tool.main(args[:-4] + ["--shard-size", "3"]) == 1
 
-    with pytest.raises(ShardExtractionError, match="shard_size differ"):
-        from w2v_knnvq.features.shards import ShardSettings, extract_to_shards, list_utterances
+    from w2v_knnvq.features.shards import ShardSettings, extract_to_shards, list_utterances
 
+    with pytest.raises(ShardExtractionError, match="shard_size differ"):
         extract_to_shards(
             extractor,
             list_utterances(manifest),

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from fairseq2.gang import FakeGang, Gangs
 from PIL import Image
+
+from fairseq2.gang import FakeGang, Gangs
 
 from w2v_knnvq.image.data import ImageReadError, list_image_files, load_image, to_uint8
 from w2v_knnvq.image.reader import ImageFolderReader
@@ -49,7 +50,7 @@ def test_load_image_centre_crops_to_range(tmp_path: Path) -> None:
 
 
 def test_missing_empty_and_corrupt_inputs_are_named(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="does not exist.*ImageNet layout"):
+    with pytest.raises(FileNotFoundError, match=r"does not exist.*ImageNet layout"):
         list_image_files(tmp_path / "train")
 
     (tmp_path / "train" / "cls").mkdir(parents=True)
@@ -63,7 +64,7 @@ def test_missing_empty_and_corrupt_inputs_are_named(tmp_path: Path) -> None:
 
     assert list_image_files(tmp_path / "train") == [broken]
 
-    with pytest.raises(ImageReadError, match="broken.JPEG"):
+    with pytest.raises(ImageReadError, match=r"broken.JPEG"):
         load_image(broken, 32)
 
 
@@ -71,9 +72,7 @@ def test_reader_shuffles_batches_and_resumes_exactly() -> None:
     files = list_image_files(MINIIMAGES / "val")
 
     def make() -> ImageFolderReader:
-        return ImageFolderReader(
-            files, _fake_gangs(), image_size=16, batch_size=8, shuffle=True, seed=3
-        )
+        return ImageFolderReader(files, _fake_gangs(), image_size=16, batch_size=8, shuffle=True, seed=3)
 
     reader = make()
 
@@ -121,8 +120,12 @@ def test_reader_gives_every_rank_the_same_number_of_images() -> None:
     gang = FakeGang(torch.device("cpu"), rank=0, size=2)
     with pytest.raises(ValueError, match="1 image\\(s\\), fewer than the 2 data parallel ranks"):
         ImageFolderReader(
-            files[:1], Gangs(root=gang, dp=gang, rdp=gang, sdp=gang, tp=gang, pp=gang),
-            image_size=8, batch_size=2, shuffle=False, seed=0,
+            files[:1],
+            Gangs(root=gang, dp=gang, rdp=gang, sdp=gang, tp=gang, pp=gang),
+            image_size=8,
+            batch_size=2,
+            shuffle=False,
+            seed=0,
         )
 
 
@@ -130,8 +133,17 @@ def test_make_image_set_tool(tmp_path: Path) -> None:
     pytest.importorskip("skimage")
 
     subprocess.run(
-        [sys.executable, str(REPO / "tools" / "make_image_set.py"), str(tmp_path),
-         "--size", "16", "--train-per-class", "2", "--val-per-class", "1"],
+        [
+            sys.executable,
+            str(REPO / "tools" / "make_image_set.py"),
+            str(tmp_path),
+            "--size",
+            "16",
+            "--train-per-class",
+            "2",
+            "--val-per-class",
+            "1",
+        ],
         check=True,
         capture_output=True,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fairseq2.composition import _register_library
 from fairseq2.error import InvalidOperationError
 from fairseq2.recipe.run import _swap_default_resolver
@@ -125,7 +126,7 @@ def test_config_errors_are_clear() -> None:
     config = get_image_vqae_config("tiny")
     config.quantizer = QuantizerConfig(input_dim=16, codebook_dim=16, codebook_size=64)
 
-    with pytest.raises(ValueError, match="input_dim.*latent channels 8"):
+    with pytest.raises(ValueError, match=r"input_dim.*latent channels 8"):
         ImageVqaeModel(config)
 
     config = get_image_vqae_config("tiny")

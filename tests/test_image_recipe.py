@@ -37,9 +37,23 @@ def _env() -> dict[str, str]:
 
 def _train(out_dir: Path, *overrides: str) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "recipes.image_vqae", "--no-rich", "--config-file", str(TINY_CONFIG),
-         str(out_dir), "--config", *FAST_REGIME, *overrides],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "recipes.image_vqae",
+            "--no-rich",
+            "--config-file",
+            str(TINY_CONFIG),
+            str(out_dir),
+            "--config",
+            *FAST_REGIME,
+            *overrides,
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
@@ -48,7 +62,11 @@ def _train(out_dir: Path, *overrides: str) -> str:
 def _tool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(REPO / "tools" / "evaluate_image_vqae.py"), *args],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -96,7 +114,7 @@ def test_baseline_derives_paper_optimizer_settings_and_logs_no_soft_metrics(tmp_
 
 def test_method_optimizer_settings_follow_the_quantizer_spec() -> None:
     # Appendix B.1: Euclidean STE/rotational hard quantizers, SimVQ (Euclidean STE) included.
-    assert EUCLIDEAN_HARD_METHODS == {"ste-euclid", "re-euclid", "simvq"}
+    assert {"ste-euclid", "re-euclid", "simvq"} == EUCLIDEAN_HARD_METHODS
 
     assert (method_peak_lr("simvq"), method_weight_decay("simvq")) == (5e-5, 0.0)
     assert (method_peak_lr("re-euclid"), method_weight_decay("re-euclid")) == (5e-5, 0.0)
@@ -106,9 +124,22 @@ def test_method_optimizer_settings_follow_the_quantizer_spec() -> None:
 
 def test_schedule_shorter_than_warmup_is_refused(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "recipes.image_vqae", "--no-rich", "--config-file", str(TINY_CONFIG),
-         str(tmp_path), "--config", "regime.num_steps=10"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "recipes.image_vqae",
+            "--no-rich",
+            "--config-file",
+            str(TINY_CONFIG),
+            str(tmp_path),
+            "--config",
+            "regime.num_steps=10",
+        ],
+        cwd=REPO,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0
     output = " ".join((result.stdout + result.stderr).split())
@@ -144,8 +175,20 @@ def test_image_hub_loads_the_runs_checkpoint_outside_the_recipe(knn_run: tuple[P
 def test_evaluation_tool_writes_table_plots_and_merges(knn_run: tuple[Path, str, str], tmp_path: Path) -> None:
     out_dir = knn_run[0]
 
-    result = _tool("evaluate", str(out_dir), str(MINIIMAGES / "val"), str(tmp_path / "a"),
-                   "--max-images", "4", "--batch-size", "4", "--device", "cpu", "--checkpoint", "4")
+    result = _tool(
+        "evaluate",
+        str(out_dir),
+        str(MINIIMAGES / "val"),
+        str(tmp_path / "a"),
+        "--max-images",
+        "4",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--checkpoint",
+        "4",
+    )
     assert result.returncode == 0, result.stderr
     assert "Inception Score skipped" in result.stdout
 
@@ -170,8 +213,9 @@ def test_evaluation_tool_writes_table_plots_and_merges(knn_run: tuple[Path, str,
     other = dict(evaluation, method="hg-ppl", knn_k=None, fid=None, perplexity_percentiles=None)
     (tmp_path / "b.json").write_text(json.dumps(other))
 
-    result = _tool("table", str(tmp_path / "a" / "evaluation.json"), str(tmp_path / "b.json"),
-                   "-o", str(tmp_path / "merged.md"))
+    result = _tool(
+        "table", str(tmp_path / "a" / "evaluation.json"), str(tmp_path / "b.json"), "-o", str(tmp_path / "merged.md")
+    )
     assert result.returncode == 0, result.stderr
 
     merged = (tmp_path / "merged.md").read_text()
@@ -179,8 +223,17 @@ def test_evaluation_tool_writes_table_plots_and_merges(knn_run: tuple[Path, str,
     assert merged.count("| hg-ppl |") == 1  # hg-ppl has no perplexity row in the Table 2 part
 
     # A step the run did not keep is refused with the steps it has.
-    result = _tool("evaluate", str(out_dir), str(MINIIMAGES / "val"), str(tmp_path / "c"),
-                   "--device", "cpu", "--no-fid", "--checkpoint", "2")
+    result = _tool(
+        "evaluate",
+        str(out_dir),
+        str(MINIIMAGES / "val"),
+        str(tmp_path / "c"),
+        "--device",
+        "cpu",
+        "--no-fid",
+        "--checkpoint",
+        "2",
+    )
     assert result.returncode != 0
     assert "has no checkpoint of step 2; available steps: 4" in result.stderr
 
@@ -203,7 +256,8 @@ def test_frechet_distance_matches_gaussian_formula() -> None:
     cov_a, cov_b = np.cov(small_a, rowvar=False), np.cov(small_b, rowvar=False)
     reference = (
         ((small_a.mean(axis=0) - small_b.mean(axis=0)) ** 2).sum()
-        + np.trace(cov_a) + np.trace(cov_b)
+        + np.trace(cov_a)
+        + np.trace(cov_b)
         - 2.0 * np.real(np.trace(scipy_linalg.sqrtm(cov_a @ cov_b)))
     )
     assert frechet_distance(small_a, small_b) == pytest.approx(reference, rel=1e-4)

@@ -15,8 +15,8 @@ import soundfile
 from w2v_knnvq.data.manifest import (
     BadFilesError,
     CorpusScan,
-    ManifestConfig,
     CorpusUtterance,
+    ManifestConfig,
     ManifestError,
     make_manifest,
     read_manifest,
@@ -33,9 +33,7 @@ SPLIT_SIZES = {"train": 84, "dev": 16, "test": 16}
 
 
 def _config(output_dir: Path, splits: list[str], **kwargs: Any) -> ManifestConfig:
-    return ManifestConfig(
-        corpus_dir=CORPUS_DIR, splits=splits, output_dir=output_dir, show_progress=False, **kwargs
-    )
+    return ManifestConfig(corpus_dir=CORPUS_DIR, splits=splits, output_dir=output_dir, show_progress=False, **kwargs)
 
 
 def _trans_lines(split_dir: Path) -> list[tuple[str, str]]:
@@ -83,9 +81,7 @@ def test_single_split_manifest_matches_corpus(tmp_path: Path, split: str) -> Non
     for rel_path, num_samples in entries:
         assert num_samples == soundfile.info(str(root / rel_path)).frames
 
-    expected_total = sum(
-        soundfile.info(str(path)).frames for path in (CORPUS_DIR / split).glob("*/*/*.flac")
-    )
+    expected_total = sum(soundfile.info(str(path)).frames for path in (CORPUS_DIR / split).glob("*/*/*.flac"))
 
     assert sum(num_samples for _, num_samples in entries) == expected_total
 
@@ -117,11 +113,7 @@ def test_combined_splits_prefix_paths_with_split(tmp_path: Path) -> None:
     transcripts = read_manifest_transcripts(files.wrd_path)
 
     # Sorted order puts dev before test before train.
-    expected = [
-        transcript
-        for split in ("dev", "test", "train")
-        for _, transcript in _trans_lines(CORPUS_DIR / split)
-    ]
+    expected = [transcript for split in ("dev", "test", "train") for _, transcript in _trans_lines(CORPUS_DIR / split)]
 
     assert transcripts == expected
 
@@ -177,16 +169,12 @@ def damaged_corpus(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     return corpus_dir, reasons
 
 
-def test_bad_files_are_refused_by_name_and_reason(
-    tmp_path: Path, damaged_corpus: tuple[Path, dict[str, str]]
-) -> None:
+def test_bad_files_are_refused_by_name_and_reason(tmp_path: Path, damaged_corpus: tuple[Path, dict[str, str]]) -> None:
     corpus_dir, reasons = damaged_corpus
 
     output_dir = tmp_path / "manifests"
 
-    config = ManifestConfig(
-        corpus_dir=corpus_dir, splits=["dev"], output_dir=output_dir, show_progress=False
-    )
+    config = ManifestConfig(corpus_dir=corpus_dir, splits=["dev"], output_dir=output_dir, show_progress=False)
 
     with pytest.raises(BadFilesError) as error:
         make_manifest(config)
@@ -202,9 +190,7 @@ def test_bad_files_are_refused_by_name_and_reason(
     assert not output_dir.exists() or not any(output_dir.iterdir())
 
 
-def test_bad_files_are_skipped_with_flag(
-    tmp_path: Path, damaged_corpus: tuple[Path, dict[str, str]]
-) -> None:
+def test_bad_files_are_skipped_with_flag(tmp_path: Path, damaged_corpus: tuple[Path, dict[str, str]]) -> None:
     corpus_dir, reasons = damaged_corpus
 
     output_dir = tmp_path / "manifests"
@@ -218,9 +204,7 @@ def test_bad_files_are_skipped_with_flag(
     assert not (output_dir / "dev.tsv").exists()
     assert not (output_dir / "dev.wrd").exists()
 
-    skipped = _run_tool(
-        str(corpus_dir), "--splits", "dev", "--output-dir", str(output_dir), "--skip-bad"
-    )
+    skipped = _run_tool(str(corpus_dir), "--splits", "dev", "--output-dir", str(output_dir), "--skip-bad")
 
     assert skipped.returncode == 0, skipped.stderr
     assert "Skipping 4 bad file(s)" in skipped.stderr
@@ -247,9 +231,7 @@ def test_transcript_without_audio_is_bad(tmp_path: Path) -> None:
 
     scan = scan_corpus(tmp_path, ["dev"], show_progress=False)
 
-    assert [(bad.path, "audio file is missing" in bad.reason) for bad in scan.bad_files] == [
-        (missing, True)
-    ]
+    assert [(bad.path, "audio file is missing" in bad.reason) for bad in scan.bad_files] == [(missing, True)]
     assert len(scan.entries) == SPLIT_SIZES["dev"] - 1
 
 
@@ -261,12 +243,12 @@ def test_missing_or_empty_directories_are_named(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match=missing_message):
         scan_corpus(missing_corpus, ["dev"], show_progress=False)
 
-    with pytest.raises(ManifestError, match="split directory .*dev-clean does not exist"):
+    with pytest.raises(ManifestError, match=r"split directory .*dev-clean does not exist"):
         scan_corpus(CORPUS_DIR, ["dev-clean"], show_progress=False)
 
     (tmp_path / "empty").mkdir()
 
-    with pytest.raises(ManifestError, match="split directory .*empty is empty"):
+    with pytest.raises(ManifestError, match=r"split directory .*empty is empty"):
         scan_corpus(tmp_path, ["empty"], show_progress=False)
 
     result = _run_tool(str(missing_corpus), "--splits", "dev", "--output-dir", str(tmp_path))
@@ -298,9 +280,7 @@ def test_reader_round_trip(tmp_path: Path) -> None:
     assert read_manifest_transcripts(files.wrd_path) == ["IN THE", "IT'S"]
 
 
-@pytest.mark.parametrize(
-    "bad_line", ["a.flac 16000", "a.flac\t0", "a.flac\t-3", "a.flac\tmany", "\t100", "a\t1\t2"]
-)
+@pytest.mark.parametrize("bad_line", ["a.flac 16000", "a.flac\t0", "a.flac\t-3", "a.flac\tmany", "\t100", "a\t1\t2"])
 def test_read_manifest_rejects_malformed_lines(tmp_path: Path, bad_line: str) -> None:
     path = tmp_path / "m.tsv"
 
@@ -324,17 +304,17 @@ def test_readers_name_missing_and_mismatched_files(tmp_path: Path) -> None:
     (tmp_path / "m.tsv").write_text("/root\na.flac\t10\nb.flac\t20\n", encoding="utf-8")
     (tmp_path / "m.wrd").write_text("ONE\n", encoding="utf-8")
 
-    with pytest.raises(ManifestError, match="1 transcript line.* but .*m.tsv has 2 entries"):
+    with pytest.raises(ManifestError, match=r"1 transcript line.* but .*m.tsv has 2 entries"):
         read_manifest_transcripts(tmp_path / "m.wrd")
 
     (tmp_path / "m.wrd").write_text("ONE\n\n", encoding="utf-8")
 
-    with pytest.raises(ManifestError, match="m.wrd:2: empty transcript"):
+    with pytest.raises(ManifestError, match=r"m.wrd:2: empty transcript"):
         read_manifest_transcripts(tmp_path / "m.wrd")
 
     (tmp_path / "other.wrd").write_text("ONE\nTWO\n", encoding="utf-8")
 
-    with pytest.raises(ManifestError, match="other.tsv does not exist"):
+    with pytest.raises(ManifestError, match=r"other.tsv does not exist"):
         read_manifest_transcripts(tmp_path / "other.wrd")
 
     assert read_manifest_transcripts(tmp_path / "other.wrd", manifest_path=tmp_path / "m.tsv") == [

@@ -26,9 +26,7 @@ def test_knn_ce_takes_largest_probability_per_vertex() -> None:
     k2 = knn_loss(PROBS.log(), 2, "ce")
 
     assert k1.item() == pytest.approx(-(math.log(0.9) + math.log(0.8)) / 2)
-    assert k2.item() == pytest.approx(
-        -(math.log(0.9) + math.log(0.6) + math.log(0.8) + math.log(0.4)) / 4
-    )
+    assert k2.item() == pytest.approx(-(math.log(0.9) + math.log(0.6) + math.log(0.8) + math.log(0.4)) / 4)
 
 
 def test_knn_l2_takes_smallest_squared_distance_per_vertex() -> None:

@@ -45,14 +45,10 @@ def test_from_method_builds_combination_and_rejects_unknown() -> None:
     assert config.output_dim == 256
 
     with pytest.raises(ValueError, match="Unknown quantizer method 'softmax-knn'"):
-        QuantizerConfig.from_method(
-            "softmax-knn", input_dim=4, num_codebooks=1, codebook_size=4, codebook_dim=4
-        )
+        QuantizerConfig.from_method("softmax-knn", input_dim=4, num_codebooks=1, codebook_size=4, codebook_dim=4)
 
     with pytest.raises(TypeError, match="knn_kk"):
-        QuantizerConfig.from_method(
-            "simvq", input_dim=4, num_codebooks=1, codebook_size=4, codebook_dim=4, knn_kk=3
-        )
+        QuantizerConfig.from_method("simvq", input_dim=4, num_codebooks=1, codebook_size=4, codebook_dim=4, knn_kk=3)
 
 
 def test_input_projection_only_when_dimensions_differ() -> None:
@@ -254,23 +250,25 @@ def test_figure_1_on_the_2_simplex() -> None:
     centred = _dirichlet([30.0, 30.0, 30.0], n, 2)
     collapsed = _dirichlet([30.0, 0.3, 0.3], n, 3)
 
-    ppl = {name: perplexity_loss(p).item() for name, p in
-           [("vertex", vertex), ("uniform", uniform), ("centred", centred), ("collapsed", collapsed)]}
+    ppl = {
+        name: perplexity_loss(p).item()
+        for name, p in [("vertex", vertex), ("uniform", uniform), ("centred", centred), ("collapsed", collapsed)]
+    }
 
     # Figure 1B: the three non-collapsed sets are all near the optimum, the collapsed one far off.
     assert max(ppl["vertex"], ppl["uniform"], ppl["centred"]) < 0.01
     assert ppl["collapsed"] > 0.3
 
     for metric in ("ce", "l2"):
-        knn = {name: knn_loss(p.log(), 8, metric).item() for name, p in
-               [("vertex", vertex), ("uniform", uniform), ("centred", centred), ("collapsed", collapsed)]}
+        knn = {
+            name: knn_loss(p.log(), 8, metric).item()
+            for name, p in [("vertex", vertex), ("uniform", uniform), ("centred", centred), ("collapsed", collapsed)]
+        }
 
         # Figure 1C.
         assert knn["vertex"] < knn["uniform"] < knn["centred"]
         assert knn["collapsed"] > knn["uniform"]
         assert knn["vertex"] < 0.05 * knn["centred"]
-
-
 
 
 @pytest.mark.parametrize("method", METHOD_NAMES)
@@ -338,9 +336,7 @@ def test_tiny_temperature_gives_no_nan() -> None:
 
 
 def test_meta_device_construction() -> None:
-    config = QuantizerConfig.from_method(
-        "simvq", input_dim=512, num_codebooks=2, codebook_size=320, codebook_dim=128
-    )
+    config = QuantizerConfig.from_method("simvq", input_dim=512, num_codebooks=2, codebook_size=320, codebook_dim=128)
     quantizer = VectorQuantizer(config, device=torch.device("meta"))
 
     assert all(p.is_meta for p in quantizer.parameters())
@@ -382,9 +378,7 @@ def test_codebook_usage_perplexity_percentiles() -> None:
     usage = CodebookUsage(num_codebooks=1, codebook_size=4)
 
     # Individual perplexities 1 (onehot), 2 (two codes), 4 (uniform) and 4 again.
-    probs = torch.tensor(
-        [[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.25] * 4, [0.25] * 4]
-    ).reshape(1, 4, 1, 4)
+    probs = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.5, 0.5, 0.0, 0.0], [0.25] * 4, [0.25] * 4]).reshape(1, 4, 1, 4)
     log_probs = probs.clamp_min(1e-30).log()
 
     usage.update(probs.argmax(-1), log_probs=log_probs)

@@ -154,7 +154,7 @@ def test_run_writes_checkpoints_and_usage_metrics(trained_run: tuple[Path, str])
         assert isinstance(usage, list) and len(usage) == num_codebooks
         assert isinstance(utterance_usage, list) and len(utterance_usage) == num_codebooks
 
-        for split_value, utterance_value in zip(usage, utterance_usage):
+        for split_value, utterance_value in zip(usage, utterance_usage, strict=True):
             # A split uses at least as many entries as its average utterance.
             assert 0.0 < utterance_value <= split_value <= 1.0
 
@@ -269,9 +269,7 @@ def test_validation_usage_matches_independent_count(trained_run: tuple[Path, str
         report.per_sample_usage.double().mean(dim=0).tolist(), abs=1e-6
     )
 
-    assert step_4["Mean Individual Perplexity"] == pytest.approx(
-        (perplexity_sum / num_frames).tolist(), rel=1e-4
-    )
+    assert step_4["Mean Individual Perplexity"] == pytest.approx((perplexity_sum / num_frames).tolist(), rel=1e-4)
 
 
 def test_reader_crops_long_utterances_instead_of_dropping(manifest_dir: Path) -> None:
@@ -335,13 +333,13 @@ def test_readers_shard_utterances_across_data_parallel_ranks(manifest_dir: Path)
 def test_missing_manifest_and_empty_split_name_the_file(manifest_dir: Path, tmp_path: Path) -> None:
     dataset = SpeechManifestDataset(manifest_dir)
 
-    with pytest.raises(DatasetError, match="nosuchsplit.tsv"):
+    with pytest.raises(DatasetError, match=r"nosuchsplit.tsv"):
         dataset.read_split("nosuchsplit")
 
     empty = tmp_path / "empty.tsv"
     empty.write_text(f"{tmp_path}\n")
 
-    with pytest.raises(DatasetError, match="empty.tsv.*no utterances"):
+    with pytest.raises(DatasetError, match=r"empty.tsv.*no utterances"):
         SpeechManifestDataset(tmp_path).read_split("empty")
 
 
@@ -354,15 +352,27 @@ def test_stock_wav2vec2_adapter_reports_per_codebook_figures(monkeypatch: pytest
     from fairseq2.metrics import MetricBag
     from fairseq2.models.wav2vec2 import Wav2Vec2Config, create_wav2vec2_model
 
-    from recipes.wav2vec2_knnvq.ssl.criterion import GumbelWav2Vec2Adapter, SslCriterion, SslLossSection, adapt_pretraining_model
-    from recipes.wav2vec2_knnvq.ssl.metrics import BATCH_CODEBOOK_USAGE, HARD_PERPLEXITY, ElementwiseMean, add_ssl_metrics
+    from recipes.wav2vec2_knnvq.ssl.criterion import (
+        GumbelWav2Vec2Adapter,
+        SslCriterion,
+        SslLossSection,
+        adapt_pretraining_model,
+    )
+    from recipes.wav2vec2_knnvq.ssl.metrics import (
+        BATCH_CODEBOOK_USAGE,
+        HARD_PERPLEXITY,
+        ElementwiseMean,
+        add_ssl_metrics,
+    )
     from w2v_knnvq.features.extractor import quantize_frames, run_cnn
     from w2v_knnvq.quantizer import code_counts, code_perplexity
 
     encoder_config = WAV2VEC2_KNNVQ_ARCHS[ARCH]().encoder_config
 
     torch.manual_seed(0)
-    model = create_wav2vec2_model(Wav2Vec2Config(encoder_config=encoder_config, quantized_dim=32, num_codebooks=2, num_codebook_entries=16))
+    model = create_wav2vec2_model(
+        Wav2Vec2Config(encoder_config=encoder_config, quantized_dim=32, num_codebooks=2, num_codebook_entries=16)
+    )
 
     adapter = adapt_pretraining_model(model)
     assert isinstance(adapter, GumbelWav2Vec2Adapter)
@@ -385,7 +395,9 @@ def test_stock_wav2vec2_adapter_reports_per_codebook_figures(monkeypatch: pytest
     counts = code_counts(codes.unsqueeze(0), 16)[0]
 
     assert torch.allclose(metric_bag.get(HARD_PERPLEXITY, ElementwiseMean).compute().float(), code_perplexity(counts))
-    assert torch.allclose(metric_bag.get(BATCH_CODEBOOK_USAGE, ElementwiseMean).compute(), (counts > 0).double().mean(dim=-1))
+    assert torch.allclose(
+        metric_bag.get(BATCH_CODEBOOK_USAGE, ElementwiseMean).compute(), (counts > 0).double().mean(dim=-1)
+    )
 
     # Validation codes of whole utterances: the argmax of the quantizer's logits at every real frame.
     model.eval()

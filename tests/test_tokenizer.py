@@ -75,9 +75,7 @@ def test_read_transcripts_handles_both_formats(tmp_path: Path) -> None:
     chapter = tmp_path / "split" / "19" / "198"
     chapter.mkdir(parents=True)
 
-    (chapter / "19-198.trans.txt").write_text(
-        "19-198-0000 IN THE BEGINNING\n19-198-0001\n19-198-0002 AND  THE EARTH\n"
-    )
+    (chapter / "19-198.trans.txt").write_text("19-198-0000 IN THE BEGINNING\n19-198-0001\n19-198-0002 AND  THE EARTH\n")
     (tmp_path / "dev.wrd").write_text("JESUS WEPT\n\n HE'S HERE \n")
 
     assert read_transcripts([tmp_path / "split", tmp_path / "dev.wrd"]) == [
@@ -128,9 +126,7 @@ def test_vocab_layout(tokenizer: Tokenizer, transcripts: list[str]) -> None:
     assert vocab_info.eos_idx is None
 
 
-def test_round_trip_never_uses_blank_or_unk(
-    tokenizer: Tokenizer, transcripts: list[str]
-) -> None:
+def test_round_trip_never_uses_blank_or_unk(tokenizer: Tokenizer, transcripts: list[str]) -> None:
     encoder = tokenizer.create_encoder()
     decoder = tokenizer.create_decoder()
 
@@ -161,9 +157,7 @@ def test_card_loads_by_name_from_asset_directory(card_path: Path, tokenizer: Tok
 
     provider = resolver.resolve(FileAssetMetadataLoader).load(card_path.parent)
 
-    loader = wire_object(
-        resolver, GlobalTokenizerLoader, asset_store=StandardAssetStore([provider])
-    )
+    loader = wire_object(resolver, GlobalTokenizerLoader, asset_store=StandardAssetStore([provider]))
 
     loaded = loader.load("test_char", gangs=None, config=None)
 
@@ -189,10 +183,10 @@ def test_tokenizer_without_blank_at_zero_is_rejected(tmp_path: Path) -> None:
 
 
 def test_missing_tokenizer_files_raise(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="train_tokenizer.py"):
+    with pytest.raises(FileNotFoundError, match=r"train_tokenizer.py"):
         load_ctc_tokenizer(tmp_path / "none.model")
 
-    with pytest.raises(FileNotFoundError, match="train_tokenizer.py"):
+    with pytest.raises(FileNotFoundError, match=r"train_tokenizer.py"):
         load_ctc_tokenizer(tmp_path / "none.yaml")
 
 
@@ -207,14 +201,12 @@ def test_train_rejects_bad_name_and_empty_text(tmp_path: Path) -> None:
 def test_check_vocab_size() -> None:
     check_vocab_size(32, 32, Path("tok.model"))
 
-    with pytest.raises(ValueError, match="predicts 30 classes.*tok.model.*of 32.*vocab_size"):
+    with pytest.raises(ValueError, match=r"predicts 30 classes.*tok.model.*of 32.*vocab_size"):
         check_vocab_size(32, 30, Path("tok.model"))
 
 
 def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "train_tokenizer", REPO_ROOT / "tools" / "train_tokenizer.py"
-    )
+    spec = importlib.util.spec_from_file_location("train_tokenizer", REPO_ROOT / "tools" / "train_tokenizer.py")
     assert spec is not None and spec.loader is not None
 
     module = importlib.util.module_from_spec(spec)
@@ -224,9 +216,7 @@ def _load_tool() -> ModuleType:
     return module
 
 
-def test_tool_writes_loadable_tokenizer(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_tool_writes_loadable_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     wrd = tmp_path / "train.wrd"
     wrd.write_text("JESUS WEPT\nHE'S HERE\n")
 

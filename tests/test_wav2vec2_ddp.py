@@ -29,9 +29,7 @@ METHODS = ("softmax-knn-ce", "ste-euclid")
 def _train_all(rank: int, init_file: str, result_dir: str) -> None:
     torch.set_num_threads(1)
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE
-    )
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
 
     try:
         for method in METHODS:
@@ -53,9 +51,7 @@ def _train(rank: int, method: str) -> dict[str, object]:
     model = create_wav2vec2_knnvq_model(config)
 
     # As fairseq2 wraps it: no buffer broadcast, every parameter used.
-    ddp_model = DistributedDataParallel(
-        model, broadcast_buffers=False, find_unused_parameters=False
-    )
+    ddp_model = DistributedDataParallel(model, broadcast_buffers=False, find_unused_parameters=False)
 
     optimizer = torch.optim.AdamW(ddp_model.parameters(), lr=1e-3)
 
@@ -103,10 +99,7 @@ def test_ddp_training_steps_keep_ranks_identical(tmp_path: Path) -> None:
     )
 
     for method in METHODS:
-        results = [
-            json.loads((tmp_path / f"{method}_rank{rank}.json").read_text())
-            for rank in range(WORLD_SIZE)
-        ]
+        results = [json.loads((tmp_path / f"{method}_rank{rank}.json").read_text()) for rank in range(WORLD_SIZE)]
 
         for result in results:
             assert len(result["losses"]) == NUM_STEPS, method

@@ -205,7 +205,9 @@ def test_config_rejects_a_quantizer_that_does_not_fit_the_features() -> None:
         StandardObjectValidator().validate(config)
 
     message = str(error.value)
-    assert "`quantizer.input_dim` must be `None` or equal `encoder_config.feature_dim` (64), but is 32 instead." in message
+    assert (
+        "`quantizer.input_dim` must be `None` or equal `encoder_config.feature_dim` (64), but is 32 instead." in message
+    )
     assert "`num_distractors` must be at least 1" in message
 
 
@@ -228,9 +230,7 @@ def test_one_override_switches_the_method(hub) -> None:
 
     unstructured = converter.unstructure(hub.get_arch_config("tiny_1x1024"))
 
-    merged = resolver.resolve(ConfigMerger).merge(
-        unstructured, {"quantizer": {"method": "softmax-ppl"}}
-    )
+    merged = resolver.resolve(ConfigMerger).merge(unstructured, {"quantizer": {"method": "softmax-ppl"}})
 
     config = converter.structure(merged, Wav2Vec2KnnVqConfig)
 
@@ -438,7 +438,14 @@ def test_save_and_load_by_name_reproduces_outputs(hub, tmp_path: Path) -> None:
     torch.save(seqs, tmp_path / "seqs.pt")
 
     result = subprocess.run(
-        [sys.executable, "-c", _LOAD_BY_NAME, "trained_tiny_1x1024", str(tmp_path / "seqs.pt"), str(tmp_path / "out.pt")],  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            _LOAD_BY_NAME,
+            "trained_tiny_1x1024",
+            str(tmp_path / "seqs.pt"),
+            str(tmp_path / "out.pt"),
+        ],
         env=_subprocess_env(FAIRSEQ2_USER_ASSET_DIR=str(card_dir)),
         capture_output=True,
         text=True,

@@ -24,8 +24,8 @@ from collections.abc import Callable
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-import torch  # noqa: E402
-from torch import Tensor  # noqa: E402
+import torch
+from torch import Tensor
 
 LAYOUTS = {"1x1024": (1, 1024), "2x320": (2, 320)}
 INPUT_DIM = 512

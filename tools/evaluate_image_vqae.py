@@ -190,7 +190,9 @@ def main() -> None:
     evaluate.add_argument("--max-images", type=int, default=None)
     evaluate.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     evaluate.add_argument("--no-fid", action="store_true", help="skip FID")
-    evaluate.add_argument("--inception-weights", type=Path, default=None, help="torchvision Inception-v3 weights for IS")
+    evaluate.add_argument(
+        "--inception-weights", type=Path, default=None, help="torchvision Inception-v3 weights for IS"
+    )
     evaluate.set_defaults(run=_evaluate)
 
     table = commands.add_parser("table", help="merge evaluation JSON files into Markdown tables")

@@ -26,7 +26,9 @@ from w2v_knnvq.features import PretrainedModelError, load_pretrained_model
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    parser.add_argument("model", help="pretraining output directory, checkpoints/step_N directory, sdp_00.pt file, or asset card name")
+    parser.add_argument(
+        "model", help="pretraining output directory, checkpoints/step_N directory, sdp_00.pt file, or asset card name"
+    )
     parser.add_argument("output_dir", type=Path, help="receives hf/ and/or torchaudio/")
     parser.add_argument("--step", type=int, help="training step to load from an output directory (default: the last)")
     parser.add_argument("--format", nargs="+", choices=("hf", "torchaudio"), default=["hf", "torchaudio"])
@@ -58,7 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
     if pretrained.normalize_audio:
-        print("note: the model was pretrained on standardized waveforms (zero mean, unit variance); standardize inputs the same way", file=sys.stderr)
+        print(
+            "note: the model was pretrained on standardized waveforms (zero mean, unit variance); standardize inputs the same way",
+            file=sys.stderr,
+        )
 
     return 0
 

@@ -29,11 +29,24 @@ from w2v_knnvq.features.shards import ShardExtractionError, ShardSettings, extra
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    parser.add_argument("model", help="pretraining output directory, checkpoints/step_N directory, sdp_00.pt file, or asset card name")
-    parser.add_argument("input", type=Path, help="a .tsv manifest (root line, then RELPATH<TAB>NUM_SAMPLES) or a directory of audio files")
+    parser.add_argument(
+        "model", help="pretraining output directory, checkpoints/step_N directory, sdp_00.pt file, or asset card name"
+    )
+    parser.add_argument(
+        "input",
+        type=Path,
+        help="a .tsv manifest (root line, then RELPATH<TAB>NUM_SAMPLES) or a directory of audio files",
+    )
     parser.add_argument("output_dir", type=Path)
     parser.add_argument("--step", type=int, help="training step to load from an output directory (default: the last)")
-    parser.add_argument("--layers", type=int, nargs="*", default=[-1], metavar="L", help="0-based Transformer layers to save, negative from the end (default: -1; none: --layers)")
+    parser.add_argument(
+        "--layers",
+        type=int,
+        nargs="*",
+        default=[-1],
+        metavar="L",
+        help="0-based Transformer layers to save, negative from the end (default: -1; none: --layers)",
+    )
     parser.add_argument("--no-codes", action="store_true", help="do not save the discrete codes")
     parser.add_argument("--format", choices=("npy", "pt"), default="npy", help="shard file format (default: npy)")
     parser.add_argument("--shard-size", type=int, default=256, help="utterances per shard (default: 256)")

@@ -23,9 +23,7 @@ def _photos() -> dict[str, Callable[[], np.ndarray]]:
     try:
         from skimage import data
     except ImportError:
-        raise SystemExit(
-            "This tool needs scikit-image for its bundled photos: pip install scikit-image"
-        ) from None
+        raise SystemExit("This tool needs scikit-image for its bundled photos: pip install scikit-image") from None
 
     return {
         "astronaut": data.astronaut,
@@ -39,9 +37,7 @@ def _photos() -> dict[str, Callable[[], np.ndarray]]:
     }
 
 
-def _random_crops(
-    photo: np.ndarray, count: int, size: int, rng: np.random.Generator
-) -> list[Image.Image]:
+def _random_crops(photo: np.ndarray, count: int, size: int, rng: np.random.Generator) -> list[Image.Image]:
     image = Image.fromarray(photo).convert("RGB")
     width, height = image.size
     shorter = min(width, height)

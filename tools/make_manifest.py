@@ -25,13 +25,9 @@ from w2v_knnvq.data.manifest import (
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    parser.add_argument(
-        "corpus_dir", type=Path, help="folder holding the split folders (e.g. LibriSpeech)"
-    )
+    parser.add_argument("corpus_dir", type=Path, help="folder holding the split folders (e.g. LibriSpeech)")
     parser.add_argument(
         "--splits",
         nargs="+",
@@ -39,9 +35,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="SPLIT",
         help=f"split folders to combine, e.g. {' '.join(LIBRISPEECH_SPLITS[:3])}",
     )
-    parser.add_argument(
-        "--name", help="manifest base name (default: the split name if only one split)"
-    )
+    parser.add_argument("--name", help="manifest base name (default: the split name if only one split)")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--sample-rate", type=int, default=16_000, help="required rate in Hz")
     parser.add_argument(

@@ -57,9 +57,7 @@ _FESTIVAL_VOICE_PACKAGES = {
     "cmu_us_slt_arctic_hts": "festvox-us-slt-hts",
 }
 
-_ALL_PACKAGES = (
-    "espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts bible-kjv"
-)
+_ALL_PACKAGES = "espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts bible-kjv"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -146,11 +144,7 @@ class CorpusConfig:
 
 def check_engines() -> None:
     """Fails with the apt command to run if an engine, voice or the KJV text is missing."""
-    missing = {
-        package
-        for executable, package in _EXECUTABLE_PACKAGES.items()
-        if shutil.which(executable) is None
-    }
+    missing = {package for executable, package in _EXECUTABLE_PACKAGES.items() if shutil.which(executable) is None}
 
     if "festival" not in missing:
         for voice_name, package in _FESTIVAL_VOICE_PACKAGES.items():
@@ -169,9 +163,7 @@ def check_engines() -> None:
 def load_verses(*, min_words: int, max_words: int) -> list[Verse]:
     """Returns the distinct KJV verses of ``min_words`` to ``max_words`` words with no
     digits and few proper names, in Bible order."""
-    result = subprocess.run(
-        ["bible", "-f", "gen1:1-rev22:21"], check=True, capture_output=True, text=True
-    )
+    result = subprocess.run(["bible", "-f", "gen1:1-rev22:21"], check=True, capture_output=True, text=True)
 
     verses = []
 
@@ -308,15 +300,10 @@ def to_corpus_audio(waveform: np.ndarray, sample_rate: int) -> np.ndarray:
 
 
 def build_corpus(config: CorpusConfig) -> None:
-    existing = [
-        config.output_dir / split
-        for split in config.num_utterances
-        if (config.output_dir / split).exists()
-    ]
+    existing = [config.output_dir / split for split in config.num_utterances if (config.output_dir / split).exists()]
     if existing:
         raise SystemExit(
-            f"{', '.join(map(str, existing))} already exist(s); remove them or choose "
-            "another --output-dir"
+            f"{', '.join(map(str, existing))} already exist(s); remove them or choose another --output-dir"
         )
 
     check_engines()
@@ -329,9 +316,7 @@ def build_corpus(config: CorpusConfig) -> None:
 
     # Each speaker draws from its own slice of the shuffled verses, so no verse repeats
     # and the result does not depend on the order in which speakers finish.
-    verse_pools = {
-        speaker.speaker_id: verses[index :: len(speakers)] for index, speaker in enumerate(speakers)
-    }
+    verse_pools = {speaker.speaker_id: verses[index :: len(speakers)] for index, speaker in enumerate(speakers)}
 
     quotas = _speaker_quotas(speakers, config.num_utterances)
 
@@ -428,9 +413,7 @@ def _build_speaker(
         trans_path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
 
 
-def _next_fitting_verse(
-    verses: Iterator[Verse], speaker: Speaker, config: CorpusConfig
-) -> tuple[Verse, np.ndarray]:
+def _next_fitting_verse(verses: Iterator[Verse], speaker: Speaker, config: CorpusConfig) -> tuple[Verse, np.ndarray]:
     """Synthesizes verses until one lasts between ``min_seconds`` and ``max_seconds``."""
     for verse in verses:
         waveform, sample_rate = synthesize(verse.text, speaker)
@@ -462,9 +445,7 @@ def _write_speakers_file(output_dir: Path, speakers: list[Speaker]) -> None:
 
 
 def _parse_args(argv: Sequence[str] | None) -> CorpusConfig:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)

@@ -27,9 +27,7 @@ from w2v_knnvq.text.tokenizer import load_ctc_tokenizer, read_transcripts, train
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     parser.add_argument(
         "transcripts",
@@ -38,9 +36,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="*.wrd or *.trans.txt files, or folders searched for them",
     )
     parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument(
-        "--name", default="librispeech_char", help="asset card name and file stem"
-    )
+    parser.add_argument("--name", default="librispeech_char", help="asset card name and file stem")
 
     return parser.parse_args(argv)
 

@@ -177,9 +177,7 @@ class UsageTableRow:
 _Rows = dict[tuple[str, str], dict[str, UsageTableRow]]
 
 
-def format_usage_tables(
-    rows: Iterable[UsageTableRow], columns: Sequence[ScoreColumn], *, score_caption: str
-) -> str:
+def format_usage_tables(rows: Iterable[UsageTableRow], columns: Sequence[ScoreColumn], *, score_caption: str) -> str:
     """Markdown tables in the layout of the paper's Table 1 (code use and ``columns``) and
     Table 2 (individual perplexity percentiles of smoothed methods), one column group per
     :attr:`UsageTableRow.group`, one row per method and K, in the order they first appear.

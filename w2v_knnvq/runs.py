@@ -24,8 +24,8 @@ from torch.nn import Module
 
 from fairseq2.assets import AssetCard, AssetCardError, AssetMetadataError, StandardAssetStore
 from fairseq2.checkpoint import ModelMetadataLoader
-from fairseq2.model_checkpoint import CorruptModelCheckpointError
 from fairseq2.device import CPU, Device
+from fairseq2.model_checkpoint import CorruptModelCheckpointError
 from fairseq2.models import ModelHub
 from fairseq2.runtime.dependency import get_dependency_resolver
 
@@ -134,20 +134,26 @@ def find_run_checkpoint(path: Path, *, checkpoint: CheckpointChoice | None = Non
     path = path.expanduser().resolve()
 
     if not path.exists():
-        raise RunCheckpointError(f"{path}: does not exist; give the output directory of a training run or one of its checkpoints.")
+        raise RunCheckpointError(
+            f"{path}: does not exist; give the output directory of a training run or one of its checkpoints."
+        )
 
     checkpoints_dir, path_step = _find_checkpoints_dir(path)
 
     if path_step is not None:
         if checkpoint is not None and checkpoint != path_step:
-            raise RunCheckpointError(f"{path}: is the checkpoint of step {path_step}, but checkpoint {checkpoint} was asked for; drop one of the two.")
+            raise RunCheckpointError(
+                f"{path}: is the checkpoint of step {path_step}, but checkpoint {checkpoint} was asked for; drop one of the two."
+            )
 
         checkpoint = path_step
 
     store = _load_checkpoint_cards(checkpoints_dir)
 
     steps = sorted(
-        int(match[1]) for child in checkpoints_dir.iterdir() if (match := STEP_DIR_PATTERN.fullmatch(child.name)) and child.is_dir()
+        int(match[1])
+        for child in checkpoints_dir.iterdir()
+        if (match := STEP_DIR_PATTERN.fullmatch(child.name)) and child.is_dir()
     )
 
     if checkpoint is None or checkpoint == "last":
@@ -162,7 +168,9 @@ def find_run_checkpoint(path: Path, *, checkpoint: CheckpointChoice | None = Non
 
         names = [f"checkpoint_step_{checkpoint}"]
     else:
-        raise RunCheckpointError(f"`checkpoint` must be a step number, 'last' or 'best', but is '{checkpoint}' instead.")
+        raise RunCheckpointError(
+            f"`checkpoint` must be a step number, 'last' or 'best', but is '{checkpoint}' instead."
+        )
 
     for name in names:
         card = store.maybe_retrieve_card(name)
@@ -209,7 +217,9 @@ def load_run_model(
                 f"{run.model_dir}: the weights do not fit the configuration in {run.metadata_file} ({cause or ex})"
             ) from ex
 
-        raise RunCheckpointError(f"{run.model_dir}: cannot be loaded ({ex}); check that the checkpoint is complete.") from ex
+        raise RunCheckpointError(
+            f"{run.model_dir}: cannot be loaded ({ex}); check that the checkpoint is complete."
+        ) from ex
 
     model.eval()
 
@@ -230,7 +240,9 @@ def _load_checkpoint_cards(checkpoints_dir: Path) -> StandardAssetStore:
     try:
         return StandardAssetStore([loader.load(checkpoints_dir)])
     except (AssetMetadataError, OSError) as ex:
-        raise RunCheckpointError(f"{metadata_file}: cannot be read as the model card of a training run ({ex}).") from None
+        raise RunCheckpointError(
+            f"{metadata_file}: cannot be read as the model card of a training run ({ex})."
+        ) from None
 
 
 def _find_checkpoints_dir(path: Path) -> tuple[Path, int | None]:

@@ -1,6 +1,6 @@
 """Train the discrete image autoencoder: ``python -m recipes.image_vqae --config-file FILE OUT_DIR``."""
 
-from recipes.image_vqae.recipe import main
+from .recipe import main
 
 if __name__ == "__main__":
     main()

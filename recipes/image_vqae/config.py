@@ -65,22 +65,16 @@ class ImageFolderSection:
 
 @dataclass(kw_only=True)
 class ImageVqaeRecipeConfig:
-    model: ModelSection = field(
-        default_factory=lambda: ModelSection(family=IMAGE_VQAE_FAMILY, arch="f16_c32_m1024")
-    )
+    model: ModelSection = field(default_factory=lambda: ModelSection(family=IMAGE_VQAE_FAMILY, arch="f16_c32_m1024"))
 
     dataset: ImageFolderSection = field(default_factory=lambda: ImageFolderSection())
 
     trainer: TrainerSection = field(
-        default_factory=lambda: TrainerSection(
-            mixed_precision=MixedPrecisionConfig(mode="off"), max_grad_norm=None
-        )
+        default_factory=lambda: TrainerSection(mixed_precision=MixedPrecisionConfig(mode="off"), max_grad_norm=None)
     )
 
     optimizer: OptimizerSection = field(
-        default_factory=lambda: OptimizerSection(
-            config=AdamWConfig(lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4)
-        )
+        default_factory=lambda: OptimizerSection(config=AdamWConfig(lr=1e-4, betas=(0.9, 0.99), weight_decay=1e-4))
     )
 
     lr_scheduler: LRSchedulerSection = field(

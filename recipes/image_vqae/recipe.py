@@ -23,16 +23,17 @@ from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
 
-from recipes.common import check_warmup
-from recipes.image_vqae.config import (
-    ImageVqaeRecipeConfig,
-    method_peak_lr,
-    method_weight_decay,
-)
 from w2v_knnvq.image import ImageVqaeModel, ImageVqaeOutput
 from w2v_knnvq.image.data import list_image_files
 from w2v_knnvq.image.reader import ImageBatch, ImageFolderReader
 from w2v_knnvq.quantizer import METHODS
+
+from ..common import check_warmup
+from .config import (
+    ImageVqaeRecipeConfig,
+    method_peak_lr,
+    method_weight_decay,
+)
 
 _METRIC_DESCRIPTORS = (
     ("reconstruction_loss", "Reconstruction Loss (MSE)", 91),

@@ -29,9 +29,7 @@ METHODS = ("softmax-knn-ce", "softmax-ppl")
 
 def write_manifests(manifest_dir: Path) -> None:
     for split, name in (("train", "train"), ("dev", "valid")):
-        make_manifest(
-            ManifestConfig(corpus_dir=CORPUS_DIR, splits=[split], name=name, output_dir=manifest_dir)
-        )
+        make_manifest(ManifestConfig(corpus_dir=CORPUS_DIR, splits=[split], name=name, output_dir=manifest_dir))
 
 
 def pretrain(method: str, output_dir: Path, manifest_dir: Path, num_steps: int) -> None:
@@ -42,7 +40,8 @@ def pretrain(method: str, output_dir: Path, manifest_dir: Path, num_steps: int) 
     command = [
         sys.executable,
         "-m",
-        "recipes.wav2vec2_knnvq.ssl",
+        # `recipes.wav2vec2_knnvq.ssl` in a checkout, `w2v_knnvq_recipes...` when installed.
+        f"{__package__}.ssl",
         "--config-file",
         str(PRESET),
         "--config",

@@ -115,7 +115,7 @@ class AsrManifestDataset:
 
         utterances = [
             AsrUtterance(index, entry.path, entry.num_samples, " ".join(transcript.split()))
-            for index, (entry, transcript) in enumerate(zip(manifest.entries, transcripts))
+            for index, (entry, transcript) in enumerate(zip(manifest.entries, transcripts, strict=True))
         ]
 
         return AsrSplit(manifest.manifest_file, manifest.audio_dir, utterances)
@@ -178,7 +178,11 @@ def _filter_by_length(asr_split: AsrSplit, options: AsrReadOptions) -> list[dict
     if num_dropped > 0:
         log.info(
             "Dropped {} of {} utterances in {} with fewer than {} or more than {} samples (`min_audio_len`, `max_audio_len`).",
-            num_dropped, len(asr_split.utterances), asr_split.manifest_file, options.min_audio_len, options.max_audio_len,  # fmt: skip
+            num_dropped,
+            len(asr_split.utterances),
+            asr_split.manifest_file,
+            options.min_audio_len,
+            options.max_audio_len,
         )
 
     if not kept:

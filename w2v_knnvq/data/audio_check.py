@@ -40,9 +40,7 @@ class AudioInfo:
     num_channels: int
 
 
-def inspect_audio(
-    path: Path, *, sample_rate: int = 16_000, full_decode: bool = False
-) -> AudioInfo:
+def inspect_audio(path: Path, *, sample_rate: int = 16_000, full_decode: bool = False) -> AudioInfo:
     """Reads the header of ``path`` and decodes its tail (or all of it) to prove it is usable.
 
     :param sample_rate: The required sample rate in Hz.
@@ -71,9 +69,7 @@ def inspect_audio(
                     )
     # soundfile reports every decoding failure as a RuntimeError subclass.
     except RuntimeError as ex:
-        raise AudioFileError(
-            path, f"unreadable by soundfile ({ex}); re-download or remove the file"
-        ) from ex
+        raise AudioFileError(path, f"unreadable by soundfile ({ex}); re-download or remove the file") from ex
 
     if info.num_samples == 0:
         raise AudioFileError(path, "contains no audio samples; remove the file")
@@ -88,8 +84,7 @@ def inspect_audio(
     if info.num_channels != 1:
         raise AudioFileError(
             path,
-            f"has {info.num_channels} channels, expected mono; "
-            "downmix it (e.g. `sox IN.flac -c 1 OUT.flac`)",
+            f"has {info.num_channels} channels, expected mono; downmix it (e.g. `sox IN.flac -c 1 OUT.flac`)",
         )
 
     return info

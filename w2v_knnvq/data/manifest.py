@@ -154,14 +154,11 @@ def make_manifest(config: ManifestConfig) -> ManifestFiles:
 
         listing = "\n".join(f"  {bad.path}: {bad.reason}" for bad in scan.bad_files)
 
-        log.warning(
-            "Skipping %d bad file(s) in manifest %s:\n%s", len(scan.bad_files), name, listing
-        )
+        log.warning("Skipping %d bad file(s) in manifest %s:\n%s", len(scan.bad_files), name, listing)
 
     if not scan.entries:
         raise ManifestError(
-            f"no usable utterance in {', '.join(config.splits)} under {config.corpus_dir}; "
-            "every file is bad"
+            f"no usable utterance in {', '.join(config.splits)} under {config.corpus_dir}; every file is bad"
         )
 
     return write_manifest(scan, config.output_dir, name)
@@ -179,8 +176,7 @@ def _manifest_name(config: ManifestConfig) -> str:
 
     if not config.name or "/" in config.name or os.sep in config.name:
         raise ManifestError(
-            f"manifest name {config.name!r} must be a plain non-empty file name; "
-            "use `output_dir` to choose the folder"
+            f"manifest name {config.name!r} must be a plain non-empty file name; use `output_dir` to choose the folder"
         )
 
     return config.name
@@ -237,9 +233,7 @@ def scan_corpus(
         split_candidates = list(_list_split(split_dir, bad_files))
 
         if not split_candidates:
-            raise ManifestError(
-                f"split directory {split_dir} is empty: no SPEAKER/CHAPTER/*.flac file in it"
-            )
+            raise ManifestError(f"split directory {split_dir} is empty: no SPEAKER/CHAPTER/*.flac file in it")
 
         candidates.extend(split_candidates)
 
@@ -247,9 +241,7 @@ def scan_corpus(
 
     def check(candidate: _Candidate) -> int | BadFile:
         try:
-            info = inspect_audio(
-                candidate.audio_path, sample_rate=sample_rate, full_decode=full_decode
-            )
+            info = inspect_audio(candidate.audio_path, sample_rate=sample_rate, full_decode=full_decode)
         except AudioFileError as ex:
             return BadFile(path=candidate.audio_path, reason=ex.reason)
 
@@ -258,9 +250,7 @@ def scan_corpus(
     entries: list[CorpusUtterance] = []
 
     with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
-        for done, (candidate, result) in enumerate(
-            zip(candidates, pool.map(check, candidates)), start=1
-        ):
+        for done, (candidate, result) in enumerate(zip(candidates, pool.map(check, candidates), strict=True), start=1):
             if isinstance(result, BadFile):
                 bad_files.append(result)
             elif candidate.transcript is not None:
@@ -314,8 +304,7 @@ def _list_split(split_dir: Path, bad_files: list[BadFile]) -> Iterator[_Candidat
                 bad_files.append(
                     BadFile(
                         path=audio_path,
-                        reason=f"name does not match its folders; expected "
-                        f"{speaker}-{chapter}-NNNN.flac",
+                        reason=f"name does not match its folders; expected {speaker}-{chapter}-NNNN.flac",
                     )
                 )
 

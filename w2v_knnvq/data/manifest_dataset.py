@@ -73,9 +73,7 @@ def read_manifest_split(manifest_file: Path) -> ManifestSplit:
         audio_dir = manifest_file.parent / audio_dir
 
     if not audio_dir.is_dir():
-        raise DatasetError(
-            f"Audio root directory {audio_dir} named on line 1 of {manifest_file} does not exist."
-        )
+        raise DatasetError(f"Audio root directory {audio_dir} named on line 1 of {manifest_file} does not exist.")
 
     if not rows:
         raise DatasetError(f"Manifest {manifest_file} lists no utterances; the split is empty.")
@@ -137,7 +135,9 @@ def whole_split_options(options: ReadOptionsT, *, max_num_batches: int | None = 
     )
 
 
-def read_examples(examples: Sequence[dict[str, Any]], gangs: Gangs, options: ManifestReadOptions) -> DataPipelineBuilder:
+def read_examples(
+    examples: Sequence[dict[str, Any]], gangs: Gangs, options: ManifestReadOptions
+) -> DataPipelineBuilder:
     """Starts a pipeline over ``examples``, shuffled with ``options.seed`` (unless
     ``shuffle_window`` is 1), then sharded over the data-parallel gang ``gangs.dp``."""
     builder = read_sequence(examples)
@@ -159,9 +159,7 @@ def length_bucket_sizes(
     :raises ValueError: if ``max_num_elements`` is less than ``max_audio_len``.
     """
     if max_num_elements < max_audio_len:
-        raise ValueError(
-            f"`max_num_elements` ({max_num_elements}) must be at least `max_audio_len` ({max_audio_len})."
-        )
+        raise ValueError(f"`max_num_elements` ({max_num_elements}) must be at least `max_audio_len` ({max_audio_len}).")
 
     # `create_bucket_sizes` needs a multiple of the longest sequence.
     max_num_elements -= max_num_elements % max_audio_len
@@ -174,7 +172,9 @@ def length_bucket_sizes(
     )
 
 
-def bucket_by_num_samples(builder: DataPipelineBuilder, bucket_sizes: list[tuple[int, int]], min_audio_len: int) -> None:
+def bucket_by_num_samples(
+    builder: DataPipelineBuilder, bucket_sizes: list[tuple[int, int]], min_audio_len: int
+) -> None:
     """Groups examples into buckets by their ``num_samples``; examples outside the
     buckets' lengths are skipped, so they must be filtered out beforehand."""
     builder.bucket_by_length(
@@ -192,9 +192,7 @@ def decode_audio(builder: DataPipelineBuilder, audio_dir: Path, num_parallel_cal
     to float32; :func:`load_waveforms` checks them."""
     builder.map(FileMapper(audio_dir, cached_fd_count=100), selector="[*].path")
 
-    builder.map(
-        AudioDecoder(dtype=torch.float32), selector="[*].path.data", num_parallel_calls=num_parallel_calls
-    )
+    builder.map(AudioDecoder(dtype=torch.float32), selector="[*].path.data", num_parallel_calls=num_parallel_calls)
 
 
 def load_waveforms(bucket: Sequence[dict[str, Any]], manifest_file: Path, *, normalize: bool) -> list[Tensor]:

@@ -20,9 +20,7 @@ class ProgressLine:
     _interval: float
     _last_report: float
 
-    def __init__(
-        self, task: str, total: int, *, stream: TextIO | None = None, interval: float = 5.0
-    ) -> None:
+    def __init__(self, task: str, total: int, *, stream: TextIO | None = None, interval: float = 5.0) -> None:
         self._task = task
         self._total = total
         self._stream = sys.stderr if stream is None else stream

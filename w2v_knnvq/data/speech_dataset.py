@@ -80,9 +80,7 @@ class SpeechManifestDataset:
     def read_split(self, split: str) -> ManifestSplit:
         return read_manifest_split(self.manifest_file(split))
 
-    def create_reader(
-        self, split: str, gangs: Gangs, options: SpeechReadOptions
-    ) -> DataReader[SequenceBatch]:
+    def create_reader(self, split: str, gangs: Gangs, options: SpeechReadOptions) -> DataReader[SequenceBatch]:
         """Returns a reader of :class:`SequenceBatch` holding float32 waveforms of
         shape ``(N, S)``, sharded over the data-parallel gang ``gangs.dp``."""
         manifest = self.read_split(split)
@@ -134,7 +132,10 @@ def _drop_short(manifest: ManifestSplit, min_audio_len: int) -> list[dict[str, A
     if num_dropped > 0:
         log.info(
             "Dropped {} of {} utterances in {} with fewer than {} samples (`min_audio_len`).",
-            num_dropped, len(manifest.entries), manifest.manifest_file, min_audio_len,  # fmt: skip
+            num_dropped,
+            len(manifest.entries),
+            manifest.manifest_file,
+            min_audio_len,
         )
 
     if not entries:

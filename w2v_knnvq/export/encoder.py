@@ -53,28 +53,40 @@ def describe_encoder(config: Wav2Vec2KnnVqConfig) -> EncoderLayout:
         unsupported.append("`use_conformer=True` (Conformer blocks)")
 
     if encoder.pos_encoder_type != "conv":
-        unsupported.append(f"`pos_encoder_type={encoder.pos_encoder_type}` (only the convolutional position encoder exists there)")
+        unsupported.append(
+            f"`pos_encoder_type={encoder.pos_encoder_type}` (only the convolutional position encoder exists there)"
+        )
 
     if encoder.pos_encoder_depth != 1:
-        unsupported.append(f"`pos_encoder_depth={encoder.pos_encoder_depth}` (only a single positional convolution exists there)")
+        unsupported.append(
+            f"`pos_encoder_depth={encoder.pos_encoder_depth}` (only a single positional convolution exists there)"
+        )
 
     layer_norm_first = encoder.norm_order == TransformerNormOrder.PRE
 
     if encoder.norm_order not in (TransformerNormOrder.PRE, TransformerNormOrder.POST):
         unsupported.append(f"`norm_order={encoder.norm_order}`")
     elif layer_norm_first and encoder.layer_norm_features:
-        unsupported.append("`layer_norm_features=True` with `norm_order=PRE` (a pre-norm encoder there has no layer norm after the positional convolution)")
+        unsupported.append(
+            "`layer_norm_features=True` with `norm_order=PRE` (a pre-norm encoder there has no layer norm after the positional convolution)"
+        )
     elif not layer_norm_first and not encoder.layer_norm_features:
-        unsupported.append("`layer_norm_features=False` with `norm_order=POST` (a post-norm encoder there always has a layer norm after the positional convolution)")
+        unsupported.append(
+            "`layer_norm_features=False` with `norm_order=POST` (a post-norm encoder there always has a layer norm after the positional convolution)"
+        )
 
     conv_layers = [tuple(desc) for desc in encoder.feature_extractor_layer_descs]
 
     if conv_layers and conv_layers[-1][0] != encoder.feature_dim:
-        unsupported.append(f"`feature_dim={encoder.feature_dim}` differs from the last CNN layer's {conv_layers[-1][0]} channels")
+        unsupported.append(
+            f"`feature_dim={encoder.feature_dim}` differs from the last CNN layer's {conv_layers[-1][0]} channels"
+        )
 
     if unsupported:
         raise ExportError(
-            "The model cannot be exported to a Hugging Face or torchaudio wav2vec 2.0 model: " + "; ".join(unsupported) + "."
+            "The model cannot be exported to a Hugging Face or torchaudio wav2vec 2.0 model: "
+            + "; ".join(unsupported)
+            + "."
         )
 
     return EncoderLayout(
@@ -93,8 +105,14 @@ _LAYER_KEY_MAP = (
     (re.compile(r"^encoder\.layers\.(\d+)\.ffn\.inner_proj\."), r"encoder.layers.\1.feed_forward.intermediate_dense."),
     (re.compile(r"^encoder\.layers\.(\d+)\.ffn\.output_proj\."), r"encoder.layers.\1.feed_forward.output_dense."),
     (re.compile(r"^encoder\.layers\.(\d+)\.ffn_layer_norm\."), r"encoder.layers.\1.final_layer_norm."),
-    (re.compile(r"^encoder_frontend\.feature_extractor\.layers\.(\d+)\.conv\."), r"feature_extractor.conv_layers.\1.conv."),
-    (re.compile(r"^encoder_frontend\.feature_extractor\.layers\.(\d+)\.(?:group_norm|layer_norm)\."), r"feature_extractor.conv_layers.\1.layer_norm."),
+    (
+        re.compile(r"^encoder_frontend\.feature_extractor\.layers\.(\d+)\.conv\."),
+        r"feature_extractor.conv_layers.\1.conv.",
+    ),
+    (
+        re.compile(r"^encoder_frontend\.feature_extractor\.layers\.(\d+)\.(?:group_norm|layer_norm)\."),
+        r"feature_extractor.conv_layers.\1.layer_norm.",
+    ),
     (re.compile(r"^encoder_frontend\.post_extract_layer_norm\."), r"feature_projection.layer_norm."),
     (re.compile(r"^encoder_frontend\.model_dim_proj\."), r"feature_projection.projection."),
     (re.compile(r"^encoder_frontend\.pos_encoder\.conv\.bias$"), r"encoder.pos_conv_embed.conv.bias"),
@@ -153,7 +171,9 @@ def encoder_state_dict(model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig) -
 
                 break
         else:
-            raise ExportError(f"The model's tensor `{key}` has no counterpart in a Hugging Face or torchaudio wav2vec 2.0 encoder.")
+            raise ExportError(
+                f"The model's tensor `{key}` has no counterpart in a Hugging Face or torchaudio wav2vec 2.0 encoder."
+            )
 
     if "feature_projection.projection.weight" not in exported:
         dim = config.encoder_config.model_dim

@@ -108,7 +108,9 @@ def load_torchaudio_export(export_dir: Path) -> TorchaudioWav2Vec2Model:
 
     for file in (args_file, state_dict_file):
         if not file.is_file():
-            raise ExportError(f"{file}: missing; export the checkpoint again with `tools/export_checkpoint.py --format torchaudio`.")
+            raise ExportError(
+                f"{file}: missing; export the checkpoint again with `tools/export_checkpoint.py --format torchaudio`."
+            )
 
     args = json.loads(args_file.read_text())
 

@@ -40,7 +40,9 @@ def read_audio(path: Path) -> tuple[Tensor, int]:
         samples, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
     # soundfile reports every decoding failure as a RuntimeError subclass.
     except RuntimeError as ex:
-        raise AudioInputError(f"{path}: unreadable by soundfile ({ex}); re-encode the file (e.g. as FLAC or WAV) or remove it.") from ex
+        raise AudioInputError(
+            f"{path}: unreadable by soundfile ({ex}); re-encode the file (e.g. as FLAC or WAV) or remove it."
+        ) from ex
 
     if samples.shape[0] == 0:
         raise AudioInputError(f"{path}: contains no audio samples; remove it from the input.")
@@ -57,13 +59,19 @@ def to_mono(waveform: Tensor, *, source: str) -> Tensor:
         return waveform
 
     if waveform.ndim != 2:
-        raise AudioInputError(f"{source}: a waveform must have shape (S,) or (C, S), but has shape {tuple(waveform.shape)}.")
+        raise AudioInputError(
+            f"{source}: a waveform must have shape (S,) or (C, S), but has shape {tuple(waveform.shape)}."
+        )
 
     if waveform.size(0) == 1:
         return waveform[0]
 
     if not _warned_multichannel:
-        log.warning("%s has %d channels; mixing multichannel audio down to mono by averaging (said once).", source, waveform.size(0))
+        log.warning(
+            "%s has %d channels; mixing multichannel audio down to mono by averaging (said once).",
+            source,
+            waveform.size(0),
+        )
 
         _warned_multichannel = True
 

@@ -99,7 +99,9 @@ class SpeechFeatureExtractor:
             model = pretrained
 
         if not isinstance(model.encoder_frontend.feature_extractor, Wav2Vec2FeatureExtractor):
-            raise ValueError("The model must read waveforms through a `Wav2Vec2FeatureExtractor`; filterbank front ends are not supported.")
+            raise ValueError(
+                "The model must read waveforms through a `Wav2Vec2FeatureExtractor`; filterbank front ends are not supported."
+            )
 
         self.model = model.eval()
 
@@ -131,7 +133,9 @@ class SpeechFeatureExtractor:
             index = layer + self.num_layers if layer < 0 else layer
 
             if not 0 <= index < self.num_layers:
-                raise ValueError(f"Layer {layer} does not exist; the encoder has layers 0..{self.num_layers - 1} (or -1..-{self.num_layers}).")
+                raise ValueError(
+                    f"Layer {layer} does not exist; the encoder has layers 0..{self.num_layers - 1} (or -1..-{self.num_layers})."
+                )
 
             if index not in resolved:
                 resolved.append(index)
@@ -186,7 +190,8 @@ class SpeechFeatureExtractor:
             sources = [f"waveform {idx}" for idx in range(len(waveforms))]
 
         prepared = [
-            prepare_waveform(waveform, rate, source=source) for waveform, rate, source in zip(waveforms, sample_rates, sources)
+            prepare_waveform(waveform, rate, source=source)
+            for waveform, rate, source in zip(waveforms, sample_rates, sources, strict=True)
         ]
 
         if self.normalize_audio:
@@ -199,7 +204,7 @@ class SpeechFeatureExtractor:
         # (N, S_wav)
         seqs = torch.zeros((len(prepared), max(seq_lens)), device=self.device, dtype=self.dtype)
 
-        for row, waveform in zip(seqs, prepared):
+        for row, waveform in zip(seqs, prepared, strict=True):
             row[: waveform.numel()] = waveform.to(row.dtype)
 
         return self._run(seqs, seq_lens, self.resolve_layers(layers))
@@ -217,7 +222,7 @@ class SpeechFeatureExtractor:
         return cast(Wav2Vec2FeatureExtractor, self.model.encoder_frontend.feature_extractor)
 
     def _check_lengths(self, waveforms: list[Tensor], sources: Sequence[str]) -> None:
-        for waveform, source in zip(waveforms, sources):
+        for waveform, source in zip(waveforms, sources, strict=True):
             if self.num_frames(waveform.numel()) < 1:
                 raise AudioInputError(
                     f"{source}: {waveform.numel()} samples at {MODEL_SAMPLE_RATE} Hz are too short for one frame of the model's CNN; remove it from the input."
@@ -312,7 +317,9 @@ def quantize_frames(model: PretrainingModel, cnn: CnnFeatures) -> FrameCodes:
     :raises ValueError: if ``model`` is in training mode, where codes are sampled.
     """
     if model.training:
-        raise ValueError("`model` must be in eval mode to assign codes deterministically, but is in training mode instead.")
+        raise ValueError(
+            "`model` must be in eval mode to assign codes deterministically, but is in training mode instead."
+        )
 
     padding_mask = cnn.padding_mask
 

@@ -72,7 +72,9 @@ def load_pretrained_model(
         return _load_from_path(path, step, device, dtype)
 
     if step is not None:
-        raise PretrainedModelError(f"{source}: `step` only applies to a pretraining output directory, and no such path exists.")
+        raise PretrainedModelError(
+            f"{source}: `step` only applies to a pretraining output directory, and no such path exists."
+        )
 
     return _load_from_card(str(source), device, dtype)
 
@@ -133,7 +135,9 @@ def _config_from_card(card: AssetCard) -> Wav2Vec2KnnVqConfig:
         raise PretrainedModelError(f"{card.name}: the model configuration cannot be read ({ex}).") from ex
 
 
-def _ready(model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig, source: str, *, normalize_audio: bool) -> PretrainedModel:
+def _ready(
+    model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig, source: str, *, normalize_audio: bool
+) -> PretrainedModel:
     model.eval()
 
     model.requires_grad_(False)

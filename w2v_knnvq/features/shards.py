@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -129,7 +130,10 @@ def extract_to_shards(
 
     _check_settings(output_dir, settings)
 
-    shards = [list(utterances[start : start + settings.shard_size]) for start in range(0, len(utterances), settings.shard_size)]
+    shards = [
+        list(utterances[start : start + settings.shard_size])
+        for start in range(0, len(utterances), settings.shard_size)
+    ]
 
     progress = ProgressLine("extracting features", len(utterances)) if show_progress else None
 
@@ -227,7 +231,9 @@ def _write_shard(
 
             num_frames = int(features.frame_lengths[row])
 
-            records.append({"utterance": utterance.name, "shard": _shard_stem(shard_idx), "offset": offset, "frames": num_frames})
+            records.append(
+                {"utterance": utterance.name, "shard": _shard_stem(shard_idx), "offset": offset, "frames": num_frames}
+            )
 
             offset += num_frames
 
@@ -239,7 +245,7 @@ def _write_shard(
         write_atomically(output_dir / f"{stem}.pt", lambda tmp: torch.save(stacked, tmp))
     else:
         for kind, tensor in stacked.items():
-            write_atomically(output_dir / f"{stem}.{kind}.npy", lambda tmp: _save_npy(tmp, tensor.numpy()))
+            write_atomically(output_dir / f"{stem}.{kind}.npy", partial(_save_npy, array=tensor.numpy()))
 
     index_lines = "".join(json.dumps(record) + "\n" for record in records)
 

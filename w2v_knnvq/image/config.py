@@ -44,9 +44,7 @@ class ImageVqaeConfig:
     channels not above it."""
 
     quantizer: QuantizerConfig = field(
-        default_factory=lambda: QuantizerConfig(
-            input_dim=32, codebook_dim=32, codebook_size=1024, num_codebooks=1
-        )
+        default_factory=lambda: QuantizerConfig(input_dim=32, codebook_dim=32, codebook_size=1024, num_codebooks=1)
     )
     """The quantizer between encoder and decoder; one latent pixel is one vector."""
 

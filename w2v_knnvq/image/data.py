@@ -31,11 +31,7 @@ def list_image_files(split_dir: Path) -> list[Path]:
             "ROOT/SPLIT/CLASS/*.JPEG (also .jpg, .png)."
         )
 
-    files = sorted(
-        path
-        for path in split_dir.glob("*/*")
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-    )
+    files = sorted(path for path in split_dir.glob("*/*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file())
 
     if not files:
         raise FileNotFoundError(
@@ -69,9 +65,7 @@ def load_image(path: Path, size: int) -> Tensor:
 
             pixels = np.asarray(image, dtype=np.uint8)
     except (OSError, UnidentifiedImageError, ValueError) as ex:
-        raise ImageReadError(
-            f"{path} cannot be decoded as an image ({ex}). Remove or replace the file."
-        ) from ex
+        raise ImageReadError(f"{path} cannot be decoded as an image ({ex}). Remove or replace the file.") from ex
 
     return torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)
 

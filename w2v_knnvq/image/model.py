@@ -131,7 +131,7 @@ class ImageEncoder(Module):
         stages = []
 
         in_channels, in_size = config.stem_channels, config.image_size
-        for channels, size in zip(config.stage_channels, config.stage_sizes):
+        for channels, size in zip(config.stage_channels, config.stage_sizes, strict=True):
             stages.append(
                 EncoderStage(
                     in_channels,
@@ -161,7 +161,7 @@ class ImageDecoder(Module):
         super().__init__()
 
         # Walk the encoder's (channels, size) path backwards, ending at the stem's width.
-        targets = list(zip(config.stage_channels, config.stage_sizes))[:-1][::-1]
+        targets = list(zip(config.stage_channels, config.stage_sizes, strict=True))[:-1][::-1]
         targets.append((config.stem_channels, config.image_size))
 
         stages = []
@@ -227,9 +227,7 @@ class ImageVqaeModel(Module):
         """Map ``(N, 3, H, W)`` images to ``(N, C, h, w)`` continuous latents."""
         size = self.config.image_size
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2:] != (size, size):
-            raise ValueError(
-                f"`images` must have shape (N, 3, {size}, {size}), but has {tuple(images.shape)}."
-            )
+            raise ValueError(f"`images` must have shape (N, 3, {size}, {size}), but has {tuple(images.shape)}.")
 
         return self.encoder(images)
 

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fairseq2.datasets import DataReader
-from fairseq2.device import Device, SupportsDeviceTransfer
-from fairseq2.gang import Gangs
 from torch import Tensor
 from torch.utils.data import DataLoader
 from typing_extensions import Self, override
+
+from fairseq2.datasets import DataReader
+from fairseq2.device import Device, SupportsDeviceTransfer
+from fairseq2.gang import Gangs
 
 from w2v_knnvq.image.data import ImageFileDataset
 

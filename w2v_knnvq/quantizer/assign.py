@@ -85,4 +85,3 @@ def gumbel_softmax(
         samples = straight_through(onehot, samples)
 
     return samples, codes
-

@@ -23,9 +23,7 @@ class Codebook(Module):
     ) -> None:
         super().__init__()
 
-        self.weight = Parameter(
-            torch.empty((num_codebooks, codebook_size, codebook_dim), device=device, dtype=dtype)
-        )
+        self.weight = Parameter(torch.empty((num_codebooks, codebook_size, codebook_dim), device=device, dtype=dtype))
 
         self.reset_parameters()
 
@@ -73,9 +71,7 @@ class SimVQCodebook(Module):
         torch.nn.init.normal_(self.frozen, std=codebook_dim**-0.5)
 
         with torch.no_grad():
-            self.projection.copy_(
-                torch.eye(codebook_dim, device=self.projection.device, dtype=self.projection.dtype)
-            )
+            self.projection.copy_(torch.eye(codebook_dim, device=self.projection.device, dtype=self.projection.dtype))
 
     def forward(self) -> Tensor:
         """:returns: ``(G, M, D)`` codebook vectors ``Q' W``."""

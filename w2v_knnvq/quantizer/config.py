@@ -38,12 +38,8 @@ class MethodSpec:
 
 
 METHODS: Final[dict[str, MethodSpec]] = {
-    "ste-euclid": MethodSpec(
-        assignment="nearest", distance="euclidean", estimator="ste", regularizer="commitment"
-    ),
-    "ste-cosine": MethodSpec(
-        assignment="nearest", distance="cosine", estimator="ste", regularizer="commitment"
-    ),
+    "ste-euclid": MethodSpec(assignment="nearest", distance="euclidean", estimator="ste", regularizer="commitment"),
+    "ste-cosine": MethodSpec(assignment="nearest", distance="cosine", estimator="ste", regularizer="commitment"),
     "simvq": MethodSpec(
         assignment="nearest",
         distance="euclidean",
@@ -51,12 +47,8 @@ METHODS: Final[dict[str, MethodSpec]] = {
         regularizer="commitment",
         simvq=True,
     ),
-    "re-euclid": MethodSpec(
-        assignment="nearest", distance="euclidean", estimator="rotation", regularizer="commitment"
-    ),
-    "re-cosine": MethodSpec(
-        assignment="nearest", distance="cosine", estimator="rotation", regularizer="commitment"
-    ),
+    "re-euclid": MethodSpec(assignment="nearest", distance="euclidean", estimator="rotation", regularizer="commitment"),
+    "re-cosine": MethodSpec(assignment="nearest", distance="cosine", estimator="rotation", regularizer="commitment"),
     "hg-ppl": MethodSpec(assignment="gumbel-hard", regularizer="perplexity"),
     "hg-knn-ce": MethodSpec(assignment="gumbel-hard", regularizer="knn", knn_metric="ce"),
     "hg-knn-l2": MethodSpec(assignment="gumbel-hard", regularizer="knn", knn_metric="l2"),
@@ -123,9 +115,7 @@ class QuantizerConfig:
     def check(self) -> None:
         """Raise :class:`ValueError` on an unknown method or a meaningless size."""
         if self.method not in METHODS:
-            raise ValueError(
-                f"Unknown quantizer method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}."
-            )
+            raise ValueError(f"Unknown quantizer method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}.")
 
         if self.input_dim is not None and self.input_dim < 1:
             raise ValueError(f"`input_dim` must be at least 1, but is {self.input_dim}.")

@@ -39,9 +39,7 @@ def rotation_trick(z: Tensor, q: Tensor, eps: float = 1e-6) -> Tensor:
         scale = q_norm / z_norm
 
     rotated = (
-        z
-        - 2.0 * r_hat * (r_hat * z).sum(dim=-1, keepdim=True)
-        + 2.0 * q_hat * (z_hat * z).sum(dim=-1, keepdim=True)
+        z - 2.0 * r_hat * (r_hat * z).sum(dim=-1, keepdim=True) + 2.0 * q_hat * (z_hat * z).sum(dim=-1, keepdim=True)
     )
 
     return scale * rotated

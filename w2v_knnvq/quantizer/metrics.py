@@ -142,16 +142,14 @@ class CodebookUsage:
         :param log_probs: ``(B, T, G, M)`` log assignment probabilities of smoothed methods.
         """
         if codes.ndim != 3 or codes.size(-1) != self.num_codebooks:
-            raise ValueError(
-                f"`codes` must be (B, T, {self.num_codebooks}), but has shape {tuple(codes.shape)}."
-            )
+            raise ValueError(f"`codes` must be (B, T, {self.num_codebooks}), but has shape {tuple(codes.shape)}.")
 
         codes = codes.detach().to("cpu", torch.int64)
 
         if codes.numel() > 0 and (codes.min() < 0 or codes.max() >= self.codebook_size):
             raise ValueError(f"`codes` must lie in [0, {self.codebook_size}).")
 
-        batch_size, seq_len, num_codebooks = codes.shape
+        batch_size, seq_len, _ = codes.shape
 
         if padding_mask is None:
             mask = torch.ones((batch_size, seq_len), dtype=torch.bool)

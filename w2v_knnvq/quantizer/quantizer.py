@@ -125,9 +125,7 @@ class VectorQuantizer(Module):
     def reset_parameters(self) -> None:
         if self.log_temperature is not None:
             with torch.no_grad():
-                self.log_temperature.fill_(
-                    math.log(self.config.init_temperature - self.config.min_temperature)
-                )
+                self.log_temperature.fill_(math.log(self.config.init_temperature - self.config.min_temperature))
 
         if self.gumbel_step is not None:
             self.gumbel_step.zero_()
@@ -185,9 +183,7 @@ class VectorQuantizer(Module):
 
         # Autocast off: quantizer math in float32 (meta tensors know no autocast).
         if torch.amp.autocast_mode.is_autocast_available(x.device.type):
-            float32_math: AbstractContextManager[object] = torch.autocast(
-                device_type=x.device.type, enabled=False
-            )
+            float32_math: AbstractContextManager[object] = torch.autocast(device_type=x.device.type, enabled=False)
         else:
             float32_math = nullcontext()
 
@@ -236,9 +232,7 @@ class VectorQuantizer(Module):
 
                 codes = logits.argmax(dim=-1)
             else:
-                smoothed, codes = gumbel_softmax(
-                    logits, self.gumbel_tau(), hard=spec.assignment == "gumbel-hard"
-                )
+                smoothed, codes = gumbel_softmax(logits, self.gumbel_tau(), hard=spec.assignment == "gumbel-hard")
 
             quantized = torch.einsum("ngm,gmd->ngd", smoothed, codebook)
 
@@ -288,9 +282,7 @@ class VectorQuantizer(Module):
 
         # Rows are (vector, codebook) pairs: the mean over rows is the mean over codebooks of
         # each codebook's loss.
-        loss = commitment_codebook_loss(
-            z.flatten(0, 1), q.flatten(0, 1), config.commitment_beta, mask=row_mask
-        )
+        loss = commitment_codebook_loss(z.flatten(0, 1), q.flatten(0, 1), config.commitment_beta, mask=row_mask)
 
         return QuantizerOutput(
             quantized=quantized.flatten(1),
@@ -306,7 +298,9 @@ class VectorQuantizer(Module):
     def _hard_perplexity(self, codes: Tensor, mask: Tensor | None) -> Tensor:
         """:returns: ``(G,)`` perplexity of the code histogram of ``codes`` ``(N, G)``."""
         # (N, G) -> (1, N, G) -> (G, M)
-        counts = code_counts(codes.unsqueeze(0), self.config.codebook_size, None if mask is None else mask.unsqueeze(0))[0]
+        counts = code_counts(
+            codes.unsqueeze(0), self.config.codebook_size, None if mask is None else mask.unsqueeze(0)
+        )[0]
 
         return code_perplexity(counts)
 

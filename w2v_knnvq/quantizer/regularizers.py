@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from w2v_knnvq.quantizer.config import KnnMetric
 from w2v_knnvq.quantizer.metrics import distribution_perplexity
 
 
-def knn_loss(
-    log_probs: Tensor, k: int, metric: KnnMetric = "ce", *, mask: Tensor | None = None
-) -> Tensor:
+def knn_loss(log_probs: Tensor, k: int, metric: KnnMetric = "ce", *, mask: Tensor | None = None) -> Tensor:
     """Pull the K batch samples nearest to each simplex vertex toward it (eq. 13).
 
     ``L = (MK)^-1 sum_m sum_k D(e_m, p^(m,k))`` where ``p^(m,k)`` is the k-th nearest sample to
@@ -32,9 +29,7 @@ def knn_loss(
     :returns: A scalar. Zero when no sample is available.
     """
     if log_probs.ndim not in (2, 3):
-        raise ValueError(
-            f"`log_probs` must be (N, M) or (N, G, M), but has shape {tuple(log_probs.shape)}."
-        )
+        raise ValueError(f"`log_probs` must be (N, M) or (N, G, M), but has shape {tuple(log_probs.shape)}.")
 
     if k < 1:
         raise ValueError(f"`k` must be at least 1, but is {k}.")
@@ -96,9 +91,7 @@ def perplexity_loss(probs: Tensor, *, mask: Tensor | None = None) -> Tensor:
     return (1.0 - perplexity(probs, mask=mask) / num_codes).mean()
 
 
-def commitment_codebook_loss(
-    z: Tensor, q: Tensor, beta: float = 1.0, *, mask: Tensor | None = None
-) -> Tensor:
+def commitment_codebook_loss(z: Tensor, q: Tensor, beta: float = 1.0, *, mask: Tensor | None = None) -> Tensor:
     """Return the commitment and codebook losses of eq. 9-10.
 
     ``L = N^-1 sum_i (beta |z_i - sg(q_i)|^2 + |sg(z_i) - q_i|^2)``: the first term pulls the

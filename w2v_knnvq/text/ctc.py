@@ -23,18 +23,14 @@ def ctc_greedy_token_ids(
     :returns: ``N`` token id tensors, each of shape :math:`(S_n)`.
     """
     if logits.dim() != 3:
-        raise ValueError(
-            f"`logits` must be of shape (N, T, V), but has shape {tuple(logits.shape)}."
-        )
+        raise ValueError(f"`logits` must be of shape (N, T, V), but has shape {tuple(logits.shape)}.")
 
     seq_lens = torch.as_tensor(seq_lens, dtype=torch.int64).cpu()
 
     batch_size, num_frames, _ = logits.shape
 
     if seq_lens.shape != (batch_size,):
-        raise ValueError(
-            f"`seq_lens` must have shape ({batch_size},), but has shape {tuple(seq_lens.shape)}."
-        )
+        raise ValueError(f"`seq_lens` must have shape ({batch_size},), but has shape {tuple(seq_lens.shape)}.")
 
     if (seq_lens < 0).any() or (seq_lens > num_frames).any():
         raise ValueError(f"`seq_lens` must lie in [0, {num_frames}], but is {seq_lens.tolist()}.")

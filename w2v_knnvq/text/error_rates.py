@@ -120,9 +120,7 @@ def align(reference: Sequence[Hashable], hypothesis: Sequence[Hashable]) -> Edit
     )
 
 
-def normalize_text(
-    text: str, *, collapse_whitespace: bool = True, lowercase: bool = False
-) -> str:
+def normalize_text(text: str, *, collapse_whitespace: bool = True, lowercase: bool = False) -> str:
     """Prepare a transcript for scoring.
 
     :param collapse_whitespace: Strip the ends and turn every whitespace run into one space,
@@ -192,9 +190,7 @@ class ErrorRateMetric(Metric[ErrorRates]):
 
         # (4): substitutions, deletions, insertions, reference length
         for name in ("word_counts", "char_counts"):
-            self._add_state(
-                name, torch.zeros(len(_COUNT_FIELDS), device=device, dtype=torch.int64)
-            )
+            self._add_state(name, torch.zeros(len(_COUNT_FIELDS), device=device, dtype=torch.int64))
 
     @override
     @torch.inference_mode()
@@ -205,14 +201,13 @@ class ErrorRateMetric(Metric[ErrorRates]):
 
         if len(hyps) != len(refs):
             raise ValueError(
-                f"`hyps` and `refs` must have the same length, but have {len(hyps)} and "
-                f"{len(refs)} elements."
+                f"`hyps` and `refs` must have the same length, but have {len(hyps)} and {len(refs)} elements."
             )
 
         words = EditCounts()
         chars = EditCounts()
 
-        for hyp, ref in zip(hyps, refs):
+        for hyp, ref in zip(hyps, refs, strict=True):
             hyp = self._normalize(hyp)
             ref = self._normalize(ref)
 
@@ -248,9 +243,7 @@ class ErrorRateMetric(Metric[ErrorRates]):
         return self
 
     def _normalize(self, text: str) -> str:
-        return normalize_text(
-            text, collapse_whitespace=self._collapse_whitespace, lowercase=self._lowercase
-        )
+        return normalize_text(text, collapse_whitespace=self._collapse_whitespace, lowercase=self._lowercase)
 
     def _to_tensor(self, counts: EditCounts) -> Tensor:
         values = [getattr(counts, name) for name in _COUNT_FIELDS]
@@ -259,4 +252,4 @@ class ErrorRateMetric(Metric[ErrorRates]):
 
     @staticmethod
     def _to_counts(values: Tensor) -> EditCounts:
-        return EditCounts(**dict(zip(_COUNT_FIELDS, values.tolist())))
+        return EditCounts(**dict(zip(_COUNT_FIELDS, values.tolist(), strict=True)))

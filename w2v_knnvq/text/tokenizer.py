@@ -56,9 +56,7 @@ def find_transcript_files(paths: Sequence[Path]) -> list[Path]:
 
     for path in paths:
         if path.is_dir():
-            found = sorted(
-                p for suffix in _TRANSCRIPT_SUFFIXES for p in path.rglob(f"*{suffix}")
-            )
+            found = sorted(p for suffix in _TRANSCRIPT_SUFFIXES for p in path.rglob(f"*{suffix}"))
             if not found:
                 raise FileNotFoundError(
                     f"{path} holds no transcript files (*.trans.txt or *.wrd). "
@@ -69,8 +67,7 @@ def find_transcript_files(paths: Sequence[Path]) -> list[Path]:
         elif path.is_file():
             if not path.name.endswith(_TRANSCRIPT_SUFFIXES):
                 raise ValueError(
-                    f"{path} is not a transcript file: expected a name ending in "
-                    f"{' or '.join(_TRANSCRIPT_SUFFIXES)}."
+                    f"{path} is not a transcript file: expected a name ending in {' or '.join(_TRANSCRIPT_SUFFIXES)}."
                 )
 
             files.append(path)
@@ -137,8 +134,7 @@ def train_char_tokenizer(transcripts: Sequence[str], output_dir: Path, name: str
     """
     if not _NAME_PATTERN.fullmatch(name):
         raise ValueError(
-            f"`name` must consist of letters, digits, '_', '.', '-' and start with a letter "
-            f"or digit, but is '{name}'."
+            f"`name` must consist of letters, digits, '_', '.', '-' and start with a letter or digit, but is '{name}'."
         )
 
     transcripts = [" ".join(text.split()) for text in transcripts]
@@ -192,9 +188,7 @@ def _card_text(name: str, model_filename: str, vocab_size: int) -> str:
 def load_tokenizer_card(card_path: Path) -> AssetCard:
     """Read the single asset card in ``card_path``, with relative paths resolved against it."""
     if not card_path.is_file():
-        raise FileNotFoundError(
-            f"{card_path} does not exist. Train a tokenizer with tools/train_tokenizer.py."
-        )
+        raise FileNotFoundError(f"{card_path} does not exist. Train a tokenizer with tools/train_tokenizer.py.")
 
     resolver = get_dependency_resolver()
 
@@ -219,9 +213,7 @@ def load_ctc_tokenizer(path: Path) -> Tokenizer:
         tokenizer = load_tokenizer(load_tokenizer_card(path))
     else:
         if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} does not exist. Train a tokenizer with tools/train_tokenizer.py."
-            )
+            raise FileNotFoundError(f"{path} does not exist. Train a tokenizer with tools/train_tokenizer.py.")
 
         tokenizer = load_char_tokenizer(path, None)
 
@@ -235,9 +227,7 @@ def load_ctc_tokenizer(path: Path) -> Tokenizer:
     return tokenizer
 
 
-def check_vocab_size(
-    tokenizer_vocab_size: int, model_vocab_size: int, tokenizer_path: Path
-) -> None:
+def check_vocab_size(tokenizer_vocab_size: int, model_vocab_size: int, tokenizer_path: Path) -> None:
     """Make sure the CTC model's output size is the tokenizer's vocabulary size.
 
     :raises ValueError: on a mismatch, naming both sizes and the tokenizer.

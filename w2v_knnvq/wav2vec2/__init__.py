@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+from w2v_knnvq.wav2vec2.checkpoint import (
+    Wav2Vec2KnnVqCheckpointError as Wav2Vec2KnnVqCheckpointError,
+)
+from w2v_knnvq.wav2vec2.checkpoint import (
+    convert_wav2vec2_knnvq_state_dict as convert_wav2vec2_knnvq_state_dict,
+)
 from w2v_knnvq.wav2vec2.config import WAV2VEC2_KNNVQ_ARCHS as WAV2VEC2_KNNVQ_ARCHS
 from w2v_knnvq.wav2vec2.config import WAV2VEC2_KNNVQ_FAMILY as WAV2VEC2_KNNVQ_FAMILY
 from w2v_knnvq.wav2vec2.config import Wav2Vec2KnnVqConfig as Wav2Vec2KnnVqConfig
@@ -17,12 +23,6 @@ from w2v_knnvq.wav2vec2.family import (
 )
 from w2v_knnvq.wav2vec2.hub import (
     get_wav2vec2_knnvq_model_hub as get_wav2vec2_knnvq_model_hub,
-)
-from w2v_knnvq.wav2vec2.checkpoint import (
-    Wav2Vec2KnnVqCheckpointError as Wav2Vec2KnnVqCheckpointError,
-)
-from w2v_knnvq.wav2vec2.checkpoint import (
-    convert_wav2vec2_knnvq_state_dict as convert_wav2vec2_knnvq_state_dict,
 )
 from w2v_knnvq.wav2vec2.model import Wav2Vec2KnnVqLoss as Wav2Vec2KnnVqLoss
 from w2v_knnvq.wav2vec2.model import Wav2Vec2KnnVqModel as Wav2Vec2KnnVqModel

@@ -31,9 +31,7 @@ class Wav2Vec2KnnVqCheckpointError(ValueError):
     """Raised when a checkpoint does not hold the requested ``wav2vec2_knnvq`` model."""
 
 
-def convert_wav2vec2_knnvq_state_dict(
-    state_dict: dict[str, object], config: Wav2Vec2KnnVqConfig
-) -> dict[str, object]:
+def convert_wav2vec2_knnvq_state_dict(state_dict: dict[str, object], config: Wav2Vec2KnnVqConfig) -> dict[str, object]:
     """Unwrap ``state_dict`` and check that its keys and shapes are those of the
     model ``config`` describes.
 
@@ -59,9 +57,7 @@ def convert_wav2vec2_knnvq_state_dict(
             f"Load it with the {WAV2VEC2_FAMILY} family, or train a {WAV2VEC2_KNNVQ_FAMILY} model."
         )
 
-    checkpoint_shapes = {
-        key: tuple(value.shape) for key, value in state_dict.items() if isinstance(value, Tensor)
-    }
+    checkpoint_shapes = {key: tuple(value.shape) for key, value in state_dict.items() if isinstance(value, Tensor)}
 
     if not any(key.startswith("encoder_frontend.") for key in checkpoint_shapes):
         raise Wav2Vec2KnnVqCheckpointError(

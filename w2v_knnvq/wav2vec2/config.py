@@ -116,7 +116,9 @@ def _make_config(
     codebook_dim: int,
     final_dim: int,
 ) -> Wav2Vec2KnnVqConfig:
-    quantizer = QuantizerConfig(num_codebooks=num_codebooks, codebook_size=codebook_size, codebook_dim=codebook_dim, knn_k=2)
+    quantizer = QuantizerConfig(
+        num_codebooks=num_codebooks, codebook_size=codebook_size, codebook_dim=codebook_dim, knn_k=2
+    )
 
     return Wav2Vec2KnnVqConfig(encoder_config=encoder_config, final_dim=final_dim, quantizer=quantizer)
 
@@ -167,52 +169,36 @@ def _tiny_encoder() -> Wav2Vec2EncoderConfig:
 
 
 def paper_1x1024() -> Wav2Vec2KnnVqConfig:
-    return _make_config(
-        _paper_encoder(), num_codebooks=1, codebook_size=1024, codebook_dim=256, final_dim=256
-    )
+    return _make_config(_paper_encoder(), num_codebooks=1, codebook_size=1024, codebook_dim=256, final_dim=256)
 
 
 def paper_2x320() -> Wav2Vec2KnnVqConfig:
-    return _make_config(
-        _paper_encoder(), num_codebooks=2, codebook_size=320, codebook_dim=128, final_dim=256
-    )
+    return _make_config(_paper_encoder(), num_codebooks=2, codebook_size=320, codebook_dim=128, final_dim=256)
 
 
 def base_1x1024() -> Wav2Vec2KnnVqConfig:
-    return _make_config(
-        _base_encoder(), num_codebooks=1, codebook_size=1024, codebook_dim=256, final_dim=256
-    )
+    return _make_config(_base_encoder(), num_codebooks=1, codebook_size=1024, codebook_dim=256, final_dim=256)
 
 
 def base_2x320() -> Wav2Vec2KnnVqConfig:
-    return _make_config(
-        _base_encoder(), num_codebooks=2, codebook_size=320, codebook_dim=128, final_dim=256
-    )
+    return _make_config(_base_encoder(), num_codebooks=2, codebook_size=320, codebook_dim=128, final_dim=256)
 
 
 def large_1x1024() -> Wav2Vec2KnnVqConfig:
     # fairseq2's `large` quantizes to 768 dimensions and projects to 768.
-    return _make_config(
-        _large_encoder(), num_codebooks=1, codebook_size=1024, codebook_dim=768, final_dim=768
-    )
+    return _make_config(_large_encoder(), num_codebooks=1, codebook_size=1024, codebook_dim=768, final_dim=768)
 
 
 def large_2x320() -> Wav2Vec2KnnVqConfig:
-    return _make_config(
-        _large_encoder(), num_codebooks=2, codebook_size=320, codebook_dim=384, final_dim=768
-    )
+    return _make_config(_large_encoder(), num_codebooks=2, codebook_size=320, codebook_dim=384, final_dim=768)
 
 
 def tiny_1x1024() -> Wav2Vec2KnnVqConfig:
-    return _make_config(
-        _tiny_encoder(), num_codebooks=1, codebook_size=1024, codebook_dim=32, final_dim=32
-    )
+    return _make_config(_tiny_encoder(), num_codebooks=1, codebook_size=1024, codebook_dim=32, final_dim=32)
 
 
 def tiny_2x320() -> Wav2Vec2KnnVqConfig:
-    return _make_config(
-        _tiny_encoder(), num_codebooks=2, codebook_size=320, codebook_dim=32, final_dim=32
-    )
+    return _make_config(_tiny_encoder(), num_codebooks=2, codebook_size=320, codebook_dim=32, final_dim=32)
 
 
 WAV2VEC2_KNNVQ_ARCHS: Final[dict[str, Callable[[], Wav2Vec2KnnVqConfig]]] = {

@@ -5,13 +5,13 @@ from __future__ import annotations
 from fairseq2.composition import register_model_family
 from fairseq2.runtime.dependency import DependencyContainer
 
+from w2v_knnvq.wav2vec2.checkpoint import convert_wav2vec2_knnvq_state_dict
 from w2v_knnvq.wav2vec2.config import (
     WAV2VEC2_KNNVQ_FAMILY,
     Wav2Vec2KnnVqConfig,
     register_wav2vec2_knnvq_configs,
 )
 from w2v_knnvq.wav2vec2.factory import create_wav2vec2_knnvq_model
-from w2v_knnvq.wav2vec2.checkpoint import convert_wav2vec2_knnvq_state_dict
 from w2v_knnvq.wav2vec2.fsdp import apply_ac_to_wav2vec2_knnvq, apply_fsdp_to_wav2vec2_knnvq
 from w2v_knnvq.wav2vec2.model import Wav2Vec2KnnVqModel
 

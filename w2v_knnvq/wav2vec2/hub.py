@@ -7,6 +7,4 @@ from fairseq2.models import ModelHubAccessor
 from w2v_knnvq.wav2vec2.config import WAV2VEC2_KNNVQ_FAMILY, Wav2Vec2KnnVqConfig
 from w2v_knnvq.wav2vec2.model import Wav2Vec2KnnVqModel
 
-get_wav2vec2_knnvq_model_hub = ModelHubAccessor(
-    WAV2VEC2_KNNVQ_FAMILY, Wav2Vec2KnnVqModel, Wav2Vec2KnnVqConfig
-)
+get_wav2vec2_knnvq_model_hub = ModelHubAccessor(WAV2VEC2_KNNVQ_FAMILY, Wav2Vec2KnnVqModel, Wav2Vec2KnnVqConfig)

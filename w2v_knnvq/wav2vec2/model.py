@@ -154,7 +154,9 @@ class Wav2Vec2KnnVqModel(Module):
 
         with torch.no_grad():
             # (N, S_msk, G) -> (1, N x S_msk, G) -> (G, M), the counts of the whole batch.
-            counts = code_counts(quantizer_output.codes.flatten(0, 1).unsqueeze(0), self.quantizer.config.codebook_size)[0]
+            counts = code_counts(
+                quantizer_output.codes.flatten(0, 1).unsqueeze(0), self.quantizer.config.codebook_size
+            )[0]
 
         return Wav2Vec2KnnVqOutput(
             logits=logits,
@@ -196,7 +198,9 @@ class Wav2Vec2KnnVqModel(Module):
         batch_size, seq_len, dim = targets.shape
 
         if seq_len < 2:
-            raise ValueError(f"Distractors need at least 2 masked frames per utterance, but there are {seq_len}; use longer utterances.")
+            raise ValueError(
+                f"Distractors need at least 2 masked frames per utterance, but there are {seq_len}; use longer utterances."
+            )
 
         # Draw from the S - 1 other frames by shifting indices at or above the frame's own.
         # (N, S, L)
@@ -226,7 +230,9 @@ class Wav2Vec2KnnVqModel(Module):
 
         features_penalty = output.raw_features.float().pow(2).mean() * num_targets
 
-        aggregate_loss = contrastive_loss + self.regularizer_weight * regularizer_loss + features_penalty_weight * features_penalty
+        aggregate_loss = (
+            contrastive_loss + self.regularizer_weight * regularizer_loss + features_penalty_weight * features_penalty
+        )
 
         return Wav2Vec2KnnVqLoss(
             aggregate=aggregate_loss,

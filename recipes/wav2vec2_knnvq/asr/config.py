@@ -30,9 +30,9 @@ from fairseq2.recipe.config import (
 )
 from fairseq2.utils.validation import ValidationResult
 
-from recipes.wav2vec2_knnvq.asr.dataset import AsrDatasetSection
-from recipes.wav2vec2_knnvq.asr.pretrained import PretrainedEncoderSection
-from recipes.wav2vec2_knnvq.asr.tokenizer import CtcTokenizerSection
+from .dataset import AsrDatasetSection
+from .pretrained import PretrainedEncoderSection
+from .tokenizer import CtcTokenizerSection
 
 
 @dataclass(kw_only=True)
@@ -48,16 +48,16 @@ class FinetuneSection:
         result = ValidationResult()
 
         if self.freeze_encoder_steps < 0:
-            result.add_error(f"`freeze_encoder_steps` must be non-negative, but is {self.freeze_encoder_steps} instead.")
+            result.add_error(
+                f"`freeze_encoder_steps` must be non-negative, but is {self.freeze_encoder_steps} instead."
+            )
 
         return result
 
 
 @dataclass(kw_only=True)
 class AsrRecipeConfig:
-    model: ModelSection = field(
-        default_factory=lambda: ModelSection(family="wav2vec2_asr", arch="base_10h")
-    )
+    model: ModelSection = field(default_factory=lambda: ModelSection(family="wav2vec2_asr", arch="base_10h"))
     """The ASR model. The structure of its encoder (``encoder_config`` minus the
     dropout fields) is taken from the pretrained model; ``target_vocab_size`` from the
     tokenizer."""

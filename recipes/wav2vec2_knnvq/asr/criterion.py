@@ -14,8 +14,8 @@ from fairseq2.datasets import Seq2SeqBatch
 from fairseq2.metrics import MetricBag
 from fairseq2.recipe.error import RecipeError
 
-from recipes.wav2vec2_knnvq.asr.dataset import batch_utterance_ids
-from recipes.wav2vec2_knnvq.asr.metrics import update_ctc_metrics
+from .dataset import batch_utterance_ids
+from .metrics import update_ctc_metrics
 
 
 @dataclass(frozen=True)

@@ -102,11 +102,7 @@ class PretrainedEncoder:
 
         model = load_model(self.card, device=CPU, dtype=torch.float32)
 
-        return {
-            key: value
-            for key, value in model.state_dict().items()
-            if key.startswith(SHARED_PARAMETER_PREFIXES)
-        }
+        return {key: value for key, value in model.state_dict().items() if key.startswith(SHARED_PARAMETER_PREFIXES)}
 
 
 def resolve_pretrained_encoder(resolver: DependencyResolver, section: PretrainedEncoderSection) -> PretrainedEncoder:

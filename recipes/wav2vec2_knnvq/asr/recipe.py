@@ -32,23 +32,26 @@ from fairseq2.runtime.dependency import DependencyContainer, DependencyResolver
 from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
 
-from recipes.wav2vec2_knnvq.asr.config import AsrRecipeConfig, FinetuneSection
-from recipes.wav2vec2_knnvq.asr.criterion import CtcCriterion
-from recipes.wav2vec2_knnvq.asr.dataset import (
+from w2v_knnvq.data.asr_dataset import AsrManifestDataset
+from w2v_knnvq.text import check_vocab_size, ctc_greedy_decode
+
+from .config import AsrRecipeConfig, FinetuneSection
+from .criterion import CtcCriterion
+from .dataset import (
     batch_transcripts,
     create_train_reader,
     create_valid_reader,
     register_asr_manifest_dataset,
     section_read_options,
 )
-from recipes.wav2vec2_knnvq.asr.metrics import (
+from .metrics import (
     add_ctc_metrics,
     add_error_rate_metrics,
     publish_error_rates,
     register_asr_metric_descriptors,
     update_error_rates,
 )
-from recipes.wav2vec2_knnvq.asr.pretrained import (
+from .pretrained import (
     PretrainedEncoder,
     PretrainedEncoderSection,
     check_audio_normalization,
@@ -56,9 +59,7 @@ from recipes.wav2vec2_knnvq.asr.pretrained import (
     resolve_pretrained_encoder,
     share_encoder_config,
 )
-from recipes.wav2vec2_knnvq.asr.tokenizer import prepare_ctc_tokenizer
-from w2v_knnvq.data.asr_dataset import AsrManifestDataset
-from w2v_knnvq.text import check_vocab_size, ctc_greedy_decode
+from .tokenizer import prepare_ctc_tokenizer
 
 HypothesisSink: TypeAlias = Callable[[Seq2SeqBatch, list[str]], None]
 """Receives each batch an :class:`AsrEvalUnit` decodes with its hypotheses, in batch order."""

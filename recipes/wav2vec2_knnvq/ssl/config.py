@@ -27,15 +27,13 @@ from fairseq2.recipe.config import (
     TrainerSection,
 )
 
-from recipes.wav2vec2_knnvq.ssl.criterion import SslLossSection
-from recipes.wav2vec2_knnvq.ssl.dataset import SslDatasetSection
+from .criterion import SslLossSection
+from .dataset import SslDatasetSection
 
 
 @dataclass(kw_only=True)
 class SslRecipeConfig:
-    model: ModelSection = field(
-        default_factory=lambda: ModelSection(family="wav2vec2_knnvq", arch="paper_2x320")
-    )
+    model: ModelSection = field(default_factory=lambda: ModelSection(family="wav2vec2_knnvq", arch="paper_2x320"))
 
     dataset: SslDatasetSection = field(default_factory=lambda: SslDatasetSection())
 
@@ -59,9 +57,7 @@ class SslRecipeConfig:
     lr_scheduler: LRSchedulerSection = field(
         default_factory=lambda: LRSchedulerSection(
             name=COSINE_ANNEALING_LR,
-            config=CosineAnnealingLRConfig(
-                num_warmup_steps=10_000, final_lr=5e-6, final_lr_scale=None
-            ),
+            config=CosineAnnealingLRConfig(num_warmup_steps=10_000, final_lr=5e-6, final_lr_scale=None),
         )
     )
 

@@ -74,7 +74,11 @@ def create_valid_reader(
         raise ValueError("`section.valid_split` must not be `None`.")
 
     options = replace(
-        _section_read_options(section, seed=seed), min_audio_len=1, max_audio_len=None, crop="start", crop_to_batch_shortest=False
+        _section_read_options(section, seed=seed),
+        min_audio_len=1,
+        max_audio_len=None,
+        crop="start",
+        crop_to_batch_shortest=False,
     )
 
     options = whole_split_options(options, max_num_batches=section.max_num_valid_batches)

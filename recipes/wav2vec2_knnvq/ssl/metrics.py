@@ -45,9 +45,7 @@ def register_ssl_metric_descriptors(container: DependencyContainer) -> None:
     """Gives the metrics that fairseq2 does not know their display names."""
 
     def register(name: str, display_name: str, priority: int, higher_better: bool = False) -> None:
-        descriptor = MetricDescriptor(
-            name, display_name, priority, format_as_float, higher_better=higher_better
-        )
+        descriptor = MetricDescriptor(name, display_name, priority, format_as_float, higher_better=higher_better)
 
         container.collection.register_instance(MetricDescriptor, descriptor)
 
@@ -75,9 +73,7 @@ class CodeCounts(Metric[Tensor]):
     def __init__(self, num_codebooks: int, codebook_size: int, *, device: torch.device | None = None) -> None:
         super().__init__(device=device)
 
-        self._add_state(
-            "counts", torch.zeros((num_codebooks, codebook_size), device=self.device, dtype=torch.int64)
-        )
+        self._add_state("counts", torch.zeros((num_codebooks, codebook_size), device=self.device, dtype=torch.int64))
 
     @override
     @torch.inference_mode()

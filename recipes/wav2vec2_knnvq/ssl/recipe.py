@@ -22,15 +22,19 @@ from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
 
-from recipes.common import check_warmup
-from recipes.wav2vec2_knnvq.ssl.config import SslRecipeConfig
-from recipes.wav2vec2_knnvq.ssl.criterion import CodebookShape, SslCriterion, adapt_pretraining_model
-from recipes.wav2vec2_knnvq.ssl.dataset import (
+from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
+from w2v_knnvq.features.extractor import PretrainingModel, quantize_frames, run_cnn
+from w2v_knnvq.quantizer import code_counts, individual_perplexity
+
+from ...common import check_warmup
+from .config import SslRecipeConfig
+from .criterion import CodebookShape, SslCriterion, adapt_pretraining_model
+from .dataset import (
     create_train_reader,
     create_valid_reader,
     register_speech_manifest_dataset,
 )
-from recipes.wav2vec2_knnvq.ssl.metrics import (
+from .metrics import (
     CODEBOOK_USAGE,
     INDIVIDUAL_PERPLEXITY,
     UTTERANCE_CODEBOOK_USAGE,
@@ -42,9 +46,6 @@ from recipes.wav2vec2_knnvq.ssl.metrics import (
     publish_per_codebook,
     register_ssl_metric_descriptors,
 )
-from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
-from w2v_knnvq.features.extractor import PretrainingModel, quantize_frames, run_cnn
-from w2v_knnvq.quantizer import code_counts, individual_perplexity
 
 
 @final

@@ -1,4 +1,4 @@
 """Evaluation of a fine-tuned CTC model on one split (``python -m recipes.wav2vec2_knnvq.asr.eval``)."""
 
-from recipes.wav2vec2_knnvq.asr.eval.recipe import AsrEvalRecipe as AsrEvalRecipe
-from recipes.wav2vec2_knnvq.asr.eval.recipe import main as main
+from .recipe import AsrEvalRecipe as AsrEvalRecipe
+from .recipe import main as main

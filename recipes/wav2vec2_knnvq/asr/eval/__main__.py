@@ -1,3 +1,3 @@
-from recipes.wav2vec2_knnvq.asr.eval.recipe import main
+from .recipe import main
 
 main()

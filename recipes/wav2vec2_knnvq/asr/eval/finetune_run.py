@@ -9,9 +9,10 @@ from typing import Final
 from fairseq2.recipe.config import ReferenceModelSection
 from fairseq2.recipe.error import RecipeError
 
-from recipes.wav2vec2_knnvq.asr.eval.config import FinetunedModelSection
-from recipes.wav2vec2_knnvq.asr.tokenizer import DEFAULT_TOKENIZER_NAME, trained_tokenizer_card
 from w2v_knnvq.runs import CheckpointStepNotFoundError, RunCheckpoint, RunCheckpointError, find_run_checkpoint
+
+from ..tokenizer import DEFAULT_TOKENIZER_NAME, trained_tokenizer_card
+from .config import FinetunedModelSection
 
 ASR_MODEL_FAMILY: Final = "wav2vec2_asr"
 

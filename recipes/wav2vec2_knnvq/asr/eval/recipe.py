@@ -37,21 +37,22 @@ from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.task import Task
 
-from recipes.wav2vec2_knnvq.asr.criterion import CtcCriterion
-from recipes.wav2vec2_knnvq.asr.dataset import create_valid_reader, register_asr_manifest_dataset
-from recipes.wav2vec2_knnvq.asr.eval.config import AsrEvalDatasetSection, AsrEvalRecipeConfig
-from recipes.wav2vec2_knnvq.asr.eval.finetune_run import (
+from w2v_knnvq.data.asr_dataset import AsrManifestDataset, AsrReadOptions
+from w2v_knnvq.text import check_vocab_size
+
+from ..criterion import CtcCriterion
+from ..dataset import create_valid_reader, register_asr_manifest_dataset
+from ..metrics import register_asr_metric_descriptors
+from ..recipe import AsrEvalUnit
+from ..tokenizer import load_recipe_tokenizer
+from .config import AsrEvalDatasetSection, AsrEvalRecipeConfig
+from .finetune_run import (
     find_finetuned_checkpoint,
     point_at_checkpoint,
     run_normalize_audio,
     run_tokenizer_path,
 )
-from recipes.wav2vec2_knnvq.asr.eval.report import EvalReport, TranscriptCollector
-from recipes.wav2vec2_knnvq.asr.metrics import register_asr_metric_descriptors
-from recipes.wav2vec2_knnvq.asr.recipe import AsrEvalUnit
-from recipes.wav2vec2_knnvq.asr.tokenizer import load_recipe_tokenizer
-from w2v_knnvq.data.asr_dataset import AsrManifestDataset, AsrReadOptions
-from w2v_knnvq.text import check_vocab_size
+from .report import EvalReport, TranscriptCollector
 
 
 @final

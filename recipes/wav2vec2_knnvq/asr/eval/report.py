@@ -21,8 +21,9 @@ import torch.distributed as dist
 from fairseq2.datasets import Seq2SeqBatch
 from fairseq2.gang import Gang
 
-from recipes.wav2vec2_knnvq.asr.dataset import batch_manifest_indices, batch_transcripts, batch_utterance_ids
 from w2v_knnvq.text import EditCounts, ErrorRateMetric, ErrorRates
+
+from ..dataset import batch_manifest_indices, batch_transcripts, batch_utterance_ids
 
 
 @dataclass(frozen=True)

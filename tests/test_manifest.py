@@ -122,7 +122,7 @@ def test_combined_splits_need_a_name(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="give the manifest a name"):
         make_manifest(_config(tmp_path, ["train", "dev"]))
 
-    with pytest.raises(ManifestError, match="given more than once"):
+    with pytest.raises(ManifestError, match="appear more than once instead"):
         make_manifest(_config(tmp_path, ["dev", "dev"], name="x"))
 
 
@@ -238,17 +238,17 @@ def test_transcript_without_audio_is_bad(tmp_path: Path) -> None:
 def test_missing_or_empty_directories_are_named(tmp_path: Path) -> None:
     missing_corpus = tmp_path / "no-such-corpus"
 
-    missing_message = re.escape(f"corpus directory {missing_corpus} does not exist")
+    missing_message = re.escape(f"Corpus directory {missing_corpus} does not exist")
 
     with pytest.raises(ManifestError, match=missing_message):
         scan_corpus(missing_corpus, ["dev"], show_progress=False)
 
-    with pytest.raises(ManifestError, match=r"split directory .*dev-clean does not exist"):
+    with pytest.raises(ManifestError, match=r"Split directory .*dev-clean does not exist"):
         scan_corpus(CORPUS_DIR, ["dev-clean"], show_progress=False)
 
     (tmp_path / "empty").mkdir()
 
-    with pytest.raises(ManifestError, match=r"split directory .*empty is empty"):
+    with pytest.raises(ManifestError, match=r"Split directory .*empty is empty"):
         scan_corpus(tmp_path, ["empty"], show_progress=False)
 
     result = _run_tool(str(missing_corpus), "--splits", "dev", "--output-dir", str(tmp_path))
@@ -286,7 +286,7 @@ def test_read_manifest_rejects_malformed_lines(tmp_path: Path, bad_line: str) ->
 
     path.write_text(f"/root\nok.flac\t10\n{bad_line}\n", encoding="utf-8")
 
-    expected_message = re.escape(f"{path}:3: expected 'RELATIVE_PATH<TAB>NUM_SAMPLES'")
+    expected_message = re.escape(f"{path}:3: the line must be 'RELATIVE_PATH<TAB>NUM_SAMPLES'")
 
     with pytest.raises(ManifestError, match=expected_message):
         read_manifest(path)
@@ -298,7 +298,7 @@ def test_readers_name_missing_and_mismatched_files(tmp_path: Path) -> None:
 
     (tmp_path / "empty.tsv").write_text("", encoding="utf-8")
 
-    with pytest.raises(ManifestError, match="expected the audio root directory"):
+    with pytest.raises(ManifestError, match="the first line must be the audio root directory"):
         read_manifest(tmp_path / "empty.tsv")
 
     (tmp_path / "m.tsv").write_text("/root\na.flac\t10\nb.flac\t20\n", encoding="utf-8")
@@ -309,7 +309,7 @@ def test_readers_name_missing_and_mismatched_files(tmp_path: Path) -> None:
 
     (tmp_path / "m.wrd").write_text("ONE\n\n", encoding="utf-8")
 
-    with pytest.raises(ManifestError, match=r"m.wrd:2: empty transcript"):
+    with pytest.raises(ManifestError, match=r"m.wrd:2: the transcript is empty"):
         read_manifest_transcripts(tmp_path / "m.wrd")
 
     (tmp_path / "other.wrd").write_text("ONE\nTWO\n", encoding="utf-8")

@@ -158,7 +158,7 @@ def make_manifest(config: ManifestConfig) -> ManifestFiles:
 
     if not scan.entries:
         raise ManifestError(
-            f"no usable utterance in {', '.join(config.splits)} under {config.corpus_dir}; every file is bad"
+            f"No usable utterance in {', '.join(config.splits)} under {config.corpus_dir}; every file is bad."
         )
 
     return write_manifest(scan, config.output_dir, name)
@@ -169,14 +169,14 @@ def _manifest_name(config: ManifestConfig) -> str:
         if len(config.splits) != 1:
             raise ManifestError(
                 f"{len(config.splits)} splits are combined; give the manifest a name "
-                "(e.g. `name='train'`, `--name train`)"
+                "(e.g. `name='train'`, `--name train`)."
             )
 
         return config.splits[0]
 
     if not config.name or "/" in config.name or os.sep in config.name:
         raise ManifestError(
-            f"manifest name {config.name!r} must be a plain non-empty file name; use `output_dir` to choose the folder"
+            f"`name` must be a plain non-empty file name, but is {config.name!r} instead; use `output_dir` to choose the folder."
         )
 
     return config.name
@@ -200,16 +200,16 @@ def scan_corpus(
         twice, or a split holds no audio file.
     """
     if not splits:
-        raise ManifestError(f"no split given for {corpus_dir}; name at least one split folder")
+        raise ManifestError(f"No split is given for {corpus_dir}; name at least one split folder.")
 
     duplicates = sorted({split for split in splits if splits.count(split) > 1})
     if duplicates:
-        raise ManifestError(f"split(s) {', '.join(duplicates)} given more than once")
+        raise ManifestError(f"`splits` must name each split once, but {', '.join(duplicates)} appear more than once instead.")
 
     if not corpus_dir.is_dir():
         raise ManifestError(
-            f"corpus directory {corpus_dir} does not exist; pass the folder that holds the "
-            f"split folders ({', '.join(splits)})"
+            f"Corpus directory {corpus_dir} does not exist; pass the folder that holds the "
+            f"split folders ({', '.join(splits)})."
         )
 
     corpus_dir = corpus_dir.resolve()
@@ -219,8 +219,8 @@ def scan_corpus(
     for split_dir in split_dirs:
         if not split_dir.is_dir():
             raise ManifestError(
-                f"split directory {split_dir} does not exist; check the split name "
-                f"(LibriSpeech has {', '.join(LIBRISPEECH_SPLITS)})"
+                f"Split directory {split_dir} does not exist; check the split name "
+                f"(LibriSpeech has {', '.join(LIBRISPEECH_SPLITS)})."
             )
 
     audio_root = split_dirs[0] if len(split_dirs) == 1 else corpus_dir
@@ -233,7 +233,7 @@ def scan_corpus(
         split_candidates = list(_list_split(split_dir, bad_files))
 
         if not split_candidates:
-            raise ManifestError(f"split directory {split_dir} is empty: no SPEAKER/CHAPTER/*.flac file in it")
+            raise ManifestError(f"Split directory {split_dir} is empty: it has no SPEAKER/CHAPTER/*.flac file.")
 
         candidates.extend(split_candidates)
 
@@ -395,7 +395,7 @@ def read_manifest(path: Path) -> tuple[Path, list[tuple[str, int]]]:
     lines = _read_lines(path)
 
     if not lines or not lines[0].strip():
-        raise ManifestError(f"{path}:1: expected the audio root directory on the first line")
+        raise ManifestError(f"{path}:1: the first line must be the audio root directory; regenerate the manifest.")
 
     root = Path(lines[0].strip())
 
@@ -408,8 +408,8 @@ def read_manifest(path: Path) -> tuple[Path, list[tuple[str, int]]]:
 
         if not fields[0] or num_samples is None:
             raise ManifestError(
-                f"{path}:{line_number}: expected 'RELATIVE_PATH<TAB>NUM_SAMPLES' with a "
-                f"positive sample count, got {line!r}; regenerate the manifest"
+                f"{path}:{line_number}: the line must be 'RELATIVE_PATH<TAB>NUM_SAMPLES' with a "
+                f"positive sample count, but is {line!r} instead; regenerate the manifest."
             )
 
         entries.append((fields[0], num_samples))
@@ -437,14 +437,14 @@ def read_manifest_transcripts(path: Path, *, manifest_path: Path | None = None) 
 
     for line_number, transcript in enumerate(transcripts, start=1):
         if not transcript.strip():
-            raise ManifestError(f"{path}:{line_number}: empty transcript; regenerate the manifest")
+            raise ManifestError(f"{path}:{line_number}: the transcript is empty; regenerate the manifest.")
 
     _, entries = read_manifest(manifest_path)
 
     if len(transcripts) != len(entries):
         raise ManifestError(
             f"{path} has {len(transcripts)} transcript line(s) but {manifest_path} has "
-            f"{len(entries)} entries; regenerate both together"
+            f"{len(entries)} entries; regenerate both together."
         )
 
     return transcripts
@@ -454,6 +454,6 @@ def _read_lines(path: Path) -> list[str]:
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise ManifestError(f"{path} does not exist; create it with make_manifest") from None
+        raise ManifestError(f"{path} does not exist; create it with tools/make_manifest.py.") from None
     except (OSError, UnicodeDecodeError) as ex:
-        raise ManifestError(f"{path} cannot be read as UTF-8 text: {ex}") from ex
+        raise ManifestError(f"{path} cannot be read as UTF-8 text ({ex}).") from ex

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import torch
@@ -16,9 +17,10 @@ import yaml
 
 from fairseq2.assets import AssetCard
 from fairseq2.checkpoint import ModelMetadataDumper
-from fairseq2.datasets import SyncMode
+from fairseq2.data.tokenizers import Tokenizer
+from fairseq2.datasets import DataReader, Seq2SeqBatch, SyncMode
 from fairseq2.device import CPU
-from fairseq2.gang import FakeGang, create_fake_gangs
+from fairseq2.gang import FakeGang, Gangs, create_fake_gangs
 from fairseq2.models.wav2vec2.asr import Wav2Vec2AsrConfig, create_wav2vec2_asr_model
 from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyResolver, get_dependency_resolver
@@ -105,14 +107,14 @@ def _run_eval(
     )
 
 
-def _read_jsonl(path: Path) -> list[dict[str, object]]:
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _validation_wers(finetune_dir: Path) -> dict[int, float]:
     valid = _read_jsonl(finetune_dir / "metrics/valid.jsonl")
 
-    return {int(record["Step"]): float(record["Word Error Rate (WER)"]) for record in valid}  # type: ignore[arg-type, call-overload]
+    return {int(record["Step"]): float(record["Word Error Rate (WER)"]) for record in valid}
 
 
 def _best_step(finetune_dir: Path) -> int:
@@ -255,7 +257,7 @@ def test_ctc_loss_falls(finetune_dir: Path) -> None:
 
     assert [record["Step"] for record in train] == list(range(1, NUM_STEPS + 1))
 
-    losses = [float(record["CTC Loss"]) for record in train]  # type: ignore[arg-type]
+    losses = [float(record["CTC Loss"]) for record in train]
 
     assert losses[-1] < 0.7 * losses[0], losses
 
@@ -268,7 +270,7 @@ def test_validation_reports_error_rates_and_keeps_best_checkpoint(finetune_dir: 
     for record in valid:
         assert record["Number of Examples"] == NUM_VALID_UTTERANCES
 
-        assert 0.0 < float(record["Character Error Rate (CER)"]) <= float(record["Word Error Rate (WER)"])  # type: ignore[arg-type]
+        assert 0.0 < float(record["Character Error Rate (CER)"]) <= float(record["Word Error Rate (WER)"])
 
     wers = _validation_wers(finetune_dir)
 
@@ -359,8 +361,8 @@ def test_eval_writes_transcripts_and_figures(finetune_dir: Path, manifest_dir: P
     # which agree with the validation of that step during fine-tuning.
     [metrics] = _read_jsonl(output_dir / "metrics/eval/valid.jsonl")
 
-    assert float(metrics["Word Error Rate (WER)"]) == pytest.approx(record["wer"])  # type: ignore[arg-type]
-    assert float(metrics["Character Error Rate (CER)"]) == pytest.approx(record["cer"])  # type: ignore[arg-type]
+    assert float(metrics["Word Error Rate (WER)"]) == pytest.approx(record["wer"])
+    assert float(metrics["Character Error Rate (CER)"]) == pytest.approx(record["cer"])
 
     assert record["wer"] == pytest.approx(_validation_wers(finetune_dir)[best_step])
 
@@ -582,10 +584,12 @@ def test_eval_reads_audio_as_the_run_did(finetune_dir: Path, manifest_dir: Path,
         def read_split(self, split: str) -> object:
             return dataset.read_split(split)
 
-        def create_reader(self, split: str, tokenizer: object, gangs: object, options: AsrReadOptions) -> object:
+        def create_reader(
+            self, split: str, tokenizer: Tokenizer, gangs: Gangs, options: AsrReadOptions
+        ) -> DataReader[Seq2SeqBatch]:
             read_options.append(options)
 
-            return dataset.create_reader(split, tokenizer, gangs, options)  # type: ignore[arg-type]
+            return dataset.create_reader(split, tokenizer, gangs, options)
 
     tokenizer = load_ctc_tokenizer(finetune_dir / "tokenizer/minispeech_char.yaml")
 
@@ -593,7 +597,10 @@ def test_eval_reads_audio_as_the_run_did(finetune_dir: Path, manifest_dir: Path,
 
     gangs = create_fake_gangs(CPU)
 
-    reader = create_eval_reader(RecordingDataset(), section, tokenizer, gangs, normalize_audio=normalize_audio, seed=2)  # type: ignore[arg-type]
+    # Duck-typed: records the options the evaluation reads with.
+    recording = cast(AsrManifestDataset, RecordingDataset())
+
+    reader = create_eval_reader(recording, section, tokenizer, gangs, normalize_audio=normalize_audio, seed=2)
 
     ids = [utterance_id for batches in reader for batch in batches for utterance_id in batch_utterance_ids(batch)]
 

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 
@@ -62,7 +63,7 @@ def pretrain(method: str, output_dir: Path, manifest_dir: Path, num_steps: int) 
     subprocess.run(command, cwd=REPO_ROOT, env=env, check=True)
 
 
-def last_validation(output_dir: Path) -> dict[str, object]:
+def last_validation(output_dir: Path) -> dict[str, Any]:
     metrics_file = output_dir / "metrics" / "valid.jsonl"
     if not metrics_file.is_file():
         raise FileNotFoundError(f"{metrics_file} is missing: the run of {output_dir} did not validate.")
@@ -102,15 +103,15 @@ def main() -> None:
         ("Mean Utterance Codebook Usage", "codebook {} mean usage per utterance"),
     ]
     for key, label in rows:
-        num_codebooks = len(results[METHODS[0]][key])  # type: ignore[arg-type]
+        num_codebooks = len(results[METHODS[0]][key])
         for g in range(num_codebooks):
-            cells = [f"{100 * results[m][key][g]:.1f}%" for m in METHODS]  # type: ignore[index]
+            cells = [f"{100 * results[m][key][g]:.1f}%" for m in METHODS]
             print(f"| {label.format(g + 1)} | {' | '.join(cells)} |")
 
     # Table 2's tightness: exp(-sum_m p_m log p_m) of each frame, 1 for onehot quantizers.
-    num_codebooks = len(results[METHODS[0]]["Mean Individual Perplexity"])  # type: ignore[arg-type]
+    num_codebooks = len(results[METHODS[0]]["Mean Individual Perplexity"])
     for g in range(num_codebooks):
-        cells = [f"{results[m]['Mean Individual Perplexity'][g]:.1f}" for m in METHODS]  # type: ignore[index]
+        cells = [f"{results[m]['Mean Individual Perplexity'][g]:.1f}" for m in METHODS]
         print(f"| codebook {g + 1} mean individual perplexity | {' | '.join(cells)} |")
 
     print(f"\nCheckpoints: {', '.join(str(output_dir / m / 'checkpoints') for m in METHODS)}")

@@ -204,7 +204,9 @@ def scan_corpus(
 
     duplicates = sorted({split for split in splits if splits.count(split) > 1})
     if duplicates:
-        raise ManifestError(f"`splits` must name each split once, but {', '.join(duplicates)} appear more than once instead.")
+        raise ManifestError(
+            f"`splits` must name each split once, but {', '.join(duplicates)} appear more than once instead."
+        )
 
     if not corpus_dir.is_dir():
         raise ManifestError(

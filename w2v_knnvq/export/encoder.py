@@ -75,7 +75,8 @@ def describe_encoder(config: Wav2Vec2KnnVqConfig) -> EncoderLayout:
             "`layer_norm_features=False` with `norm_order=POST` (a post-norm encoder there always has a layer norm after the positional convolution)"
         )
 
-    conv_layers = [tuple(desc) for desc in encoder.feature_extractor_layer_descs]
+    # YAML gives lists; the layout holds tuples.
+    conv_layers = [(channels, kernel, stride) for channels, kernel, stride in encoder.feature_extractor_layer_descs]
 
     if conv_layers and conv_layers[-1][0] != encoder.feature_dim:
         unsupported.append(
@@ -90,7 +91,7 @@ def describe_encoder(config: Wav2Vec2KnnVqConfig) -> EncoderLayout:
         )
 
     return EncoderLayout(
-        conv_layers=conv_layers,  # type: ignore[arg-type]
+        conv_layers=conv_layers,
         conv_bias=encoder.feature_extractor_bias,
         conv_layer_norm=encoder.feature_extractor_layer_norm_convs,
         layer_norm_first=layer_norm_first,

@@ -84,6 +84,13 @@ def _run(
     return result
 
 
+def _finetune(output_dir: Path, overrides: list[str]) -> None:
+    """Runs the fine-tuning recipe's tiny preset through its command line."""
+    command = [sys.executable, "-m", "recipes.wav2vec2_knnvq.asr", "--no-rich", "--config-file", str(TINY_CPU_CONFIG)]
+
+    _run([*command, "--config", *overrides, "--", str(output_dir)])
+
+
 def _run_eval(
     finetune_dir: Path, manifest_dir: Path, output_dir: Path, *overrides: str, expected_returncode: int = 0
 ) -> subprocess.CompletedProcess[str]:
@@ -192,20 +199,7 @@ def finetune_dir(manifest_dir: Path, pretrained_dir: Path, tmp_path_factory: pyt
         "optimizer.config.lr=0.002",
     ]
 
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "recipes.wav2vec2_knnvq.asr",
-            "--no-rich",
-            "--config-file",
-            str(TINY_CPU_CONFIG),
-            "--config",
-            *overrides,
-            "--",
-            str(output_dir),
-        ]
-    )
+    _finetune(output_dir, overrides)
 
     return output_dir
 
@@ -234,20 +228,7 @@ def frozen_dir(
         "optimizer.config.lr=0.002",
     ]
 
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "recipes.wav2vec2_knnvq.asr",
-            "--no-rich",
-            "--config-file",
-            str(TINY_CPU_CONFIG),
-            "--config",
-            *overrides,
-            "--",
-            str(output_dir),
-        ]
-    )
+    _finetune(output_dir, overrides)
 
     return output_dir
 

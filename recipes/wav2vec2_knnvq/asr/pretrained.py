@@ -30,7 +30,9 @@ from fairseq2.runtime.dependency import DependencyResolver
 from fairseq2.utils.structured import ValueConverter
 from fairseq2.utils.validation import ValidationResult
 
-from w2v_knnvq.runs import CheckpointStepNotFoundError, RunCheckpoint, RunCheckpointError, find_run_checkpoint
+from w2v_knnvq.runs import RunCheckpoint
+
+from ...common import find_recipe_checkpoint
 
 ENCODER_FINE_TUNING_FIELDS: Final = frozenset(
     {
@@ -108,7 +110,12 @@ class PretrainedEncoder:
 def resolve_pretrained_encoder(resolver: DependencyResolver, section: PretrainedEncoderSection) -> PretrainedEncoder:
     """:raises RecipeError: if the model cannot be found or has no wav2vec 2.0 encoder."""
     if section.path is not None:
-        run = _find_pretraining_checkpoint(section.path, section.step)
+        run = find_recipe_checkpoint(
+            section.path,
+            section.step,
+            path_option="pretrained_encoder.path",
+            checkpoint_option="pretrained_encoder.step",
+        )
 
         return _describe_encoder(resolver, run.card, str(run.model_dir), run)
 
@@ -116,21 +123,6 @@ def resolve_pretrained_encoder(resolver: DependencyResolver, section: Pretrained
         return _describe_encoder(resolver, _retrieve_card(resolver, section.name), section.name, None)
 
     raise RecipeError("`pretrained_encoder.name` or `pretrained_encoder.path` must be specified.")
-
-
-def _find_pretraining_checkpoint(path: Path, step: int | None) -> RunCheckpoint:
-    try:
-        return find_run_checkpoint(path, checkpoint=step)
-    except CheckpointStepNotFoundError as ex:
-        if ex.step is None:
-            raise RecipeError(f"`pretrained_encoder.path`: {ex}") from None
-
-        raise RecipeError(
-            f"`pretrained_encoder.step` must be one of the steps saved in {ex.checkpoints_dir} "
-            f"({ex.available_steps}), but is {ex.step} instead."
-        ) from None
-    except RunCheckpointError as ex:
-        raise RecipeError(f"`pretrained_encoder.path`: {ex}") from None
 
 
 def _retrieve_card(resolver: DependencyResolver, name: str) -> AssetCard:

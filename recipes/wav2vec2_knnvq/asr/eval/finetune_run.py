@@ -9,8 +9,9 @@ from typing import Final
 from fairseq2.recipe.config import ReferenceModelSection
 from fairseq2.recipe.error import RecipeError
 
-from w2v_knnvq.runs import CheckpointStepNotFoundError, RunCheckpoint, RunCheckpointError, find_run_checkpoint
+from w2v_knnvq.runs import RunCheckpoint
 
+from ....common import find_recipe_checkpoint
 from ..tokenizer import DEFAULT_TOKENIZER_NAME, trained_tokenizer_card
 from .config import FinetunedModelSection
 
@@ -20,18 +21,13 @@ ASR_MODEL_FAMILY: Final = "wav2vec2_asr"
 def find_finetuned_checkpoint(section: FinetunedModelSection) -> RunCheckpoint:
     """:raises RecipeError: if ``section.run_dir`` holds no such checkpoint of a
     ``wav2vec2_asr`` model."""
-    try:
-        run = find_run_checkpoint(section.run_dir, checkpoint=section.checkpoint)
-    except CheckpointStepNotFoundError as ex:
-        if ex.step is None:
-            raise RecipeError(f"`model.run_dir`: {ex}") from None
-
-        raise RecipeError(
-            f"`model.checkpoint` must be one of the steps saved in {ex.checkpoints_dir} ({ex.available_steps}), "
-            f"'best' or 'last', but is {ex.step} instead."
-        ) from None
-    except RunCheckpointError as ex:
-        raise RecipeError(f"`model.run_dir`: {ex}") from None
+    run = find_recipe_checkpoint(
+        section.run_dir,
+        section.checkpoint,
+        path_option="model.run_dir",
+        checkpoint_option="model.checkpoint",
+        other_choices=", 'best' or 'last'",
+    )
 
     if run.family != ASR_MODEL_FAMILY:
         raise RecipeError(

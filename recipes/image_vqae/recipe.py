@@ -105,8 +105,11 @@ class ImageVqaeTrainUnit(TrainUnit[ImageBatch]):
 
         _update_metrics(metric_bag, output, batch.batch_size)
 
-        # The trainer divides gradients by the summed number of targets (images) over ranks.
-        return output.loss * batch.batch_size, batch.batch_size
+        # The trainer divides gradients by the summed number of targets (images) over ranks;
+        # `loss_times` keeps a global KNN's gradient right under that normalization.
+        loss = output.reconstruction_loss * batch.batch_size + output.quantizer_output.loss_times(batch.batch_size)
+
+        return loss, batch.batch_size
 
     @override
     def process_metric_values(self, values: MutableMapping[str, object]) -> None:

@@ -10,6 +10,7 @@ Distance = Literal["euclidean", "cosine"]
 Estimator = Literal["ste", "rotation"]
 Regularizer = Literal["commitment", "perplexity", "knn"]
 KnnMetric = Literal["ce", "l2"]
+KnnScope = Literal["global", "rank"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +91,27 @@ class QuantizerConfig:
     """Dimensionality of each codebook vector."""
 
     knn_k: int = 1
-    """K, the number of batch neighbours pulled toward each simplex vertex (eq. 13)."""
+    """K, the number of batch neighbours pulled toward each simplex vertex (eq. 13). With
+    ``knn_scope="global"`` it is K over the union of all data-parallel ranks' batches, whatever
+    their number; with ``"rank"`` it is K per rank, so R ranks pull R x K samples per vertex in
+    total (the paper's 4 GPUs with K = 2 pulled 8)."""
+
+    knn_scope: KnnScope = "global"
+    """``global``: eq. 13 exactly over the union of the data-parallel ranks' samples (each rank
+    all-gathers the others' top-K candidate scores; one process is the same as ``rank``).
+    ``rank``: each rank takes the K nearest of its own samples, the paper's implementation
+    (section 5.3). Eval mode always selects per rank and runs no collective."""
+
+    knn_vertex_fraction: float = 1.0
+    """Each training step regularizes a fresh uniformly random subset of
+    ``ceil(fraction x M)`` vertices per codebook, normalized by the subset's size, so that the
+    expected loss is eq. 13 (section 5.3's suggestion). 1.0 takes every vertex."""
+
+    chunk_size: int | None = None
+    """Smoothed methods compute logits, log-softmax, ``Q^T p``, the KNN candidates and the
+    perplexities this many vectors at a time, forward and backward (recomputed), so that no
+    ``(N, G, M)`` tensor is held; ``QuantizerOutput.probs`` and ``log_probs`` are then ``None``.
+    Hard methods search their nearest neighbours in chunks. ``None`` computes densely."""
 
     commitment_beta: float = 1.0
     """beta, the weight of the commitment loss (eq. 10, Appendix A.2)."""
@@ -119,6 +140,15 @@ class QuantizerConfig:
 
         if self.input_dim is not None and self.input_dim < 1:
             raise ValueError(f"`input_dim` must be at least 1, but is {self.input_dim}.")
+
+        if self.knn_scope not in ("global", "rank"):
+            raise ValueError(f"`knn_scope` must be 'global' or 'rank', but is {self.knn_scope!r} instead.")
+
+        if not 0.0 < self.knn_vertex_fraction <= 1.0:
+            raise ValueError(f"`knn_vertex_fraction` must be in (0, 1], but is {self.knn_vertex_fraction} instead.")
+
+        if self.chunk_size is not None and self.chunk_size < 1:
+            raise ValueError(f"`chunk_size` must be at least 1 or `None`, but is {self.chunk_size} instead.")
 
         for name in ("num_codebooks", "codebook_size", "codebook_dim", "knn_k"):
             if getattr(self, name) < 1:

@@ -7,21 +7,19 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Linear, Module, Parameter
-from torch.nn.functional import log_softmax, normalize
+from torch.nn.functional import normalize
 
-from w2v_knnvq.quantizer.assign import cosine_logits, gather_codes, gumbel_softmax, nearest_codes
+from w2v_knnvq.quantizer.assign import gather_codes, nearest_codes
 from w2v_knnvq.quantizer.codebook import Codebook, SimVQCodebook
 from w2v_knnvq.quantizer.config import QuantizerConfig
 from w2v_knnvq.quantizer.estimators import rotation_trick, straight_through
-from w2v_knnvq.quantizer.metrics import code_counts, code_perplexity
-from w2v_knnvq.quantizer.regularizers import (
-    commitment_codebook_loss,
-    knn_loss,
-    perplexity,
-    perplexity_loss,
-)
+from w2v_knnvq.quantizer.knn import draw_vertex_subset
+from w2v_knnvq.quantizer.metrics import code_counts, code_perplexity, distribution_perplexity
+from w2v_knnvq.quantizer.regularizers import commitment_codebook_loss
+from w2v_knnvq.quantizer.smoothed import SmoothedSettings, quantize_chunked, quantize_dense
 
 
 @dataclass
@@ -35,13 +33,16 @@ class QuantizerOutput:
     """``(..., G)`` the code of each vector in each codebook."""
 
     probs: Tensor | None
-    """``(..., G, M)`` assignment probabilities ``pi`` of the smoothed methods; ``None`` for hard ones."""
+    """``(..., G, M)`` assignment probabilities ``pi`` of the smoothed methods; ``None`` for hard
+    ones and with ``chunk_size`` set (no ``(N, G, M)`` tensor exists then)."""
 
     log_probs: Tensor | None
-    """``(..., G, M)`` ``log pi``, computed by log-softmax."""
+    """``(..., G, M)`` ``log pi``, computed by log-softmax; ``None`` where ``probs`` is."""
 
     loss: Tensor
-    """Scalar regularization loss of the method, averaged over codebooks; not weighted."""
+    """Scalar regularization loss of the method, averaged over codebooks; not weighted. With a
+    global KNN its value is the loss over all data-parallel ranks' samples and its gradient
+    reaches this rank's samples only (their slice of the gradient of that loss)."""
 
     hard_perplexity: Tensor
     """``(G,)`` perplexity of the batch's code histogram per codebook."""
@@ -51,6 +52,35 @@ class QuantizerOutput:
 
     temperature: Tensor | None
     """Scalar learned temperature t of the cosine logits (detached); ``None`` for hard methods."""
+
+    individual_perplexity: Tensor | None = None
+    """``(..., G)`` ``exp(-sum_m p_m log p_m)`` of each vector's smoothed quantizer (Table 2's
+    tightness), also in chunked mode; ``None`` for hard methods."""
+
+    num_samples: int = 0
+    """This rank's unmasked vectors."""
+
+    num_loss_samples: int = 0
+    """The number of vectors ``loss`` averages over: ``num_samples``, or all data-parallel
+    ranks' vectors with a global KNN in training."""
+
+    def loss_times(self, num_targets: float) -> Tensor:
+        """``loss * num_targets`` for a sum-reduced training loss of ``num_targets`` targets
+        (frames, images) on this rank.
+
+        With a global KNN the gradient of ``loss`` reaches this rank's vectors only; it is
+        scaled here by the ranks' vectors per own vector, so that dividing the gradients summed
+        over ranks by all ranks' targets (fairseq2's normalization under DDP) gives the update
+        of one process on the whole batch.
+        """
+        loss = self.loss.detach()
+
+        if self.num_samples == 0 or self.num_loss_samples <= self.num_samples:
+            return self.loss * num_targets
+
+        scale = num_targets * self.num_loss_samples / self.num_samples
+
+        return loss * num_targets + (self.loss - loss) * scale
 
 
 class VectorQuantizer(Module):
@@ -74,10 +104,18 @@ class VectorQuantizer(Module):
         self,
         config: QuantizerConfig,
         *,
+        process_group: dist.ProcessGroup | None = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        """
+        :param process_group: The data-parallel ranks of a global KNN (e.g. fairseq2's
+            data-parallel gang as a process group); ``None`` takes the default group of
+            :mod:`torch.distributed` when one is initialized.
+        """
         super().__init__()
+
+        self.process_group = process_group
 
         config.check()
 
@@ -176,9 +214,6 @@ class VectorQuantizer(Module):
         else:
             mask = None
 
-        if self.input_proj is not None:
-            x = self.input_proj(x)
-
         num_vectors = leading_shape.numel()
 
         # Autocast off: quantizer math in float32 (meta tensors know no autocast).
@@ -188,7 +223,14 @@ class VectorQuantizer(Module):
             float32_math = nullcontext()
 
         with float32_math:
-            z = x.float().reshape(num_vectors, config.num_codebooks, config.codebook_dim)
+            # The projection too runs in float32 (in the weights' own dtype if the module
+            # is kept in half precision), whatever the autocast dtype of `x`.
+            x = x.float()
+
+            if self.input_proj is not None:
+                x = self.input_proj(x.to(self.input_proj.weight.dtype)).float()
+
+            z = x.reshape(num_vectors, config.num_codebooks, config.codebook_dim)
 
             codebook = self.codebook().float()
 
@@ -203,6 +245,9 @@ class VectorQuantizer(Module):
         output.quantized = output.quantized.reshape(*leading_shape, config.output_dim)
         output.codes = output.codes.reshape(*leading_shape, config.num_codebooks)
 
+        if output.individual_perplexity is not None:
+            output.individual_perplexity = output.individual_perplexity.reshape(*leading_shape, config.num_codebooks)
+
         if output.probs is not None and output.log_probs is not None:
             probs_shape = (*leading_shape, config.num_codebooks, config.codebook_size)
 
@@ -212,48 +257,81 @@ class VectorQuantizer(Module):
         return output
 
     def _quantize_smoothed(self, z: Tensor, codebook: Tensor, mask: Tensor | None) -> QuantizerOutput:
-        config, spec = self.config, self.config.spec
+        config = self.config
 
         temperature = self.temperature()
 
-        logits = cosine_logits(z, codebook, temperature)
+        settings = self._smoothed_settings(z.device)
 
-        log_probs = log_softmax(logits, dim=-1)
-
-        probs = log_probs.exp()
-
-        if not self.training:
-            codes = logits.argmax(dim=-1)
-
-            quantized = gather_codes(codebook, codes)
+        if config.chunk_size is None:
+            result = quantize_dense(z, codebook, temperature, mask, settings)
         else:
-            if spec.assignment == "softmax":
-                smoothed = probs
+            result = quantize_chunked(z, codebook, temperature, mask, settings, config.chunk_size)
 
-                codes = logits.argmax(dim=-1)
-            else:
-                smoothed, codes = gumbel_softmax(logits, self.gumbel_tau(), hard=spec.assignment == "gumbel-hard")
-
-            quantized = torch.einsum("ngm,gmd->ngd", smoothed, codebook)
-
-        # With Gumbel noise the regularizers see pi, not the noisy samples (section 3).
-        if spec.regularizer == "knn":
-            assert spec.knn_metric is not None
-
-            loss = knn_loss(log_probs, config.knn_k, spec.knn_metric, mask=mask)
-        else:
-            loss = perplexity_loss(probs, mask=mask)
+        log_probs = result.log_probs
 
         return QuantizerOutput(
-            quantized=quantized.flatten(1),
-            codes=codes,
-            probs=probs,
+            quantized=result.quantized.flatten(1),
+            codes=result.codes,
+            probs=None if log_probs is None else log_probs.exp(),
             log_probs=log_probs,
-            loss=loss,
-            hard_perplexity=self._hard_perplexity(codes, mask),
-            soft_perplexity=perplexity(probs.detach(), mask=mask),
+            loss=result.loss,
+            hard_perplexity=self._hard_perplexity(result.codes, mask),
+            soft_perplexity=distribution_perplexity(result.mean_probs),
             temperature=temperature.detach(),
+            individual_perplexity=result.individual_perplexity,
+            num_samples=result.num_samples,
+            num_loss_samples=result.num_loss_samples,
         )
+
+    def _smoothed_settings(self, device: torch.device) -> SmoothedSettings:
+        config, spec = self.config, self.config.spec
+
+        # The ranks select neighbours together only in training: a validation reader may
+        # leave a rank without a batch, and a collective would then hang.
+        process_group = self._knn_process_group() if self.training and spec.regularizer == "knn" else None
+
+        if self.training and spec.regularizer == "knn":
+            vertex_subset = draw_vertex_subset(
+                config.num_codebooks,
+                config.codebook_size,
+                config.knn_vertex_fraction,
+                device=device,
+                process_group=process_group,
+            )
+        else:
+            vertex_subset = None
+
+        noise_seed = int(torch.randint(0, 2**62, ())) if self.training and spec.assignment != "softmax" else 0
+
+        return SmoothedSettings(
+            assignment=spec.assignment,
+            knn_metric=spec.knn_metric if spec.regularizer == "knn" else None,
+            knn_k=config.knn_k,
+            gumbel_tau=self.gumbel_tau(),
+            training=self.training,
+            process_group=process_group,
+            vertex_subset=vertex_subset,
+            noise_seed=noise_seed,
+        )
+
+    def _knn_process_group(self) -> dist.ProcessGroup | None:
+        """The data-parallel ranks of a global KNN; ``None`` for a per-rank KNN or one process."""
+        if self.config.knn_scope != "global":
+            return None
+
+        group = self.process_group
+
+        if group is None:
+            if not (dist.is_available() and dist.is_initialized()):
+                return None
+
+            group = dist.group.WORLD
+
+        if group is None or dist.get_world_size(group) == 1:
+            return None
+
+        return group
 
     def _quantize_hard(self, z: Tensor, codebook: Tensor, mask: Tensor | None) -> QuantizerOutput:
         config, spec = self.config, self.config.spec
@@ -264,7 +342,7 @@ class VectorQuantizer(Module):
             codebook = normalize(codebook, dim=-1)
 
         with torch.no_grad():
-            codes = nearest_codes(z, codebook, spec.distance)
+            codes = self._nearest_codes(z, codebook)
 
         q = gather_codes(codebook, codes)
 
@@ -284,6 +362,8 @@ class VectorQuantizer(Module):
         # each codebook's loss.
         loss = commitment_codebook_loss(z.flatten(0, 1), q.flatten(0, 1), config.commitment_beta, mask=row_mask)
 
+        num_samples = z.size(0) if mask is None else int(mask.sum())
+
         return QuantizerOutput(
             quantized=quantized.flatten(1),
             codes=codes,
@@ -293,7 +373,20 @@ class VectorQuantizer(Module):
             hard_perplexity=self._hard_perplexity(codes, mask),
             soft_perplexity=None,
             temperature=None,
+            num_samples=num_samples,
+            num_loss_samples=num_samples,
         )
+
+    def _nearest_codes(self, z: Tensor, codebook: Tensor) -> Tensor:
+        """:returns: ``(N, G)`` nearest codes, searched ``chunk_size`` rows at a time if set."""
+        distance, chunk_size = self.config.spec.distance, self.config.chunk_size
+
+        if chunk_size is None or z.size(0) <= chunk_size:
+            return nearest_codes(z, codebook, distance)
+
+        starts = range(0, z.size(0), chunk_size)
+
+        return torch.cat([nearest_codes(z[start : start + chunk_size], codebook, distance) for start in starts])
 
     def _hard_perplexity(self, codes: Tensor, mask: Tensor | None) -> Tensor:
         """:returns: ``(G,)`` perplexity of the code histogram of ``codes`` ``(N, G)``."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from torch.distributed import ProcessGroup
+
+from fairseq2.error import NotSupportedError
+from fairseq2.gang import get_current_gangs
 from fairseq2.models.transformer import TransformerEncoder
 from fairseq2.models.wav2vec2 import (
     StandardWav2Vec2Masker,
@@ -73,4 +77,18 @@ class Wav2Vec2KnnVqFactory:
         )
 
     def create_quantizer(self) -> VectorQuantizer:
-        return VectorQuantizer(self._config.quantizer_config())
+        return VectorQuantizer(self._config.quantizer_config(), process_group=_data_parallel_process_group())
+
+
+def _data_parallel_process_group() -> ProcessGroup | None:
+    """The data-parallel gang that fairseq2 builds the model under, as the process group of a
+    global KNN; ``None`` (the quantizer then takes torch's default group, if any) in one process."""
+    gangs = get_current_gangs()
+
+    if gangs.dp.size == 1:
+        return None
+
+    try:
+        return gangs.dp.as_process_group()
+    except NotSupportedError:
+        return None

@@ -225,8 +225,9 @@ class Wav2Vec2KnnVqModel(Module):
         contrastive_loss = cross_entropy(logits, logits.new_zeros((num_targets,), dtype=torch.int64), reduction="sum")
 
         # Scaling the mean-reduced regularizer by the number of masked frames keeps
-        # `regularizer_weight` relative to the per-frame contrastive loss.
-        regularizer_loss = output.quantizer_output.loss * num_targets
+        # `regularizer_weight` relative to the per-frame contrastive loss (and a global KNN's
+        # gradient right under data parallelism).
+        regularizer_loss = output.quantizer_output.loss_times(num_targets)
 
         features_penalty = output.raw_features.float().pow(2).mean() * num_targets
 

@@ -1,0 +1,369 @@
+"""The quantizer at scale: the chunked path against the dense one, random vertex subsets,
+and the global KNN of two gloo processes against one process on the concatenated batch."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+
+from w2v_knnvq.quantizer import METHODS, QuantizerConfig, VectorQuantizer
+from w2v_knnvq.quantizer.assign import cosine_logits, gumbel_softmax
+from w2v_knnvq.quantizer.knn import draw_vertex_subset, knn_scores
+from w2v_knnvq.quantizer.smoothed import SmoothedSettings, quantize_chunked, quantize_dense
+
+NOISELESS = [name for name, spec in METHODS.items() if not spec.assignment.startswith("gumbel")]
+
+GUMBEL = [name for name, spec in METHODS.items() if spec.assignment.startswith("gumbel")]
+
+
+def _quantizer(method: str, num_codebooks: int, **overrides: Any) -> VectorQuantizer:
+    torch.manual_seed(0)
+
+    overrides.setdefault("knn_k", 3)
+
+    config = QuantizerConfig.from_method(
+        method, input_dim=12, num_codebooks=num_codebooks, codebook_size=16, codebook_dim=6, **overrides
+    )
+
+    return VectorQuantizer(config).train()
+
+
+def _inputs(num_rows: int = 37, seed: int = 1) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+
+    x = torch.randn(num_rows, 12, generator=generator)
+
+    mask = torch.rand(num_rows, generator=generator) > 0.2
+
+    return x, mask
+
+
+def _step(quantizer: VectorQuantizer, x: Tensor, mask: Tensor | None, *, loss_only: bool = False) -> dict[str, Tensor]:
+    """One forward and backward; returns the outputs and every gradient."""
+    quantizer.zero_grad()
+
+    x = x.clone().requires_grad_()
+
+    output = quantizer(x, mask)
+
+    weights = torch.linspace(-1.0, 1.0, output.quantized.numel()).view_as(output.quantized)
+
+    objective = 3.0 * output.loss if loss_only else (output.quantized * weights).sum() + 3.0 * output.loss
+
+    objective.backward()
+
+    result = {"loss": output.loss.detach(), "x_grad": x.grad.clone()}
+
+    if not loss_only:
+        result.update(quantized=output.quantized.detach(), codes=output.codes)
+
+    for name, parameter in quantizer.named_parameters():
+        if parameter.grad is not None:
+            result[f"{name}_grad"] = parameter.grad.clone()
+
+    return result
+
+
+def _assert_close(actual: dict[str, Tensor], expected: dict[str, Tensor], atol: float = 1e-5) -> None:
+    assert actual.keys() == expected.keys()
+
+    for name, value in expected.items():
+        assert torch.allclose(actual[name].float(), value.float(), atol=atol, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("method", NOISELESS)
+@pytest.mark.parametrize("num_codebooks", [1, 2])
+def test_chunked_equals_dense(method: str, num_codebooks: int) -> None:
+    x, mask = _inputs()
+
+    dense = _step(_quantizer(method, num_codebooks), x, mask)
+
+    chunked = _quantizer(method, num_codebooks, chunk_size=8)
+    chunked_result = _step(chunked, x, mask)
+
+    _assert_close(chunked_result, dense)
+
+    if METHODS[method].smoothed:
+        output = chunked(x, mask)
+
+        # No (N, G, M) tensor in chunked mode; the tightness is still there.
+        assert output.probs is None and output.log_probs is None
+        assert output.individual_perplexity is not None and output.individual_perplexity.shape == (37, num_codebooks)
+
+
+@pytest.mark.parametrize("method", GUMBEL)
+def test_chunked_gumbel_has_the_dense_loss_and_regularizer_gradients(method: str) -> None:
+    x, mask = _inputs()
+
+    dense = _step(_quantizer(method, 2), x, mask, loss_only=True)
+
+    chunked = _step(_quantizer(method, 2, chunk_size=5), x, mask, loss_only=True)
+
+    _assert_close(chunked, dense)
+
+
+def test_chunked_gumbel_recomputes_the_same_noise() -> None:
+    """The main-loss gradient of a chunked Gumbel step matches autograd through the samples
+    that its own forward pass drew."""
+    x, _ = _inputs()
+
+    quantizer = _quantizer("sg-knn-ce", 2, chunk_size=5)
+
+    z = x.view(-1, 2, 6).detach().requires_grad_()
+
+    codebook = quantizer.codebook().detach()
+
+    temperature = quantizer.temperature().detach()
+
+    settings = SmoothedSettings(
+        assignment="gumbel-soft", knn_metric="ce", knn_k=3, gumbel_tau=1.0, training=True, noise_seed=7
+    )
+
+    result = quantize_chunked(z, codebook, temperature, None, settings, 5)
+
+    (result.quantized * torch.arange(result.quantized.numel()).view_as(result.quantized)).sum().backward()
+
+    # The reference: the same noise, chunk by chunk, through plain autograd.
+    z_ref = z.detach().requires_grad_()
+
+    parts = []
+
+    for index, start in enumerate(range(0, z.size(0), 5)):
+        logits = cosine_logits(z_ref[start : start + 5], codebook, temperature)
+
+        generator = torch.Generator().manual_seed(settings.noise_seed + index)
+
+        samples, _ = gumbel_softmax(logits, 1.0, hard=False, generator=generator)
+
+        parts.append(torch.einsum("ngm,gmd->ngd", samples, codebook))
+
+    (torch.cat(parts) * torch.arange(result.quantized.numel()).view_as(result.quantized)).sum().backward()
+
+    assert z.grad is not None and z_ref.grad is not None
+    assert torch.allclose(z.grad, z_ref.grad, atol=1e-6)
+
+
+def test_chunked_path_holds_no_n_by_m_tensor() -> None:
+    """Nothing of N x M elements is saved for backward."""
+    torch.manual_seed(0)
+
+    config = QuantizerConfig.from_method(
+        "softmax-knn-ce", input_dim=8, num_codebooks=1, codebook_size=512, codebook_dim=8, knn_k=2, chunk_size=64
+    )
+
+    quantizer = VectorQuantizer(config).train()
+
+    x = torch.randn(2048, 8, requires_grad=True)
+
+    largest = 0
+
+    def pack(tensor: Tensor) -> Tensor:
+        nonlocal largest
+
+        largest = max(largest, tensor.numel())
+
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = quantizer(x)
+
+    output.loss.backward()
+
+    assert largest < 2048 * 512 // 8
+
+
+def test_vertex_subset_loss_is_the_mean_over_its_vertices() -> None:
+    torch.manual_seed(3)
+
+    log_probs = torch.randn(40, 2, 16).log_softmax(dim=-1)
+
+    subset = draw_vertex_subset(2, 16, 0.25, device=torch.device("cpu"))
+
+    assert subset is not None and subset.shape == (2, 4)
+    assert all(len(set(row.tolist())) == 4 for row in subset)
+
+    # Eq. 13 per vertex: the mean distance of its K = 3 nearest samples.
+    per_vertex = -knn_scores(log_probs, "ce").topk(3, dim=0).values.mean(dim=0)
+
+    expected = per_vertex.gather(1, subset).mean()
+
+    settings = SmoothedSettings(
+        assignment="softmax", knn_metric="ce", knn_k=3, gumbel_tau=1.0, training=True, vertex_subset=subset
+    )
+
+    assert _subset_loss(log_probs, settings).item() == pytest.approx(expected.item(), rel=1e-6)
+
+    assert draw_vertex_subset(2, 16, 1.0, device=torch.device("cpu")) is None
+
+
+def _subset_loss(log_probs: Tensor, settings: SmoothedSettings) -> Tensor:
+    from w2v_knnvq.quantizer.knn import local_candidates, restrict_to_vertices, select_neighbours
+
+    assert settings.knn_metric is not None
+
+    scores = restrict_to_vertices(knn_scores(log_probs, settings.knn_metric), settings.vertex_subset)
+
+    candidates, _ = local_candidates(scores, settings.knn_k)
+
+    return select_neighbours(candidates, log_probs.size(0), settings.knn_k, None).loss(candidates)
+
+
+def test_vertex_subsets_average_to_the_full_loss() -> None:
+    x, mask = _inputs(64)
+
+    full = _quantizer("softmax-knn-ce", 2)(x, mask).loss.item()
+
+    subsampled = _quantizer("softmax-knn-ce", 2, knn_vertex_fraction=0.25)
+
+    torch.manual_seed(11)
+
+    losses = [subsampled(x, mask).loss.item() for _ in range(400)]
+
+    mean = sum(losses) / len(losses)
+
+    spread = math.sqrt(sum((loss - mean) ** 2 for loss in losses) / (len(losses) - 1))
+
+    assert min(losses) < full < max(losses)
+    assert abs(mean - full) < 4 * spread / math.sqrt(len(losses))
+
+
+def test_vertex_subsets_work_chunked() -> None:
+    x, mask = _inputs()
+
+    results = []
+
+    for chunk_size in (None, 6):
+        quantizer = _quantizer("softmax-knn-l2", 2, knn_vertex_fraction=0.5, chunk_size=chunk_size)
+
+        torch.manual_seed(5)
+
+        results.append(_step(quantizer, x, mask))
+
+    _assert_close(results[1], results[0])
+
+
+def test_dense_and_chunked_settings_agree_on_mean_probabilities() -> None:
+    x, mask = _inputs()
+
+    quantizer = _quantizer("softmax-ppl", 2)
+
+    z = x.view(-1, 2, 6)
+
+    settings = SmoothedSettings(assignment="softmax", knn_metric=None, knn_k=1, gumbel_tau=1.0, training=True)
+
+    args = (z, quantizer.codebook().detach(), quantizer.temperature().detach(), mask, settings)
+
+    dense, chunked = quantize_dense(*args), quantize_chunked(*args, 4)
+
+    assert torch.allclose(dense.mean_probs, chunked.mean_probs, atol=1e-6)
+    assert torch.allclose(dense.individual_perplexity, chunked.individual_perplexity, atol=1e-5)
+    assert dense.num_loss_samples == chunked.num_loss_samples == int(mask.sum())
+
+
+# --- global KNN across two processes ------------------------------------------------------
+
+WORLD_SIZE = 2
+
+# (method, G, chunk_size, rows per rank): CE and L2, softmax and Gumbel, G = 1 and 2, dense and
+# chunked; the last case gives each rank fewer rows than K.
+GLOBAL_CASES = [
+    ("softmax-knn-ce", 1, None, (21, 16)),
+    ("softmax-knn-l2", 2, None, (21, 16)),
+    ("sg-knn-ce", 2, None, (21, 16)),
+    ("hg-knn-l2", 1, 7, (21, 16)),
+    ("softmax-knn-ce", 2, 5, (21, 16)),
+    ("softmax-knn-ce", 2, None, (2, 3)),
+]
+
+GLOBAL_K = 4
+
+
+def _global_case(case: int, *, chunk: bool = True) -> tuple[VectorQuantizer, Tensor, Tensor]:
+    method, num_codebooks, chunk_size, rows = GLOBAL_CASES[case]
+
+    quantizer = _quantizer(method, num_codebooks, knn_k=GLOBAL_K, chunk_size=chunk_size if chunk else None)
+
+    x, mask = _inputs(sum(rows), seed=10 + case)
+
+    return quantizer, x, mask
+
+
+def _global_worker(rank: int, init_file: str, result_dir: str) -> None:
+    torch.set_num_threads(1)
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD_SIZE)
+
+    try:
+        for case in range(len(GLOBAL_CASES)):
+            quantizer, x, mask = _global_case(case)
+
+            rows = GLOBAL_CASES[case][3]
+
+            start = sum(rows[:rank])
+
+            part = slice(start, start + rows[rank])
+
+            result = _step(quantizer, x[part], mask[part], loss_only=True)
+
+            output = quantizer(x[part], mask[part])
+
+            result["num_loss_samples"] = torch.tensor(output.num_loss_samples)
+
+            # Eval mode selects per rank, with no collective (rank 1 skips it).
+            if rank == 0:
+                quantizer.eval()
+
+                result["eval_loss"] = quantizer(x[part], mask[part]).loss.detach()
+
+            torch.save(result, Path(result_dir, f"case{case}_rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_global_knn_of_two_processes_equals_one_process(tmp_path: Path) -> None:
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+
+    mp.start_processes(  # type: ignore[attr-defined]  # torch does not re-export it in __all__
+        _global_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD_SIZE, join=True, start_method="fork"
+    )
+
+    for case, (method, _, _, rows) in enumerate(GLOBAL_CASES):
+        quantizer, x, mask = _global_case(case, chunk=False)
+
+        reference = _step(quantizer, x, mask, loss_only=True)
+
+        results = [torch.load(tmp_path / f"case{case}_rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+        starts = [0, rows[0]]
+
+        for rank, result in enumerate(results):
+            # Every rank reports the loss of the whole batch ...
+            assert result["loss"].item() == pytest.approx(reference["loss"].item(), abs=1e-6), (method, rank)
+
+            # ... and gets its own slice of the gradient.
+            own = slice(starts[rank], starts[rank] + rows[rank])
+
+            assert torch.allclose(result["x_grad"], reference["x_grad"][own], atol=1e-6), (method, rank)
+
+            assert int(result["num_loss_samples"]) == int(mask.sum()), (method, rank)
+
+        for name, value in reference.items():
+            if name.endswith("_grad") and name != "x_grad":
+                summed = sum(result[name] for result in results)
+
+                assert torch.allclose(summed, value, atol=1e-6), (method, name)
+
+        # Eval mode: rank 0's own K nearest, as a per-rank KNN would take them.
+        quantizer.eval()
+
+        expected_eval = quantizer(x[: rows[0]], mask[: rows[0]]).loss
+
+        assert results[0]["eval_loss"].item() == pytest.approx(expected_eval.item(), abs=1e-6), method

@@ -249,3 +249,26 @@ def test_codebook_statistics_by_hand() -> None:
     log_probs = torch.tensor([[0.0, -math.inf, -math.inf], [math.log(0.5), math.log(0.5), -math.inf]])
 
     assert individual_perplexity(log_probs).tolist() == pytest.approx([1.0, 2.0])
+
+
+def test_codebook_usage_takes_perplexities_or_log_probabilities() -> None:
+    from w2v_knnvq.quantizer import CodebookUsage, individual_perplexity
+
+    torch.manual_seed(0)
+
+    log_probs = torch.randn(3, 7, 2, 5).log_softmax(dim=-1)
+    codes = log_probs.argmax(dim=-1)
+
+    from_log_probs, from_perplexities = CodebookUsage(2, 5), CodebookUsage(2, 5)
+
+    from_log_probs.update(codes, log_probs=log_probs)
+    from_perplexities.update(codes, perplexity=individual_perplexity(log_probs))
+
+    expected = from_log_probs.compute().perplexity_percentiles
+    actual = from_perplexities.compute().perplexity_percentiles
+
+    assert expected is not None and actual is not None
+    assert torch.allclose(actual, expected)
+
+    with pytest.raises(ValueError, match="`perplexity` must have shape"):
+        from_perplexities.update(codes, perplexity=torch.ones(3, 7))

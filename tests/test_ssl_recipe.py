@@ -89,7 +89,9 @@ def manifest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return output_dir
 
 
-def _run_recipe(output_dir: Path, manifest_dir: Path, num_steps: int) -> subprocess.CompletedProcess[str]:
+def _run_recipe(
+    output_dir: Path, manifest_dir: Path, num_steps: int, *extra_overrides: str
+) -> subprocess.CompletedProcess[str]:
     overrides = [
         f"dataset.config_overrides.manifest_dir={manifest_dir}",
         f"model.arch={ARCH}",
@@ -103,6 +105,7 @@ def _run_recipe(output_dir: Path, manifest_dir: Path, num_steps: int) -> subproc
         "regime.publish_metrics_every_n_steps=2",
         "regime.keep_last_n_checkpoints=null",
         "lr_scheduler.config.num_warmup_steps=1",
+        *extra_overrides,
     ]
 
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
@@ -402,6 +405,26 @@ def test_stock_wav2vec2_adapter_reports_per_codebook_figures(monkeypatch: pytest
     # Validation codes of whole utterances: the argmax of the quantizer's logits at every real frame.
     model.eval()
     frames = quantize_frames(model, run_cnn(model, batch.seqs, [24_000, 16_000]))
-    assert frames.log_probs is None
+    assert frames.individual_perplexity is None
     assert frames.codes.shape[-1] == 2 and (frames.codes[1, frames.padding_mask[1]] >= 0).all()
     assert (frames.codes[1, ~frames.padding_mask[1]] == -1).all()
+
+
+def test_chunked_quantizer_trains_and_validates_as_the_dense_one(
+    trained_run: tuple[Path, str], manifest_dir: Path, tmp_path: Path
+) -> None:
+    """The same run with `quantizer.chunk_size`: no (N, G, M) tensor, the same figures."""
+    dense_dir, _ = trained_run
+
+    _run_recipe(tmp_path, manifest_dir, 2, "model.config_overrides.quantizer.chunk_size=40")
+
+    dense = _read_jsonl(dense_dir / "metrics/valid.jsonl")[0]
+    chunked = _read_jsonl(tmp_path / "metrics/valid.jsonl")[0]
+
+    assert dense["Step"] == chunked["Step"] == 2
+
+    for name in ("Loss", "Quantizer Loss", "Accuracy"):
+        assert chunked[name] == pytest.approx(dense[name], rel=1e-3), name
+
+    for name in ("Codebook Usage", "Mean Individual Perplexity"):
+        assert chunked[name] == pytest.approx(dense[name], rel=1e-3), name

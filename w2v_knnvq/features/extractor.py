@@ -287,9 +287,9 @@ class FrameCodes:
     codes: Tensor
     """``(N, S, G)`` int64, :data:`PADDING_CODE` at padding frames."""
 
-    log_probs: Tensor | None
-    """``(N, S, G, M)`` log assignment probabilities of a smoothed quantizer; ``None``
-    for hard quantizers and fairseq2's Gumbel quantizer."""
+    individual_perplexity: Tensor | None
+    """``(N, S, G)`` ``exp(-sum_m p_m log p_m)`` of a smoothed quantizer at each frame;
+    ``None`` for hard quantizers and fairseq2's Gumbel quantizer."""
 
     padding_mask: Tensor
     """``(N, S)`` bool, ``True`` at real frames."""
@@ -325,12 +325,12 @@ def quantize_frames(model: PretrainingModel, cnn: CnnFeatures) -> FrameCodes:
 
     quantizer = model.quantizer
 
-    log_probs: Tensor | None = None
+    perplexity: Tensor | None = None
 
     if isinstance(quantizer, VectorQuantizer):
         output = quantizer(cnn.features, padding_mask)
 
-        codes, log_probs = output.codes, output.log_probs
+        codes, perplexity = output.codes, output.individual_perplexity
     elif isinstance(quantizer, GumbelWav2Vec2VectorQuantizer):
         batch_size, num_frames = cnn.features.shape[:2]
 
@@ -345,7 +345,7 @@ def quantize_frames(model: PretrainingModel, cnn: CnnFeatures) -> FrameCodes:
 
     codes = codes.masked_fill(~padding_mask.unsqueeze(-1), PADDING_CODE)
 
-    return FrameCodes(codes=codes, log_probs=log_probs, padding_mask=padding_mask)
+    return FrameCodes(codes=codes, individual_perplexity=perplexity, padding_mask=padding_mask)
 
 
 def _run_feature_extractor(extractor: object, seqs: Tensor, seq_lens: Sequence[int]) -> tuple[Tensor, list[int]]:

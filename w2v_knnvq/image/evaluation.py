@@ -169,16 +169,16 @@ def update_codebook_usage(usage: CodebookUsage, output: QuantizerOutput, config:
     """Add the codes of a batch of N images, one sample each, to ``usage``.
 
     :param output: The quantizer's output of ``(N, h, w)`` latent pixels: codes
-        ``(N, h, w, G)`` and, for smoothed methods, log probabilities ``(N, h, w, G, M)``.
+        ``(N, h, w, G)`` and, for smoothed methods, individual perplexities ``(N, h, w, G)``.
     """
     codes = output.codes.reshape(output.codes.size(0), -1, config.num_codebooks)
 
-    log_probs: Tensor | None = None
+    perplexity: Tensor | None = None
 
-    if output.log_probs is not None and config.spec.smoothed:
-        log_probs = output.log_probs.reshape(*codes.shape, config.codebook_size)
+    if output.individual_perplexity is not None and config.spec.smoothed:
+        perplexity = output.individual_perplexity.reshape(codes.shape)
 
-    usage.update(codes, log_probs=log_probs)
+    usage.update(codes, perplexity=perplexity)
 
 
 def _evaluation(

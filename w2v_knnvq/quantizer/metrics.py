@@ -135,11 +135,16 @@ class CodebookUsage:
         codes: Tensor,
         padding_mask: Tensor | None = None,
         log_probs: Tensor | None = None,
+        *,
+        perplexity: Tensor | None = None,
     ) -> None:
         """
         :param codes: ``(B, T, G)`` codes of B samples of T frames.
         :param padding_mask: ``(B, T)`` bool, ``True`` for real frames.
         :param log_probs: ``(B, T, G, M)`` log assignment probabilities of smoothed methods.
+        :param perplexity: ``(B, T, G)`` the frames' individual perplexities, e.g.
+            ``QuantizerOutput.individual_perplexity`` (which chunked quantizers also give);
+            instead of ``log_probs``.
         """
         if codes.ndim != 3 or codes.size(-1) != self.num_codebooks:
             raise ValueError(f"`codes` must be (B, T, {self.num_codebooks}), but has shape {tuple(codes.shape)}.")
@@ -178,7 +183,15 @@ class CodebookUsage:
                     f"`log_probs` must have shape {(*codes.shape, self.codebook_size)}, but has {tuple(log_probs.shape)}."
                 )
 
-            perplexities = individual_perplexity(log_probs.detach())
+            perplexity = individual_perplexity(log_probs.detach())
+
+        if perplexity is not None:
+            if perplexity.shape != codes.shape:
+                raise ValueError(
+                    f"`perplexity` must have shape {tuple(codes.shape)}, but has {tuple(perplexity.shape)}."
+                )
+
+            perplexities = perplexity.detach().float()
 
             self._perplexities.append(perplexities[mask.to(perplexities.device)].cpu())
 

@@ -24,7 +24,7 @@ from fairseq2.trainer import TrainUnit
 
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
 from w2v_knnvq.features.extractor import PretrainingModel, quantize_frames, run_cnn
-from w2v_knnvq.quantizer import code_counts, individual_perplexity
+from w2v_knnvq.quantizer import code_counts
 
 from ...common import check_warmup
 from .config import SslRecipeConfig
@@ -177,9 +177,9 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
 
         metric_bag.get(UTTERANCE_CODEBOOK_USAGE, UtteranceCodebookUsage).update(counts)
 
-        if frames.log_probs is not None:
+        if frames.individual_perplexity is not None:
             # (N, S, G) -> (N_frames, G)
-            perplexities = individual_perplexity(frames.log_probs)[frames.padding_mask]
+            perplexities = frames.individual_perplexity[frames.padding_mask]
 
             metric_bag.get(INDIVIDUAL_PERPLEXITY, ElementwiseMean).update(
                 perplexities.mean(dim=0), weight=perplexities.size(0)

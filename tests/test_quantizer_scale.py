@@ -367,3 +367,35 @@ def test_global_knn_of_two_processes_equals_one_process(tmp_path: Path) -> None:
         expected_eval = quantizer(x[: rows[0]], mask[: rows[0]]).loss
 
         assert results[0]["eval_loss"].item() == pytest.approx(expected_eval.item(), abs=1e-6), method
+
+
+def test_tied_scores_select_exactly_k_neighbours() -> None:
+    """Triplicated inputs tie in every column: each path counts exactly K neighbours per
+    vertex (the loss value), and the duplicates share the gradient however the tie is broken."""
+    x, _ = _inputs(12)
+
+    x = torch.cat([x, x, x])
+
+    dense = _step(_quantizer("softmax-knn-ce", 2, knn_k=4), x, None)
+
+    chunked = _step(_quantizer("softmax-knn-ce", 2, knn_k=4, chunk_size=7), x, None)
+
+    # Eq. 13 by hand: per column the 4 largest log-probabilities of the 36 rows, ties included.
+    quantizer = _quantizer("softmax-knn-ce", 2, knn_k=4)
+
+    with torch.no_grad():
+        log_probs = quantizer(x).log_probs
+
+    assert log_probs is not None
+
+    expected = -log_probs.sort(dim=0, descending=True).values[:4].mean()
+
+    for result in (dense, chunked):
+        assert result["loss"].item() == pytest.approx(expected.item(), rel=1e-6)
+
+    for name in dense:
+        if name == "x_grad":
+            # (3 copies, 12, 12) -> summed over the copies.
+            assert torch.allclose(chunked[name].view(3, 12, 12).sum(0), dense[name].view(3, 12, 12).sum(0), atol=1e-5)
+        elif name != "loss":
+            assert torch.allclose(chunked[name], dense[name], atol=1e-5), name

@@ -1,70 +1,113 @@
-"""Forward+backward time and peak memory of every quantizer method at wav2vec2-base shapes.
+"""Speed and memory of the quantizer beside fairseq2's own, measured side by side.
 
-Each method runs beside fairseq2's own ``GumbelWav2Vec2VectorQuantizer``, a bare softmax
-quantizer (cosine softmax and ``Q^T p`` alone) and ``softmax-knn-ce`` with its KNN loss
-removed (codes, log-probabilities and perplexities kept) in the same run, and the table
-reports ratios to the first two. torch.compile is off for all of them. Each measurement runs in a fresh subprocess so that
-peak memory is that of the measured method alone: CUDA allocator statistics on a GPU; on the
-CPU, the growth of the process's peak resident set size during its first step (a coarser figure
-that includes one-time allocations).
+Three tables, each of ratios measured in one run:
 
-    python tools/benchmark_quantizers.py [--device cuda] [--frames 3000] [--repeats 10]
+- ``speed``: forward+backward of one quantizer step on ``--frames`` 512-d features (about one
+  wav2vec2-base batch of masked frames) at 1 x 1024 and 2 x 320 codebooks, 256-d quantized
+  vectors. Every variant runs in the same process, in interleaved rounds (each round times
+  every variant once, in turn), and the table reports the median over rounds. Variants:
+  fairseq2's ``GumbelWav2Vec2VectorQuantizer`` as fairseq2 runs it (its compiled matmul+sum,
+  warmed up before timing), a bare softmax quantizer (cosine softmax and ``Q^T p`` only),
+  ``softmax-knn-ce`` dense and chunked, and any ``--methods``.
+- ``memory``: peak memory of one ``softmax-knn-ce`` forward+backward, dense against chunked,
+  at N = 32,768, M = 8196, D = 32 and at the image autoencoder's f64 per-rank shape (16 images
+  x 64 x 64 = 65,536 latent pixels, M = 8196, D = 32). Each measurement runs in its own
+  subprocess: the growth of the peak resident set size on the CPU, ``max_memory_allocated``
+  on CUDA.
+- ``training``: training steps per second of the ``tiny`` and ``base`` archs with
+  ``softmax-knn-ce`` against fairseq2's own ``wav2vec2`` (Gumbel, compiled) model of the same
+  shape, interleaved in one process.
+
+    python tools/benchmark_quantizers.py [--device cuda] [--tables speed memory training] [--rounds 7]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+sys.path.insert(0, str(REPO_ROOT))
+
 LAYOUTS = {"1x1024": (1, 1024), "2x320": (2, 320)}
 INPUT_DIM = 512
 QUANTIZED_DIM = 256
-GUMBEL = "fairseq2-gumbel"
-BARE_SOFTMAX = "bare-softmax"
-NO_REGULARIZER = "softmax-knn-ce-minus-knn"
+DEFAULT_CHUNK = 1024
+
+GUMBEL = "fairseq2-gumbel (compiled)"
+BARE = "bare-softmax"
+
+MEMORY_SHAPES = {"N=32768": 32_768, "f64 per rank (N=65536)": 65_536}
+MEMORY_CODES = 8196
+MEMORY_DIM = 32
+MEMORY_CHUNK = 4096
+
+Step = Callable[[], None]
 
 
-def build_step(name: str, layout: str, device: torch.device) -> Callable[[Tensor], Tensor]:
-    """Return a function that runs one forward pass and returns the loss to backpropagate."""
-    from w2v_knnvq.quantizer import QuantizerConfig, VectorQuantizer
-    from w2v_knnvq.quantizer.assign import cosine_logits
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(steps: dict[str, Step], rounds: int, device: torch.device) -> dict[str, float]:
+    """Times every step once per round, in turn; :returns: the median seconds of each."""
+    timings: dict[str, list[float]] = {name: [] for name in steps}
+
+    for _ in range(rounds):
+        for name, step in steps.items():
+            synchronize(device)
+
+            start = time.perf_counter()
+
+            step()
+
+            synchronize(device)
+
+            timings[name].append(time.perf_counter() - start)
+
+    return {name: statistics.median(values) for name, values in timings.items()}
+
+
+# --- quantizer speed ------------------------------------------------------------------------
+
+
+def gumbel_step(layout: str, x: Tensor) -> Step:
+    from fairseq2.models.wav2vec2.vector_quantizer import GumbelWav2Vec2VectorQuantizer
 
     num_codebooks, codebook_size = LAYOUTS[layout]
 
-    if name == GUMBEL:
-        from fairseq2.models.wav2vec2.vector_quantizer import GumbelWav2Vec2VectorQuantizer
+    quantizer = GumbelWav2Vec2VectorQuantizer(
+        INPUT_DIM, QUANTIZED_DIM, num_codebooks, codebook_size, (2.0, 0.5, 0.999995), device=x.device
+    ).train()
 
-        gumbel = GumbelWav2Vec2VectorQuantizer(
-            INPUT_DIM, QUANTIZED_DIM, num_codebooks, codebook_size, (2.0, 0.5, 0.999995), device=device
-        ).train()
+    def step() -> None:
+        output = quantizer(x)
 
-        def gumbel_step(x: Tensor) -> Tensor:
-            output = gumbel(x)
-            num_entries = num_codebooks * codebook_size
-            diversity = (num_entries - output.prob_perplexity) / num_entries
-            return output.quantized_vectors.sum() + diversity
+        num_entries = num_codebooks * codebook_size
 
-        return gumbel_step
+        diversity = (num_entries - output.prob_perplexity) / num_entries
 
-    method = "softmax-knn-ce" if name in (BARE_SOFTMAX, NO_REGULARIZER) else name
+        torch.autograd.backward(output.quantized_vectors.sum() + diversity)
 
-    if name == NO_REGULARIZER:
-        import w2v_knnvq.quantizer.quantizer as quantizer_module
+    return step
 
-        # The module with its outputs and metrics, minus the KNN loss: the regularizer's own
-        # cost. Each measurement runs in its own process, so the patch stays here.
-        vars(quantizer_module)["knn_loss"] = lambda log_probs, *args, **kwargs: log_probs.new_zeros(())
+
+def quantizer_step(layout: str, method: str, x: Tensor, *, chunk_size: int | None = None) -> Step:
+    from w2v_knnvq.quantizer import QuantizerConfig, VectorQuantizer
+
+    num_codebooks, codebook_size = LAYOUTS[layout]
 
     config = QuantizerConfig.from_method(
         method,
@@ -73,126 +116,270 @@ def build_step(name: str, layout: str, device: torch.device) -> Callable[[Tensor
         codebook_size=codebook_size,
         codebook_dim=QUANTIZED_DIM // num_codebooks,
         knn_k=2,
+        chunk_size=chunk_size,
     )
-    quantizer = VectorQuantizer(config, device=device).train()
 
-    if name == BARE_SOFTMAX:
-        input_proj = quantizer.input_proj
+    quantizer = VectorQuantizer(config, device=x.device).train()
 
-        assert input_proj is not None
-
-        def bare_step(x: Tensor) -> Tensor:
-            z = input_proj(x).reshape(-1, num_codebooks, config.codebook_dim)
-            codebook = quantizer.codebook()
-            probs = torch.softmax(cosine_logits(z, codebook, quantizer.temperature()), dim=-1)
-            return torch.einsum("ngm,gmd->ngd", probs, codebook).sum()
-
-        return bare_step
-
-    def method_step(x: Tensor) -> Tensor:
+    def step() -> None:
         output = quantizer(x)
-        return output.quantized.sum() + output.loss
 
-    return method_step
+        torch.autograd.backward(output.quantized.sum() + output.loss)
 
-
-def measure(name: str, layout: str, device_name: str, frames: int, repeats: int) -> dict[str, float]:
-    device = torch.device(device_name)
-
-    torch.manual_seed(0)
-
-    x = torch.randn(4, frames // 4, INPUT_DIM, device=device, requires_grad=True)
-
-    step = build_step(name, layout, device)
-
-    def run() -> None:
-        torch.autograd.backward(step(x))
-        x.grad = None
-
-    def synchronize() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    if device.type == "cpu":
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-    # Warm-up, then the peak memory of one step on top of what is already held.
-    run()
-    synchronize()
-
-    if device.type == "cpu":
-        peak_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
-    else:
-        torch.cuda.reset_peak_memory_stats(device)
-        baseline = torch.cuda.memory_allocated(device)
-        run()
-        synchronize()
-        peak_mib = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-
-    timings = []
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        run()
-        synchronize()
-        timings.append(time.perf_counter() - start)
-
-    timings.sort()
-
-    return {"ms": 1000.0 * timings[len(timings) // 2], "peak_mib": peak_mib}
+    return step
 
 
-def run_worker(args: list[str]) -> dict[str, float]:
-    command = [sys.executable, __file__, "--worker", *args]
-    completed = subprocess.run(command, capture_output=True, text=True, check=False)
-    if completed.returncode != 0:
-        raise RuntimeError(f"Benchmark worker {args} failed:\n{completed.stderr}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
+def bare_softmax_step(layout: str, x: Tensor) -> Step:
+    """Cosine softmax over a learned temperature and ``Q^T p``: the least a softmax quantizer does."""
+    num_codebooks, codebook_size = LAYOUTS[layout]
+
+    codebook_dim = QUANTIZED_DIM // num_codebooks
+
+    proj = torch.nn.Linear(INPUT_DIM, QUANTIZED_DIM, device=x.device)
+
+    codebook = torch.nn.Parameter(torch.randn(num_codebooks, codebook_size, codebook_dim, device=x.device))
+
+    log_temperature = torch.nn.Parameter(torch.tensor(-2.3, device=x.device))
+
+    def step() -> None:
+        z = torch.nn.functional.normalize(proj(x).reshape(-1, num_codebooks, codebook_dim), dim=-1)
+
+        logits = torch.einsum(
+            "ngd,gmd->ngm", z / log_temperature.exp(), torch.nn.functional.normalize(codebook, dim=-1)
+        )
+
+        quantized = torch.einsum("ngm,gmd->ngd", logits.softmax(dim=-1), codebook)
+
+        torch.autograd.backward(quantized.sum())
+
+    return step
 
 
-def main() -> None:
-    from w2v_knnvq.quantizer import METHOD_NAMES
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--frames", type=int, default=3000, help="quantized frames per step (default: 3000)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed steps per method (default: 10)")
-    parser.add_argument("--methods", nargs="*", default=list(METHOD_NAMES), help="methods to measure (default: all)")
-    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.worker:
-        name, layout = args.worker
-        print(json.dumps(measure(name, layout, args.device, args.frames, args.repeats)))
-        return
-
-    common = ["--device", args.device, "--frames", str(args.frames), "--repeats", str(args.repeats)]
-
+def speed_table(args: argparse.Namespace, device: torch.device) -> None:
     print(
-        f"Quantizer forward+backward, {args.frames} frames of {INPUT_DIM}-d features, device {args.device}, "
-        f"median of {args.repeats} steps; ratios to fairseq2's Gumbel quantizer and to a bare softmax quantizer.",
+        f"\n## Quantizer forward+backward: {args.frames} frames of {INPUT_DIM}-d features, device {device}, "
+        f"median of {args.rounds} interleaved rounds\n",
         flush=True,
     )
 
     for layout in LAYOUTS:
-        results = {}
-        for name in [GUMBEL, BARE_SOFTMAX, NO_REGULARIZER, *args.methods]:
-            result = run_worker([name, layout, *common])
-            results[name] = result
-            print(f"  measured {layout} {name}", file=sys.stderr, flush=True)
+        torch.manual_seed(0)
 
-        gumbel, bare = results[GUMBEL], results[BARE_SOFTMAX]
+        # (N, S, F), as fairseq2's quantizer takes it: 4 utterances of masked frames.
+        x = torch.randn(4, args.frames // 4, INPUT_DIM, device=device, requires_grad=True)
 
-        print(f"\n### {layout}\n")
-        print("| method | time (ms) | x Gumbel | x bare softmax | peak memory (MiB) | x Gumbel |")
-        print("|---|---:|---:|---:|---:|---:|")
-        for name, result in results.items():
-            print(
-                f"| {name} | {result['ms']:.1f} | {result['ms'] / gumbel['ms']:.2f} | "
-                f"{result['ms'] / bare['ms']:.2f} | {result['peak_mib']:.0f} | "
-                f"{result['peak_mib'] / max(gumbel['peak_mib'], 1e-9):.2f} |",
-                flush=True,
-            )
+        steps: dict[str, Step] = {GUMBEL: gumbel_step(layout, x), BARE: bare_softmax_step(layout, x)}
+
+        steps["softmax-knn-ce"] = quantizer_step(layout, "softmax-knn-ce", x)
+
+        steps[f"softmax-knn-ce chunked ({args.chunk_size})"] = quantizer_step(
+            layout, "softmax-knn-ce", x, chunk_size=args.chunk_size
+        )
+
+        for method in args.methods:
+            steps[method] = quantizer_step(layout, method, x)
+
+        # Warm-up: compiles fairseq2's Gumbel matmul and fills the allocator caches.
+        for step in steps.values():
+            step()
+            step()
+
+        medians = interleaved_medians(steps, args.rounds, device)
+
+        gumbel, bare = medians[GUMBEL], medians[BARE]
+
+        print(f"### {layout}\n\n| variant | time (ms) | x Gumbel (compiled) | x bare softmax |\n|---|---:|---:|---:|")
+
+        for name, seconds in medians.items():
+            print(f"| {name} | {1000 * seconds:.1f} | {seconds / gumbel:.2f} | {seconds / bare:.2f} |", flush=True)
+
+        print()
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+
+def memory_worker(num_rows: int, chunk_size: int | None, device: torch.device) -> float:
+    """:returns: The peak memory growth (MiB) of one softmax-knn-ce step of ``num_rows`` rows."""
+    from w2v_knnvq.quantizer import QuantizerConfig, VectorQuantizer
+
+    config = QuantizerConfig.from_method(
+        "softmax-knn-ce",
+        input_dim=MEMORY_DIM,
+        num_codebooks=1,
+        codebook_size=MEMORY_CODES,
+        codebook_dim=MEMORY_DIM,
+        knn_k=2,
+        chunk_size=chunk_size,
+    )
+
+    quantizer = VectorQuantizer(config, device=device).train()
+
+    x = torch.randn(num_rows, MEMORY_DIM, device=device, requires_grad=True)
+
+    synchronize(device)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+        baseline = torch.cuda.memory_allocated(device)
+    else:
+        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    output = quantizer(x)
+
+    torch.autograd.backward(output.quantized.sum() + output.loss)
+
+    synchronize(device)
+
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    return (peak - baseline) / 2**20
+
+
+def memory_table(args: argparse.Namespace, device: torch.device) -> None:
+    kind = "max_memory_allocated" if device.type == "cuda" else "peak RSS growth"
+
+    print(
+        f"\n## Peak memory of one softmax-knn-ce forward+backward ({kind}, one subprocess each), "
+        f"M = {MEMORY_CODES}, D = {MEMORY_DIM}, device {device}\n"
+    )
+    print(f"| shape | dense (MiB) | chunked {args.memory_chunk} (MiB) | chunked / dense |\n|---|---:|---:|---:|")
+
+    for label, num_rows in MEMORY_SHAPES.items():
+        results = []
+
+        for chunk_size in (None, args.memory_chunk):
+            command = [
+                sys.executable,
+                __file__,
+                "--memory-worker",
+                str(num_rows),
+                str(chunk_size or 0),
+                "--device",
+                str(device),
+            ]
+
+            completed = subprocess.run(command, capture_output=True, text=True, check=False)
+
+            if completed.returncode != 0:
+                raise RuntimeError(f"The memory measurement {command} failed:\n{completed.stderr[-2000:]}")
+
+            results.append(float(completed.stdout.strip().splitlines()[-1]))
+
+        dense, chunked = results
+
+        print(f"| {label} | {dense:.0f} | {chunked:.0f} | {chunked / dense:.2f} |", flush=True)
+
+
+# --- training steps -------------------------------------------------------------------------
+
+
+def training_step(family: str, arch: str, waveforms: Tensor) -> Step:
+    from fairseq2.models.wav2vec2 import Wav2Vec2Config, create_wav2vec2_model
+    from fairseq2.nn import BatchLayout
+
+    from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
+
+    config = WAV2VEC2_KNNVQ_ARCHS[f"{arch}_2x320"]()
+
+    config.quantizer.method = "softmax-knn-ce"
+
+    torch.manual_seed(0)
+
+    model: torch.nn.Module
+
+    if family == "wav2vec2_knnvq":
+        model = create_wav2vec2_knnvq_model(config)
+    else:
+        stock = Wav2Vec2Config(
+            encoder_config=config.encoder_config,
+            final_dim=config.final_dim,
+            quantized_dim=config.quantizer.output_dim,
+            num_codebooks=config.quantizer.num_codebooks,
+            num_codebook_entries=config.quantizer.codebook_size,
+        )
+
+        model = create_wav2vec2_model(stock)
+
+    model = model.to(waveforms.device).train()
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    layout = BatchLayout.of(waveforms)
+
+    def step() -> None:
+        loss, _ = model(waveforms, layout)
+
+        torch.autograd.backward(loss.aggregate)
+
+        optimizer.step()
+
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def training_table(args: argparse.Namespace, device: torch.device) -> None:
+    print(
+        f"\n## Training steps per second, wav2vec 2.0 with softmax-knn-ce against fairseq2's wav2vec2 "
+        f"(Gumbel, compiled), 2 x 320 codebooks, device {device}, median of {args.rounds} interleaved rounds\n"
+    )
+    print("| arch | batch | wav2vec2_knnvq (steps/s) | wav2vec2 (steps/s) | ratio |\n|---|---|---:|---:|---:|")
+
+    for arch, batch in (("tiny", (8, 48_000)), ("base", args.base_batch)):
+        torch.manual_seed(1)
+
+        waveforms = torch.randn(*batch, device=device)
+
+        steps = {family: training_step(family, arch, waveforms) for family in ("wav2vec2_knnvq", "wav2vec2")}
+
+        for step in steps.values():
+            step()
+
+        medians = interleaved_medians(steps, args.rounds, device)
+
+        ours, stock = 1 / medians["wav2vec2_knnvq"], 1 / medians["wav2vec2"]
+
+        print(f"| {arch} | {batch[0]} x {batch[1]} | {ours:.2f} | {stock:.2f} | {ours / stock:.2f} |", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--tables", nargs="+", choices=["speed", "memory", "training"], default=["speed", "memory", "training"]
+    )
+    parser.add_argument("--frames", type=int, default=3000, help="quantized frames per step (default: 3000)")
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: 7)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="rows per chunk in the speed table")
+    parser.add_argument("--memory-chunk", type=int, default=MEMORY_CHUNK, help="rows per chunk in the memory table")
+    parser.add_argument("--methods", nargs="*", default=[], help="more quantizer methods for the speed table")
+    parser.add_argument(
+        "--base-batch",
+        type=int,
+        nargs=2,
+        default=(2, 32_000),
+        metavar=("N", "SAMPLES"),
+        help="waveforms of the base arch",
+    )
+    parser.add_argument("--memory-worker", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+
+    if args.memory_worker:
+        num_rows, chunk_size = args.memory_worker
+
+        print(json.dumps(memory_worker(num_rows, chunk_size or None, device)))
+
+        return
+
+    for table in args.tables:
+        {"speed": speed_table, "memory": memory_table, "training": training_table}[table](args, device)
 
 
 if __name__ == "__main__":

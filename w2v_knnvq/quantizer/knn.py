@@ -111,6 +111,24 @@ class KnnSelection:
 
         return self.value + (local_part - local_part.detach())
 
+    def loss_from_rows(self, scores: Tensor, candidate_rows: Tensor) -> Tensor:
+        """:meth:`loss` from all scores and the rows of the candidates (:func:`column_maxima`).
+
+        :param scores: ``(N, G, M')`` with their gradient.
+        :param candidate_rows: ``(K, N, G, M')`` bool.
+        """
+        # (K, N, G, M') -> (N, G, M'): the selected candidates' rows.
+        if bool(self.selected.all()):
+            selected_rows = candidate_rows.any(dim=0)
+        else:
+            selected_rows = (candidate_rows & self.selected.unsqueeze(1)).any(dim=0)
+
+        num_terms = max(1, self.num_neighbours) * self.selected[0].numel()
+
+        local_part = -torch.where(selected_rows, scores, 0.0).sum() / num_terms
+
+        return self.value + (local_part - local_part.detach())
+
 
 def local_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Return the top-K scores of each column of ``scores`` and their rows, padded to K rows
@@ -131,6 +149,47 @@ def local_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
         rows = torch.cat([rows, rows.new_full((padding, *rows.shape[1:]), -1)])
 
     return values, rows
+
+
+def column_maxima(scores: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """The top-K scores of each column by K column maxima, with the rows that hold them.
+
+    Reductions across rows are fast where a ``topk`` across rows is not (it is strided); a
+    row is found by equality with its column's maximum, so equal scores within a column make
+    this return ``None`` (the caller then takes :func:`local_candidates`).
+
+    :param scores: ``(N, G, M')``, no ``-inf``.
+    :returns: ``(K, G, M')`` detached scores, padded with ``-inf`` below N rows, and
+        ``(K, N, G, M')`` bool, ``True`` at the row of each one.
+    """
+    num_samples = scores.size(0)
+
+    remaining = scores.detach()
+
+    values, rows = [], []
+
+    num_steps = min(k, num_samples)
+
+    for step in range(num_steps):
+        maxima = remaining.amax(dim=0)
+
+        is_max = remaining == maxima
+
+        # Every column has its maximum somewhere: one row per column, or a tie.
+        if int(is_max.sum()) != maxima.numel():
+            return None
+
+        values.append(maxima)
+        rows.append(is_max)
+
+        if step + 1 < num_steps:
+            remaining = remaining.masked_fill(is_max, -math.inf)
+
+    for _ in range(k - len(values)):
+        values.append(torch.full_like(scores[0], -math.inf))
+        rows.append(torch.zeros_like(scores, dtype=torch.bool))
+
+    return torch.stack(values), torch.stack(rows)
 
 
 def merge_candidates(best: tuple[Tensor, Tensor], scores: Tensor, row_offset: int) -> tuple[Tensor, Tensor]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from w2v_knnvq.quantizer.config import KnnMetric
+from w2v_knnvq.quantizer.knn import knn_scores, local_candidates, select_neighbours
 from w2v_knnvq.quantizer.metrics import distribution_perplexity
 
 
@@ -34,26 +35,17 @@ def knn_loss(log_probs: Tensor, k: int, metric: KnnMetric = "ce", *, mask: Tenso
     if k < 1:
         raise ValueError(f"`k` must be at least 1, but is {k}.")
 
-    if metric == "ce":
-        # Distance -log p_m: nearest = largest log p_m.
-        scores = log_probs
-    elif metric == "l2":
-        probs = log_probs.exp()
-        # Negated distance, so that nearest = largest score.
-        scores = 2.0 * probs - probs.square().sum(dim=-1, keepdim=True) - 1.0
-    else:
-        raise ValueError(f"`metric` must be 'ce' or 'l2', but is {metric!r}.")
+    if metric not in ("ce", "l2"):
+        raise ValueError(f"`metric` must be 'ce' or 'l2', but is {metric!r} instead.")
+
+    scores = knn_scores(log_probs if log_probs.ndim == 3 else log_probs.unsqueeze(1), metric)
 
     if mask is not None:
         scores = scores[mask]
 
-    num_samples = scores.size(0)
-    if num_samples == 0:
-        return log_probs.sum() * 0.0
+    candidates, _ = local_candidates(scores, k)
 
-    top_scores = scores.topk(min(k, num_samples), dim=0, sorted=False).values
-
-    return -top_scores.mean()
+    return select_neighbours(candidates, scores.size(0), k, None).local_part(candidates)
 
 
 def perplexity(probs: Tensor, *, mask: Tensor | None = None) -> Tensor:

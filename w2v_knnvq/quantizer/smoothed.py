@@ -27,6 +27,7 @@ from w2v_knnvq.quantizer.assign import cosine_logits, gather_codes, gumbel_softm
 from w2v_knnvq.quantizer.config import Assignment, KnnMetric
 from w2v_knnvq.quantizer.knn import (
     KnnSelection,
+    column_maxima,
     knn_scores,
     local_candidates,
     merge_candidates,
@@ -93,28 +94,37 @@ class SmoothedResult:
 
 
 def assign(
-    logits: Tensor, log_probs: Tensor, settings: SmoothedSettings, generator: torch.Generator | None
+    logits: Tensor, probs: Tensor, settings: SmoothedSettings, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
     """:returns: The smoothed assignment ``(N, G, M)`` (softmax or Gumbel sample) and the
     ``(N, G)`` codes of a training step."""
     if settings.assignment == "softmax":
-        return log_probs.exp(), logits.argmax(dim=-1)
+        return probs, logits.max(dim=-1).indices
 
     return gumbel_softmax(logits, settings.gumbel_tau, hard=settings.assignment == "gumbel-hard", generator=generator)
 
 
 def _quantize_rows(
-    logits: Tensor, log_probs: Tensor, codebook: Tensor, settings: SmoothedSettings, generator: torch.Generator | None
+    logits: Tensor, probs: Tensor, codebook: Tensor, settings: SmoothedSettings, generator: torch.Generator | None
 ) -> tuple[Tensor, Tensor]:
     """:returns: ``(C, G, D)`` quantized vectors and ``(C, G)`` codes of a block of rows."""
     if not settings.training:
-        codes = logits.argmax(dim=-1)
+        codes = logits.max(dim=-1).indices
 
         return gather_codes(codebook, codes), codes
 
-    smoothed, codes = assign(logits, log_probs, settings, generator)
+    smoothed, codes = assign(logits, probs, settings, generator)
 
     return torch.einsum("ngm,gmd->ngd", smoothed, codebook), codes
+
+
+def row_perplexity(probs: Tensor, log_probs: Tensor) -> Tensor:
+    """``exp(-sum_m p_m log p_m)`` of each row, ``(N, G, M) -> (N, G)``, as one contraction.
+
+    ``log_probs`` comes from log-softmax of bounded logits, so it is finite and an underflowed
+    ``p_m = 0`` adds ``0``.
+    """
+    return torch.einsum("ngm,ngm->ng", probs.detach(), log_probs.detach()).neg().exp()
 
 
 def perplexity_regularizer(mean_probs: Tensor) -> Tensor:
@@ -142,9 +152,9 @@ def quantize_dense(
 
     log_probs = log_softmax(logits, dim=-1)
 
-    quantized, codes = _quantize_rows(logits, log_probs, codebook, settings, None)
-
     probs = log_probs.exp()
+
+    quantized, codes = _quantize_rows(logits, probs, codebook, settings, None)
 
     kept_probs = probs if mask is None else probs[mask]
 
@@ -152,18 +162,7 @@ def quantize_dense(
 
     # With Gumbel noise the regularizers see pi, not the noisy samples (section 3).
     if settings.knn_metric is not None:
-        scores = restrict_to_vertices(knn_scores(log_probs, settings.knn_metric), settings.vertex_subset)
-
-        if mask is not None:
-            scores = scores[mask]
-
-        candidates, _ = local_candidates(scores, settings.knn_k)
-
-        selection = select_neighbours(candidates, num_samples, settings.knn_k, settings.process_group)
-
-        loss = selection.loss(candidates)
-
-        num_loss_samples = selection.num_samples
+        loss, num_loss_samples = _dense_knn_loss(log_probs, mask, num_samples, settings)
     else:
         mean_probs = kept_probs.mean(dim=0) if num_samples > 0 else torch.ones_like(probs[0])
 
@@ -175,12 +174,39 @@ def quantize_dense(
         quantized=quantized,
         codes=codes,
         loss=loss,
-        individual_perplexity=distribution_perplexity(probs.detach()),
+        individual_perplexity=row_perplexity(probs, log_probs),
         mean_probs=mean_probabilities(kept_probs.detach().sum(dim=0), num_samples),
         num_samples=num_samples,
         num_loss_samples=num_loss_samples,
         log_probs=log_probs,
     )
+
+
+def _dense_knn_loss(
+    log_probs: Tensor, mask: Tensor | None, num_samples: int, settings: SmoothedSettings
+) -> tuple[Tensor, int]:
+    """:returns: The KNN loss (eq. 13) and the number of samples it averages over all ranks."""
+    assert settings.knn_metric is not None
+
+    scores = restrict_to_vertices(knn_scores(log_probs, settings.knn_metric), settings.vertex_subset)
+
+    if mask is not None:
+        scores = scores[mask]
+
+    maxima = column_maxima(scores, settings.knn_k)
+
+    if maxima is not None:
+        candidates, rows = maxima
+
+        selection = select_neighbours(candidates, num_samples, settings.knn_k, settings.process_group)
+
+        return selection.loss_from_rows(scores, rows), selection.num_samples
+
+    candidates, _ = local_candidates(scores, settings.knn_k)
+
+    selection = select_neighbours(candidates, num_samples, settings.knn_k, settings.process_group)
+
+    return selection.loss(candidates), selection.num_samples
 
 
 def quantize_chunked(
@@ -263,16 +289,16 @@ class _ChunkedSmoothed(torch.autograd.Function):
 
             log_probs = log_softmax(logits, dim=-1)
 
+            probs = log_probs.exp()
+
             chunk_quantized, chunk_codes = _quantize_rows(
-                logits, log_probs, codebook, settings, _generator(settings, index, z.device)
+                logits, probs, codebook, settings, _generator(settings, index, z.device)
             )
 
             quantized[start:end] = chunk_quantized
             codes[start:end] = chunk_codes
 
-            probs = log_probs.exp()
-
-            individual_perplexity[start:end] = distribution_perplexity(probs)
+            individual_perplexity[start:end] = row_perplexity(probs, log_probs)
 
             keep = None if mask is None else mask[start:end]
 
@@ -416,10 +442,12 @@ def _chunk_surrogate(
 
     log_probs = log_softmax(logits, dim=-1)
 
+    probs = log_probs.exp()
+
     terms: list[Tensor] = []
 
     if grad_quantized is not None:
-        quantized, _ = _quantize_rows(logits, log_probs, codebook, settings, _generator(settings, index, z.device))
+        quantized, _ = _quantize_rows(logits, probs, codebook, settings, _generator(settings, index, z.device))
 
         terms.append((quantized * grad_quantized[start : start + z.size(0)]).sum())
 
@@ -435,8 +463,6 @@ def _chunk_surrogate(
         terms.append(-torch.where(selected, scores, 0.0).sum() * grad_loss / num_terms)
 
     if grad_mean_probs is not None:
-        probs = log_probs.exp()
-
         kept = probs if keep is None else probs[keep]
 
         terms.append((kept.sum(dim=0) * grad_mean_probs).sum())

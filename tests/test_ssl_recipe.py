@@ -167,6 +167,10 @@ def test_run_writes_checkpoints_and_usage_metrics(trained_run: tuple[Path, str])
         assert len(record["Hard Perplexity"]) == num_codebooks
         assert len(record["Soft Perplexity"]) == num_codebooks
 
+        # fairseq's names: the per-codebook figures summed over codebooks.
+        assert record["Code Perplexity"] == pytest.approx(sum(record["Hard Perplexity"]), rel=1e-5)
+        assert record["Prob Perplexity"] == pytest.approx(sum(record["Soft Perplexity"]), rel=1e-5)
+
         # Between a onehot (1) and a uniform (320 entries) quantizer.
         assert all(1.0 <= value <= 320.0 for value in record["Mean Individual Perplexity"])
 
@@ -364,6 +368,7 @@ def test_stock_wav2vec2_adapter_reports_per_codebook_figures(monkeypatch: pytest
     from recipes.wav2vec2_knnvq.ssl.metrics import (
         BATCH_CODEBOOK_USAGE,
         HARD_PERPLEXITY,
+        PROB_PERPLEXITY,
         ElementwiseMean,
         add_ssl_metrics,
     )
@@ -402,6 +407,10 @@ def test_stock_wav2vec2_adapter_reports_per_codebook_figures(monkeypatch: pytest
         metric_bag.get(BATCH_CODEBOOK_USAGE, ElementwiseMean).compute(), (counts > 0).double().mean(dim=-1)
     )
 
+    # fairseq2's own summed prob perplexity is logged as such.
+    logged = metric_bag.get(PROB_PERPLEXITY, ElementwiseMean).compute()
+    assert logged.item() == pytest.approx(output.quantizer_output.prob_perplexity.item(), rel=1e-5)
+
     # Validation codes of whole utterances: the argmax of the quantizer's logits at every real frame.
     model.eval()
     frames = quantize_frames(model, run_cnn(model, batch.seqs, [24_000, 16_000]))
@@ -428,3 +437,46 @@ def test_chunked_quantizer_trains_and_validates_as_the_dense_one(
 
     for name in ("Codebook Usage", "Mean Individual Perplexity"):
         assert chunked[name] == pytest.approx(dense[name], rel=1e-3), name
+
+
+def test_evaluation_of_a_checkpoint_on_any_split(
+    trained_run: tuple[Path, str], manifest_dir: Path, tmp_path: Path
+) -> None:
+    """The evaluation CLI reproduces the run's own validation usage at the same checkpoint, and
+    adds Table 2's percentiles and Figure 2's histograms, on any split."""
+    output_dir, _ = trained_run
+
+    command = [
+        sys.executable, "-m", "recipes.wav2vec2_knnvq.ssl.evaluate", str(output_dir),
+        "--manifest-dir", str(manifest_dir), "--splits", "valid", "train", "--output-dir", str(tmp_path),
+    ]  # fmt: skip
+
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    validation = _read_jsonl(output_dir / "metrics/valid.jsonl")[-1]
+
+    record = json.loads((tmp_path / "valid" / "evaluation.json").read_text())
+
+    assert record["checkpoint"].endswith("step_4/model")
+    assert record["codebook_usage"] == pytest.approx(validation["Codebook Usage"])
+    assert record["mean_utterance_codebook_usage"] == pytest.approx(validation["Mean Utterance Codebook Usage"])
+    # The loss draws masks and distractors at random: a figure of its own, not the run's.
+    assert math.isfinite(record["loss"]) and 0.0 <= record["accuracy"] <= 1.0
+
+    # (G, 4): 75th, 90th, 99th percentile and maximum, in [1, M].
+    percentiles = record["perplexity_percentiles"]
+    assert len(percentiles) == 2 and all(1.0 <= p[0] <= p[1] <= p[2] <= p[3] <= 320.0 for p in percentiles)
+
+    for split in ("valid", "train"):
+        assert (tmp_path / split / "per_utterance_usage.png").stat().st_size > 0
+        assert (tmp_path / split / "code_popularity.png").stat().st_size > 0
+
+    summary = (tmp_path / "summary.md").read_text()
+    assert f"| {METHOD} | 2 |" in summary and "Codebook 2 (train)" in summary
+
+    missing = subprocess.run(
+        [*command[:3], str(tmp_path / "nothing"), *command[4:]], cwd=REPO_ROOT, capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and "does not exist" in missing.stderr

@@ -201,6 +201,46 @@ def format_usage_tables(rows: Iterable[UsageTableRow], columns: Sequence[ScoreCo
     )
 
 
+def format_codebook_table(rows: Iterable[UsageTableRow]) -> str:
+    """Markdown tables in the layout of the paper's Table 3 (the usage of each codebook, one
+    column group per :attr:`UsageTableRow.group`, e.g. a split) and Table 2 (individual
+    perplexity percentiles), one row per method and K."""
+    by_key: _Rows = {}
+    groups: list[str] = []
+
+    for row in rows:
+        if row.group not in groups:
+            groups.append(row.group)
+
+        by_key.setdefault(row.key, {})[row.group] = row
+
+    num_codebooks = max((len(row.code_use) for by_group in by_key.values() for row in by_group.values()), default=1)
+
+    header = ["Method", "K"]
+    for group in groups:
+        header += [f"Codebook {g + 1} ({group})" for g in range(num_codebooks)]
+
+    lines = _header_lines(header)
+
+    for (method, knn_k), by_group in by_key.items():
+        cells = [method, knn_k]
+
+        for group in groups:
+            group_row = by_group.get(group)
+            usage = [] if group_row is None else [f"{100.0 * value:.1f}%" for value in group_row.code_use]
+            cells += usage + [""] * (num_codebooks - len(usage))
+
+        lines.append(_line(cells))
+
+    return (
+        "Table 3 layout: the fraction of each codebook's entries used over the whole set.\n\n"
+        + "\n".join(lines)
+        + "\n\nTable 2 layout: individual perplexity of the smoothed quantizers (first codebook).\n\n"
+        + _perplexity_table(by_key, groups)
+        + "\n"
+    )
+
+
 def _usage_table(by_key: _Rows, groups: Sequence[str], columns: Sequence[ScoreColumn]) -> str:
     header = ["Method", "K"]
     for group in groups:

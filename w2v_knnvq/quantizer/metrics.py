@@ -151,9 +151,6 @@ class CodebookUsage:
 
         codes = codes.detach().to("cpu", torch.int64)
 
-        if codes.numel() > 0 and (codes.min() < 0 or codes.max() >= self.codebook_size):
-            raise ValueError(f"`codes` must lie in [0, {self.codebook_size}).")
-
         batch_size, seq_len, _ = codes.shape
 
         if padding_mask is None:
@@ -165,6 +162,12 @@ class CodebookUsage:
                 )
 
             mask = padding_mask.detach().to("cpu", torch.bool)
+
+        # Padding frames may hold any code (e.g. -1); the real ones must be codes.
+        real_codes = codes[mask]
+
+        if real_codes.numel() > 0 and (real_codes.min() < 0 or real_codes.max() >= self.codebook_size):
+            raise ValueError(f"`codes` must lie in [0, {self.codebook_size}) at real frames.")
 
         # presence[b, g, m] counts the frames of sample b assigned to code m of codebook g.
         presence = code_counts(codes, self.codebook_size, mask)

@@ -83,6 +83,9 @@ class PretrainingStep:
     code_usage: Tensor
     """``(G,)`` fraction of each codebook's entries used in the batch."""
 
+    prob_perplexity: Tensor | None = None
+    """The soft perplexity summed over codebooks, where the quantizer gives only the sum."""
+
 
 class PretrainingModelAdapter(ABC):
     """Calls a pretraining model of one family and reports a :class:`PretrainingStep`."""
@@ -184,6 +187,7 @@ class GumbelWav2Vec2Adapter(PretrainingModelAdapter):
             soft_perplexity=None,
             temperature=output.quantizer_output.temperature,
             code_usage=code_usage(counts).float(),
+            prob_perplexity=output.quantizer_output.prob_perplexity,
         )
 
 
@@ -234,6 +238,7 @@ class SslCriterion:
             soft_perplexity=step.soft_perplexity,
             temperature=step.temperature,
             code_usage=step.code_usage,
+            prob_perplexity=step.prob_perplexity,
         )
 
         update_batch_metrics(metric_bag, batch)

@@ -28,6 +28,9 @@ UTTERANCE_CODEBOOK_USAGE: Final = "utterance_codebook_usage"
 QUANTIZER_LOSS: Final = "quantizer_loss"
 HARD_PERPLEXITY: Final = "hard_perplexity"
 SOFT_PERPLEXITY: Final = "soft_perplexity"
+# fairseq's and fairseq2's names: the per-codebook perplexities summed over codebooks.
+CODE_PERPLEXITY: Final = "code_perplexity"
+PROB_PERPLEXITY: Final = "prob_perplexity"
 BATCH_CODEBOOK_USAGE: Final = "batch_codebook_usage"
 INDIVIDUAL_PERPLEXITY: Final = "individual_perplexity"
 
@@ -39,6 +42,8 @@ _PER_CODEBOOK_METRICS: Final = (
     BATCH_CODEBOOK_USAGE,
     INDIVIDUAL_PERPLEXITY,
 )
+
+_SCALAR_METRICS: Final = ("temperature", CODE_PERPLEXITY, PROB_PERPLEXITY)
 
 
 def register_ssl_metric_descriptors(container: DependencyContainer) -> None:
@@ -53,6 +58,8 @@ def register_ssl_metric_descriptors(container: DependencyContainer) -> None:
     register(QUANTIZER_LOSS,           "Quantizer Loss",                  105)
     register(HARD_PERPLEXITY,          "Hard Perplexity",                 211)
     register(SOFT_PERPLEXITY,          "Soft Perplexity",                 212)
+    register(CODE_PERPLEXITY,          "Code Perplexity",                 214)
+    register(PROB_PERPLEXITY,          "Prob Perplexity",                 215)
     register(BATCH_CODEBOOK_USAGE,     "Batch Codebook Usage",            213, higher_better=True)
     register(CODEBOOK_USAGE,           "Codebook Usage",                  230, higher_better=True)
     register(UTTERANCE_CODEBOOK_USAGE, "Mean Utterance Codebook Usage",   231, higher_better=True)
@@ -189,6 +196,8 @@ def add_ssl_metrics(metric_bag: MetricBag, num_codebooks: int) -> None:
     metric_bag.add("accuracy", MulticlassAccuracy())
     metric_bag.add(HARD_PERPLEXITY, ElementwiseMean(num_codebooks))
     metric_bag.add(SOFT_PERPLEXITY, ElementwiseMean(num_codebooks))
+    metric_bag.add(CODE_PERPLEXITY, ElementwiseMean(1))
+    metric_bag.add(PROB_PERPLEXITY, ElementwiseMean(1))
     metric_bag.add(BATCH_CODEBOOK_USAGE, ElementwiseMean(num_codebooks))
     metric_bag.add("temperature", ElementwiseMean(1))
     metric_bag.add("num_examples", Sum())
@@ -245,16 +254,30 @@ def update_quantizer_stats(
     soft_perplexity: Tensor | None,
     temperature: float | Tensor | None,
     code_usage: Tensor,
+    prob_perplexity: Tensor | None = None,
 ) -> None:
     """
+    :param hard_perplexity: ``(G,)`` perplexity of the batch's code histogram per codebook.
+    :param soft_perplexity: ``(G,)`` perplexity of the batch-mean assignment probabilities.
     :param code_usage: ``(G,)`` fraction of each codebook's entries used in the batch.
+    :param prob_perplexity: The soft perplexity summed over codebooks, where only the sum is
+        known (fairseq2's Gumbel quantizer); by default the sum of ``soft_perplexity``.
     """
     metric_bag.get(HARD_PERPLEXITY, ElementwiseMean).update(hard_perplexity)
+
+    # fairseq's and fairseq2's `code_perplexity` and `prob_perplexity`: summed over codebooks.
+    metric_bag.get(CODE_PERPLEXITY, ElementwiseMean).update(hard_perplexity.detach().float().sum().view(1))
 
     metric_bag.get(BATCH_CODEBOOK_USAGE, ElementwiseMean).update(code_usage)
 
     if soft_perplexity is not None:
         metric_bag.get(SOFT_PERPLEXITY, ElementwiseMean).update(soft_perplexity)
+
+        if prob_perplexity is None:
+            prob_perplexity = soft_perplexity.detach().float().sum()
+
+    if prob_perplexity is not None:
+        metric_bag.get(PROB_PERPLEXITY, ElementwiseMean).update(prob_perplexity.detach().float().view(1))
 
     if temperature is not None:
         metric_bag.get("temperature", ElementwiseMean).update(torch.as_tensor(temperature).view(1))
@@ -269,14 +292,14 @@ def update_batch_metrics(metric_bag: MetricBag, batch: SequenceBatch) -> None:
 
 def publish_per_codebook(values: MutableMapping[str, object]) -> None:
     """Turns ``(G,)`` tensors into lists and drops metrics that never received data."""
-    for name in (*_PER_CODEBOOK_METRICS, "temperature"):
+    for name in (*_PER_CODEBOOK_METRICS, *_SCALAR_METRICS):
         value = values.get(name)
         if not isinstance(value, Tensor):
             continue
 
         if value.isnan().any():
             del values[name]
-        elif name == "temperature":
+        elif name in _SCALAR_METRICS:
             values[name] = float(value)
         else:
             values[name] = [float(v) for v in value.view(-1)]

@@ -6,7 +6,7 @@ with the same ``OUTPUT_DIR`` resumes from its last checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import final
 
 from torch import Tensor
@@ -23,7 +23,7 @@ from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
 
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
-from w2v_knnvq.features.extractor import PretrainingModel, quantize_frames, run_cnn
+from w2v_knnvq.features.extractor import FrameCodes, PretrainingModel, quantize_frames, run_cnn
 from w2v_knnvq.quantizer import code_counts
 
 from ...common import check_warmup
@@ -144,12 +144,18 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
         *,
         min_audio_len: int,
         max_audio_len: int,
+        frame_sink: Callable[[FrameCodes], None] | None = None,
     ) -> None:
+        """
+        :param frame_sink: Also receives the codes of every batch's frames, e.g. for the
+            percentiles and histograms of an evaluation.
+        """
         self._criterion = criterion
         self._base_model = base_model
         self._codebook_shape = codebook_shape
         self._min_audio_len = min_audio_len
         self._max_audio_len = max_audio_len
+        self._frame_sink = frame_sink
 
     @override
     def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
@@ -170,6 +176,13 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
         # norm ignores padding here.
         frames = quantize_frames(self._base_model, run_cnn(self._base_model, batch.seqs, batch.seq_lens))
 
+        self._count_frames(frames, metric_bag)
+
+        if self._frame_sink is not None:
+            self._frame_sink(frames)
+
+    def _count_frames(self, frames: FrameCodes, metric_bag: MetricBag) -> None:
+        """Records the usage and tightness of the codes of every frame of a batch."""
         # (N, G, M)
         counts = code_counts(frames.codes, self._codebook_shape.codebook_size, frames.padding_mask)
 

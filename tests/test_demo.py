@@ -1,4 +1,5 @@
-"""The README's main job, shortened: both methods pretrain, validate and leave checkpoints."""
+"""The README's main job, shortened: each method pretrains, is evaluated on the whole
+validation split, and lands in one table with Figure 2's histograms beside its run."""
 
 from __future__ import annotations
 
@@ -9,33 +10,41 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+METHODS = ("ste-euclid", "softmax-knn-ce")
 
-def test_demo_prints_usage_of_both_methods_side_by_side(tmp_path: Path) -> None:
+
+def test_demo_prints_table_3_with_tightness(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "recipes.wav2vec2_knnvq.demo", "--output-dir", str(tmp_path), "--num-steps", "2"]
+
     completed = subprocess.run(
-        [sys.executable, "-m", "recipes.wav2vec2_knnvq.demo", "--output-dir", str(tmp_path), "--num-steps", "2"],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
+        [*command, "--methods", *METHODS], cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
     )
 
     assert completed.returncode == 0, completed.stderr[-3000:]
 
     out = completed.stdout
-    assert "| metric | softmax-knn-ce | softmax-ppl |" in out
+    assert "| method | K | codebook 1 usage | codebook 2 usage | mean usage per utterance |" in out
 
-    # Two codebooks (tiny_2x320), each with a percentage for both methods.
-    rows = re.findall(r"^\| codebook (\d) usage \| ([\d.]+)% \| ([\d.]+)% \|$", out, flags=re.MULTILINE)
-    assert [row[0] for row in rows] == ["1", "2"]
-    for _, knn, ppl in rows:
-        assert 0.0 < float(knn) <= 100.0 and 0.0 < float(ppl) <= 100.0
-
-    perplexity_rows = re.findall(
-        r"^\| codebook (\d) mean individual perplexity \| ([\d.]+) \| ([\d.]+) \|$", out, flags=re.MULTILINE
+    rows = dict(
+        (match[0], match[1:])
+        for match in re.findall(
+            r"^\| ([\w-]+) \| (\S+) \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+)% \| (.+?) \| (.+?) \|$", out, re.M
+        )
     )
-    assert [row[0] for row in perplexity_rows] == ["1", "2"]
-    for _, knn, ppl in perplexity_rows:
-        assert 1.0 <= float(knn) <= 320.0 and 1.0 <= float(ppl) <= 320.0
 
-    for method in ("softmax-knn-ce", "softmax-ppl"):
+    assert set(rows) == set(METHODS)
+
+    # K applies to the KNN method only; a hard quantizer is onehot (perplexity 1).
+    assert rows["softmax-knn-ce"][0] == "2" and rows["ste-euclid"][0] == "—"
+    assert rows["ste-euclid"][4] == "1 (hard)"
+    assert 1.0 <= float(rows["softmax-knn-ce"][4]) <= float(rows["softmax-knn-ce"][5]) <= 320.0
+
+    for method, cells in rows.items():
+        usage = [float(cell) for cell in cells[1:4]]
+        assert all(0.0 < value <= 100.0 for value in usage), method
+
         assert (tmp_path / method / "checkpoints" / "step_2").is_dir()
+        assert (tmp_path / method / "eval" / "valid" / "per_utterance_usage.png").stat().st_size > 0
+        assert (tmp_path / method / "eval" / "valid" / "code_popularity.png").stat().st_size > 0
+
+    assert "No calls to update" not in completed.stderr

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
@@ -70,6 +71,17 @@ class SplitEvaluation:
             "mean_utterance_codebook_usage": self.report.per_sample_usage.mean(dim=0).tolist(),
             "perplexity_percentiles": None if percentiles is None else percentiles.tolist(),
         }
+
+
+class _ZeroMeanFilter(logging.Filter):
+    """torcheval's ``Mean`` takes a sum of exactly 0 for "no update" and warns; a collapsed
+    codebook gives a true contrastive loss of 0 (every distractor equals its target)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No calls to update() have been made" not in record.getMessage()
+
+
+logging.getLogger().addFilter(_ZeroMeanFilter())
 
 
 def load_pretraining_model(run: RunCheckpoint, device: Device) -> Module:

@@ -174,3 +174,21 @@ def test_architecture_cards_name_every_arch() -> None:
 
     for arch in IMAGE_VQAE_ARCHS:
         assert hub.get_model_config(f"image_vqae_{arch}") == get_image_vqae_config(arch)
+
+
+def test_rmse_in_imagenet_standardized_pixels() -> None:
+    from w2v_knnvq.image.metrics import IMAGENET_STD, RootMeanSquaredError
+
+    target = torch.zeros(2, 3, 4, 4)
+    reconstruction = torch.full_like(target, 0.5)
+
+    plain, standardized = RootMeanSquaredError(), RootMeanSquaredError(imagenet_standardized=True)
+
+    plain.update(reconstruction, target)
+    standardized.update(reconstruction, target)
+
+    assert plain.compute() == pytest.approx(0.5)
+
+    # An error of 0.5 on [-1, 1] is 0.25 on [0, 1], then divided by each channel's std.
+    expected = (sum((0.25 / std) ** 2 for std in IMAGENET_STD) / 3) ** 0.5
+    assert standardized.compute() == pytest.approx(expected)

@@ -198,6 +198,8 @@ def test_evaluation_tool_writes_table_plots_and_merges(knn_run: tuple[Path, str,
     assert evaluation["feature_map"] == "8x8x8" and evaluation["num_images"] == 4
     assert 0.0 < evaluation["code_use"][0] <= 1.0
     assert 0.0 < evaluation["rmse"] < 2.0
+    # ImageNet-standardized pixels: the per-channel error scaled by 1 / (2 std_c), std_c ~ 0.226.
+    assert evaluation["rmse_imagenet"] == pytest.approx(evaluation["rmse"] / (2 * 0.226), rel=0.02)
     assert evaluation["fid"] > 0.0 and evaluation["inception_score"] is None
     percentiles = evaluation["perplexity_percentiles"][0]
     assert 1.0 <= percentiles[0] <= percentiles[1] <= percentiles[2] <= percentiles[3] <= 64.0
@@ -208,6 +210,7 @@ def test_evaluation_tool_writes_table_plots_and_merges(knn_run: tuple[Path, str,
 
     table = (tmp_path / "a" / "table.md").read_text()
     assert "| softmax-knn-ce | 1 |" in table and "Code Use (8x8x8; 64)" in table
+    assert "rMSE [-1, 1]" in table and "rMSE (ImageNet-std.)" in table and "ImageNet-standardized pixels" in table
 
     # A second evaluation of another method merges into one table.
     other = dict(evaluation, method="hg-ppl", knn_k=None, fid=None, perplexity_percentiles=None)

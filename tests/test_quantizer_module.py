@@ -433,3 +433,25 @@ def test_temperature_stays_learnable_at_its_floor() -> None:
     output.loss.backward()
 
     assert quantizer.log_temperature.grad is not None and quantizer.log_temperature.grad != 0
+
+
+@pytest.mark.parametrize("method", ["ste-euclid", "simvq"])
+def test_literal_eq_2_lets_the_main_loss_reach_the_chosen_entries(method: str) -> None:
+    quantizer = make_quantizer(method, straight_through_codebook=True)
+    x = torch.randn(30, 12)
+
+    output = quantizer(x)
+
+    # q + z - detach(z): d(sum q^2)/dq = 2q on each chosen entry, none on the others.
+    output.quantized.square().sum().backward()
+
+    grads = [p.grad for p in quantizer.codebook.parameters() if p.grad is not None]
+    assert grads and any(torch.count_nonzero(grad) > 0 for grad in grads)
+
+    if method == "ste-euclid":
+        weight_grad = quantizer.codebook.weight.grad
+        assert weight_grad is not None
+
+        used = set(output.codes[:, 0].tolist())
+        unused = [m for m in range(weight_grad.size(1)) if m not in used]
+        assert torch.count_nonzero(weight_grad[0, unused]) == 0

@@ -187,6 +187,8 @@ def test_paper_archs_follow_table_5(hub) -> None:
         assert encoder.feature_extractor_layer_descs == [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2  # fmt: skip
         assert (encoder.num_encoder_layers, encoder.model_dim, encoder.num_encoder_attn_heads) == (12, 768, 8)  # fmt: skip
         assert (encoder.ffn_inner_dim, encoder.dropout_p, encoder.layer_drop_p) == (4096, 0.1, 0.05)  # fmt: skip
+        # Table 5's dropout 0.1 as torchaudio's base applies it; none on the quantizer's targets.
+        assert (encoder.attn_dropout_p, encoder.ffn_inner_dropout_p, encoder.first_pass_dropout_p) == (0.1, 0.1, 0.0)
         assert config.logit_temp == 0.1
 
         quantizer = config.quantizer

@@ -30,7 +30,8 @@ from w2v_knnvq.quantizer import CodebookUsage, CodebookUsageReport, QuantizerCon
 from w2v_knnvq.report import IMAGE, ScoreColumn, UsageTableRow, format_usage_tables, save_usage_histograms
 
 IMAGE_SCORE_COLUMNS: Final = (
-    ScoreColumn(key="rmse", title="rMSE", pattern="{:.3f}"),
+    ScoreColumn(key="rmse", title="rMSE [-1, 1]", pattern="{:.3f}"),
+    ScoreColumn(key="rmse_imagenet", title="rMSE (ImageNet-std.)", pattern="{:.3f}"),
     ScoreColumn(key="fid", title="FID", pattern="{:.2f}"),
     ScoreColumn(key="inception_score", title="IS", pattern="{:.2f}"),
 )
@@ -57,6 +58,10 @@ class ImageVqaeEvaluation:
     codebook_size: int
 
     rmse: float
+    """On ``[-1, 1]`` pixels, the space the model reconstructs."""
+
+    rmse_imagenet: float
+    """On ImageNet-standardized pixels, the space Table 1's values (up to 1.35) suggest."""
 
     fid: float | None
     """``None`` if FID was skipped."""
@@ -88,6 +93,7 @@ class ImageVqaeEvaluation:
             "num_images": self.num_images,
             "code_use": self.usage.usage.tolist(),
             "rmse": self.rmse,
+            "rmse_imagenet": self.rmse_imagenet,
             "fid": self.fid,
             "inception_score": self.inception_score,
             "perplexity_percentiles": None if percentiles is None else percentiles.tolist(),
@@ -102,7 +108,12 @@ class ImageVqaeEvaluation:
             method=self.method,
             knn_k=self.knn_k,
             group=_table_group(self.feature_map, self.codebook_size),
-            scores={"rmse": self.rmse, "fid": self.fid, "inception_score": self.inception_score},
+            scores={
+                "rmse": self.rmse,
+                "rmse_imagenet": self.rmse_imagenet,
+                "fid": self.fid,
+                "inception_score": self.inception_score,
+            },
         )
 
     def save_usage_plots(self, output_dir: Path) -> list[Path]:
@@ -133,6 +144,7 @@ def evaluate_image_vqae(
 
     usage = CodebookUsage(config.quantizer.num_codebooks, config.quantizer.codebook_size)
     rmse = RootMeanSquaredError()
+    rmse_imagenet = RootMeanSquaredError(imagenet_standardized=True)
     fid = None if fid_features is None else FrechetInceptionDistance(fid_features)
     inception = None if class_probabilities is None else InceptionScore(class_probabilities)
 
@@ -142,6 +154,7 @@ def evaluate_image_vqae(
         output = model(images)
 
         rmse.update(output.reconstruction, images)
+        rmse_imagenet.update(output.reconstruction, images)
 
         update_codebook_usage(usage, output.quantizer_output, config.quantizer)
 
@@ -160,6 +173,7 @@ def evaluate_image_vqae(
         config,
         usage.compute(),
         rmse=rmse.compute(),
+        rmse_imagenet=rmse_imagenet.compute(),
         fid=None if fid is None else fid.compute(),
         inception_score=None if inception is None else inception.compute(),
     )
@@ -186,6 +200,7 @@ def _evaluation(
     usage: CodebookUsageReport,
     *,
     rmse: float,
+    rmse_imagenet: float,
     fid: float | None,
     inception_score: float | None,
 ) -> ImageVqaeEvaluation:
@@ -197,6 +212,7 @@ def _evaluation(
         feature_map=f"{config.latent_size}x{config.latent_size}x{config.latent_channels}",
         codebook_size=quantizer.codebook_size,
         rmse=rmse,
+        rmse_imagenet=rmse_imagenet,
         fid=fid,
         inception_score=inception_score,
         usage=usage,
@@ -231,7 +247,14 @@ def format_image_tables(rows: Iterable[UsageTableRow]) -> str:
 
     :param rows: From :meth:`ImageVqaeEvaluation.table_row` or :func:`image_table_row`.
     """
-    return format_usage_tables(rows, IMAGE_SCORE_COLUMNS, score_caption="reconstruction quality")
+    return format_usage_tables(
+        rows,
+        IMAGE_SCORE_COLUMNS,
+        score_caption=(
+            "reconstruction quality (rMSE on [-1, 1] pixels, the model's space, and on "
+            "ImageNet-standardized pixels, the space Table 1's values suggest)"
+        ),
+    )
 
 
 def _table_group(feature_map: object, codebook_size: object) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import torch
@@ -21,19 +22,37 @@ ImageFeatureFn = Callable[[Tensor], np.ndarray]
 """Maps ``(N, 3, H, W)`` images in ``[-1, 1]`` to ``(N, D)`` features."""
 
 
-class RootMeanSquaredError:
-    """rMSE of a set: the square root of the mean squared pixel error over all its values."""
+IMAGENET_STD: Final = (0.229, 0.224, 0.225)
+"""The per-channel standard deviations of ImageNet's ``[0, 1]`` pixels, as torchvision
+standardizes them."""
 
-    def __init__(self) -> None:
+
+class RootMeanSquaredError:
+    """rMSE of a set: the square root of the mean squared pixel error over all its values.
+
+    By default in the space of the images given (``[-1, 1]`` for this project's readers);
+    ``imagenet_standardized`` measures it on ImageNet-standardized pixels
+    ``((x + 1) / 2 - mean_c) / std_c``, where the error of channel c is ``(x - y) / (2 std_c)``.
+    """
+
+    def __init__(self, *, imagenet_standardized: bool = False) -> None:
         self._squared_error = 0.0
         self._num_values = 0
+        self._imagenet_standardized = imagenet_standardized
 
     def update(self, reconstruction: Tensor, target: Tensor) -> None:
         """
         :param reconstruction: ``(N, 3, H, W)``.
         :param target: ``(N, 3, H, W)``, the images ``reconstruction`` reconstructs.
         """
-        error = (reconstruction.float() - target.float()) ** 2
+        difference = reconstruction.float() - target.float()
+
+        if self._imagenet_standardized:
+            std = torch.tensor(IMAGENET_STD, device=difference.device).view(1, 3, 1, 1)
+
+            difference = difference / (2.0 * std)
+
+        error = difference**2
 
         self._squared_error += float(error.sum())
         self._num_values += error.numel()

@@ -113,6 +113,13 @@ class QuantizerConfig:
     ``(N, G, M)`` tensor is held; ``QuantizerOutput.probs`` and ``log_probs`` are then ``None``.
     Hard methods search their nearest neighbours in chunks. ``None`` computes densely."""
 
+    straight_through_codebook: bool = False
+    """Straight-through methods (``ste-*``, ``simvq``): with ``True``, eq. 2 literally,
+    ``q + z - detach(z)``, so the main loss also reaches the chosen codebook entry. With
+    ``False`` (the default and every preset's choice: the VQ-VAE convention of the baselines the
+    paper follows), ``detach(q) + z - detach(z)``: the codebook learns from the codebook loss
+    (eq. 10) alone."""
+
     commitment_beta: float = 1.0
     """beta, the weight of the commitment loss (eq. 10, Appendix A.2)."""
 

@@ -354,7 +354,7 @@ class VectorQuantizer(Module):
         elif spec.estimator == "rotation":
             quantized = rotation_trick(z, q)
         else:
-            quantized = straight_through(q.detach(), z)
+            quantized = straight_through(q if config.straight_through_codebook else q.detach(), z)
 
         row_mask = None if mask is None else mask.repeat_interleave(config.num_codebooks)
 

@@ -126,12 +126,19 @@ def _make_config(
 def _paper_encoder() -> Wav2Vec2EncoderConfig:
     # Table 5 and Appendix B.2 of the paper: fairseq2's base CNN (512 channels,
     # kernels 10,3,3,3,3,2,2, strides 5,2,2,2,2,2,2) with 8 heads and FFN 4096.
+    # Table 5's one "Dropout Rate 0.1" is read as torchaudio's wav2vec 2.0 base reads it:
+    # 0.1 on the feature projection and residual paths (`dropout_p`), on the attention
+    # weights and inside the FFN. The quantizer's targets get no dropout (`first_pass_dropout_p`
+    # 0.0), which the paper does not mention and which would change the quantizer's input.
     return Wav2Vec2EncoderConfig(
         model_dim=768,
         num_encoder_layers=12,
         num_encoder_attn_heads=8,
         ffn_inner_dim=4096,
         dropout_p=0.1,
+        attn_dropout_p=0.1,
+        ffn_inner_dropout_p=0.1,
+        first_pass_dropout_p=0.0,
         layer_drop_p=0.05,
     )
 

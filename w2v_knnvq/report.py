@@ -201,6 +201,31 @@ def format_usage_tables(rows: Iterable[UsageTableRow], columns: Sequence[ScoreCo
     )
 
 
+def speech_table_row(record: Mapping[str, object]) -> UsageTableRow:
+    """The Table 3 row of a pretraining evaluation's JSON record (``evaluation.json`` of
+    ``recipes.wav2vec2_knnvq.ssl.evaluate``), in the column group of its split.
+
+    :raises KeyError: if ``record`` lacks ``method``, ``split`` or ``codebook_usage``.
+    """
+    knn_k = record.get("knn_k")
+
+    percentiles = record.get("perplexity_percentiles")
+
+    usage = record["codebook_usage"]
+
+    if not isinstance(usage, list):
+        raise TypeError(f"`codebook_usage` must be a list, but is {type(usage).__name__} instead.")
+
+    return UsageTableRow(
+        method=str(record["method"]),
+        knn_k=knn_k if isinstance(knn_k, int) else None,
+        group=str(record["split"]),
+        code_use=[float(value) for value in usage],
+        perplexity_percentiles=percentiles if isinstance(percentiles, list) and percentiles else None,
+        scores={},
+    )
+
+
 def format_codebook_table(rows: Iterable[UsageTableRow]) -> str:
     """Markdown tables in the layout of the paper's Table 3 (the usage of each codebook, one
     column group per :attr:`UsageTableRow.group`, e.g. a split) and Table 2 (individual

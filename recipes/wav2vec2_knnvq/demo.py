@@ -55,7 +55,9 @@ def write_manifests(manifest_dir: Path) -> None:
         )
 
 
-def pretrain_command(method: str, output_dir: Path, num_steps: int, num_threads: int) -> list[str]:
+def pretrain_command(
+    method: str, output_dir: Path, num_steps: int, num_threads: int, extra_overrides: Sequence[str] = ()
+) -> list[str]:
     # The preset's schedule (20 warm-up steps, metrics every 10) shrinks with short runs.
     num_warmup_steps = min(20, num_steps // 2)
     publish_every = 10 if num_steps % 10 == 0 else 1
@@ -76,16 +78,34 @@ def pretrain_command(method: str, output_dir: Path, num_steps: int, num_threads:
         f"regime.publish_metrics_every_n_steps={publish_every}",
         f"lr_scheduler.config.num_warmup_steps={num_warmup_steps}",
         f"common.torch.num_threads={num_threads}",
+        *extra_overrides,
         "--",
         str(output_dir),
     ]
 
 
-def pretrain_all(methods: Sequence[str], output_dir: Path, manifest_dir: Path, num_steps: int) -> None:
-    """Runs the methods ``PARALLEL_RUNS`` at a time; each run logs to ``{method}/pretrain.log``."""
+@dataclass(frozen=True, kw_only=True)
+class PretrainingRun:
+    """One run of the preset: its folder name under the output directory, its method and any
+    other overrides (e.g. K)."""
+
+    name: str
+
+    method: str
+
+    overrides: tuple[str, ...] = ()
+
+
+def pretrain_all(
+    runs: Sequence[PretrainingRun | str], output_dir: Path, manifest_dir: Path, num_steps: int, *, preset: Path = PRESET
+) -> None:
+    """Runs ``PARALLEL_RUNS`` at a time; each run logs to ``{name}/pretrain.log``.
+
+    :param runs: Runs, or method names for runs of the preset as it is.
+    """
     env = {**os.environ, "MINISPEECH_MANIFEST_DIR": str(manifest_dir)}
 
-    pending = list(methods)
+    pending = [run if isinstance(run, PretrainingRun) else PretrainingRun(name=run, method=run) for run in runs]
 
     while pending:
         batch, pending = pending[:PARALLEL_RUNS], pending[PARALLEL_RUNS:]
@@ -96,29 +116,31 @@ def pretrain_all(methods: Sequence[str], output_dir: Path, manifest_dir: Path, n
 
         start = time.monotonic()
 
-        for method in batch:
-            run_dir = output_dir / method
+        for run in batch:
+            run_dir = output_dir / run.name
 
             run_dir.mkdir(parents=True, exist_ok=True)
 
             log = (run_dir / "pretrain.log").open("w", encoding="utf-8")
 
-            print(f"== Pretraining the tiny 2x320 model with {method} ({num_steps} steps) -> {run_dir}", flush=True)
+            print(f"== Pretraining with {run.name} ({num_steps} steps) -> {run_dir}", flush=True)
 
-            command = pretrain_command(method, run_dir, num_steps, num_threads)
+            command = pretrain_command(run.method, run_dir, num_steps, num_threads, run.overrides)
+
+            command[command.index("--config-file") + 1] = str(preset)
 
             process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
-            running.append((method, process, log))
+            running.append((run.name, process, log))
 
-        for method, process, log in running:
+        for name, process, log in running:
             returncode = process.wait()
 
             log.close()
 
             if returncode != 0:
                 raise RuntimeError(
-                    f"The pretraining run of {method} failed (exit code {returncode}); see {output_dir / method / 'pretrain.log'}."
+                    f"The pretraining run {name} failed (exit code {returncode}); see {output_dir / name / 'pretrain.log'}."
                 )
 
         print(f"   done in {time.monotonic() - start:.0f} s", flush=True)
@@ -133,17 +155,20 @@ class MethodResult:
     evaluation: SplitEvaluation
 
 
-def evaluate_all(methods: Sequence[str], output_dir: Path, manifest_dir: Path) -> list[MethodResult]:
+def evaluate_all(names: Sequence[str], output_dir: Path, manifest_dir: Path) -> list[MethodResult]:
+    """Evaluates the last checkpoint of each run ``output_dir/{name}`` on the validation split."""
     init_fairseq2()
 
     results = []
 
-    for method in methods:
-        run = find_run_checkpoint(output_dir / method)
+    for name in names:
+        run = find_run_checkpoint(output_dir / name)
 
-        evaluation = evaluate_run(run, manifest_dir, ["valid"], output_dir / method / "eval", device=CPU)["valid"]
+        evaluation = evaluate_run(run, manifest_dir, ["valid"], output_dir / name / "eval", device=CPU)["valid"]
 
-        results.append(MethodResult(method=method, knn_k=run_method(run)[1], evaluation=evaluation))
+        method, knn_k = run_method(run)
+
+        results.append(MethodResult(method=method, knn_k=knn_k, evaluation=evaluation))
 
     return results
 

@@ -1,0 +1,82 @@
+"""A study: a grid of quantizer methods and K values on a pretraining preset, one run each,
+every run evaluated on the validation split, then one report in the paper's table layouts.
+
+    python -m recipes.wav2vec2_knnvq.study [--output-dir outputs/study] [--methods ...] [--k 1 2 4]
+        [--num-steps 150] [--preset recipes/wav2vec2_knnvq/ssl/configs/tiny_cpu.yaml]
+
+Methods default to all fourteen; K values apply to the KNN methods (one run per K), the other
+methods run once. On the bundled corpus by default (``MINISPEECH_MANIFEST_DIR`` or
+``--manifest-dir`` points at other manifests with ``train`` and ``valid`` splits). Runs go to
+``OUTPUT_DIR/{method}`` or ``OUTPUT_DIR/{method}-k{K}``, the report to ``OUTPUT_DIR/report.md``;
+a rerun resumes finished runs instantly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from w2v_knnvq.quantizer import METHOD_NAMES, METHODS
+
+from ..report import find_evaluations, gather
+from .demo import PRESET, REPO_ROOT, PretrainingRun, evaluate_all, pretrain_all, result_table, write_manifests
+
+
+def study_runs(methods: Sequence[str], knn_ks: Sequence[int]) -> list[PretrainingRun]:
+    """One run per non-KNN method and one per (KNN method, K)."""
+    runs = []
+
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"`method` must be one of {', '.join(METHOD_NAMES)}, but is '{method}' instead.")
+
+        if METHODS[method].regularizer != "knn":
+            runs.append(PretrainingRun(name=method, method=method))
+            continue
+
+        for k in knn_ks:
+            override = f"model.config_overrides.quantizer.knn_k={k}"
+
+            runs.append(PretrainingRun(name=f"{method}-k{k}", method=method, overrides=(override,)))
+
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "study")
+    parser.add_argument("--methods", nargs="+", default=list(METHOD_NAMES))
+    parser.add_argument("--k", type=int, nargs="+", default=[2], help="K values of the KNN methods")
+    parser.add_argument("--num-steps", type=int, default=150)
+    parser.add_argument("--preset", type=Path, default=PRESET)
+    parser.add_argument("--manifest-dir", type=Path, default=None, help="default: manifests of the bundled corpus")
+    args = parser.parse_args(argv)
+
+    output_dir: Path = args.output_dir.resolve()
+
+    manifest_dir = args.manifest_dir.resolve() if args.manifest_dir else output_dir / "manifests"
+
+    if args.manifest_dir is None:
+        write_manifests(manifest_dir)
+
+    start = time.monotonic()
+
+    runs = study_runs(args.methods, args.k)
+
+    pretrain_all(runs, output_dir, manifest_dir, args.num_steps, preset=args.preset.resolve())
+
+    results = evaluate_all([run.name for run in runs], output_dir, manifest_dir)
+
+    report = gather(find_evaluations([output_dir / run.name / "eval" for run in runs]))
+
+    (output_dir / "report.md").write_text(report, encoding="utf-8")
+
+    print(f"\n{result_table(results, args.num_steps)}\n")
+
+    print(f"Report: {output_dir / 'report.md'} ({len(runs)} runs, {time.monotonic() - start:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

@@ -325,6 +325,29 @@ def test_autocast_keeps_quantizer_math_in_float32(dtype: torch.dtype, method: st
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_the_input_projection_in_float32(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+
+    config = QuantizerConfig.from_method(
+        "softmax-knn-ce", input_dim=20, num_codebooks=2, codebook_size=16, codebook_dim=6
+    )
+    quantizer = VectorQuantizer(config)
+
+    assert quantizer.input_proj is not None
+
+    seen: list[torch.dtype] = []
+    quantizer.input_proj.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+
+    x = torch.randn(30, 20)
+
+    with torch.autocast("cpu", dtype=dtype):
+        autocast_output = quantizer(x)
+
+    assert seen == [torch.float32]
+    assert torch.allclose(autocast_output.quantized, quantizer(x).quantized, atol=1e-6)
+
+
 def test_tiny_temperature_gives_no_nan() -> None:
     quantizer = make_quantizer("softmax-knn-ce", init_temperature=2e-3, min_temperature=1e-3)
 

@@ -417,3 +417,20 @@ def test_cli_directory_input_and_pt_shards(run_2x320, tmp_path: Path, capsys: py
 
     assert tool.main([str(run_dir), str(audio_dir), str(tmp_path / "again")]) == 1
     assert "u1.wav" in capsys.readouterr().err
+
+
+def test_a_sweep_directory_is_found_from_the_output_directory(tmp_path: Path) -> None:
+    """Without `common.no_sweep_dir` fairseq2 writes a run to OUT/ws_{world size}.{hash}/."""
+    models = write_run(tmp_path / "out" / "ws_1.f8b8f9db", "tiny_2x320", steps=(3,))
+
+    loaded = load_pretrained_model(tmp_path / "out")
+
+    assert _same_weights(loaded.model, models[3])
+    assert "ws_1.f8b8f9db" in loaded.source
+
+    write_run(tmp_path / "out" / "ws_2.0a1b2c3d", "tiny_2x320", steps=(1,))
+
+    with pytest.raises(PretrainedModelError, match=r"holds the runs of 2 configurations \(ws_1.f8b8f9db, ws_2.0a1b2c3d\)"):
+        load_pretrained_model(tmp_path / "out")
+
+    assert _same_weights(load_pretrained_model(tmp_path / "out" / "ws_1.f8b8f9db").model, models[3])

@@ -249,7 +249,7 @@ def _find_checkpoints_dir(path: Path) -> tuple[Path, int | None]:
     """:returns: The run's ``checkpoints`` directory and, if ``path`` lies inside one
     ``step_N`` directory, its step."""
     if path.is_dir():
-        for candidate in (path, path / "checkpoints"):
+        for candidate in (path, path / "checkpoints", _sweep_dir(path) / "checkpoints"):
             if _is_checkpoints_dir(candidate):
                 return candidate, None
 
@@ -263,6 +263,30 @@ def _find_checkpoints_dir(path: Path) -> tuple[Path, int | None]:
         f"{path}: is no training output; expected the directory a recipe wrote to (with `checkpoints/`), "
         "its `checkpoints` directory, or a `checkpoints/step_N` directory or a file in one."
     )
+
+
+SWEEP_DIR_PATTERN: Final = re.compile(r"ws_\d+\..+")
+
+
+def _sweep_dir(path: Path) -> Path:
+    """The one sweep directory (``ws_{world_size}.{hash}``) that fairseq2 made in the output
+    directory ``path`` of a run without ``common.no_sweep_dir``; ``path`` if it has none.
+
+    :raises RunCheckpointError: if it has several: their runs are different configurations.
+    """
+    sweeps = sorted(
+        child for child in path.iterdir() if SWEEP_DIR_PATTERN.fullmatch(child.name) and (child / "checkpoints").is_dir()
+    )
+
+    if len(sweeps) > 1:
+        names = ", ".join(sweep.name for sweep in sweeps)
+
+        raise RunCheckpointError(
+            f"{path}: holds the runs of {len(sweeps)} configurations ({names}); give the one to use, "
+            f"e.g. {sweeps[-1]}."
+        )
+
+    return sweeps[0] if sweeps else path
 
 
 def _is_checkpoints_dir(path: Path) -> bool:

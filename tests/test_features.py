@@ -430,7 +430,9 @@ def test_a_sweep_directory_is_found_from_the_output_directory(tmp_path: Path) ->
 
     write_run(tmp_path / "out" / "ws_2.0a1b2c3d", "tiny_2x320", steps=(1,))
 
-    with pytest.raises(PretrainedModelError, match=r"holds the runs of 2 configurations \(ws_1.f8b8f9db, ws_2.0a1b2c3d\)"):
+    with pytest.raises(
+        PretrainedModelError, match=r"holds the runs of 2 configurations \(ws_1.f8b8f9db, ws_2.0a1b2c3d\)"
+    ):
         load_pretrained_model(tmp_path / "out")
 
     assert _same_weights(load_pretrained_model(tmp_path / "out" / "ws_1.f8b8f9db").model, models[3])

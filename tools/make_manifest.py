@@ -1,10 +1,12 @@
-"""Writes fairseq-style ``{name}.tsv``/``{name}.wrd`` manifests for a LibriSpeech-layout corpus.
+"""Writes fairseq-style manifests: ``{name}.tsv``/``{name}.wrd`` for a LibriSpeech-layout corpus,
+or, with ``--unlabeled``, ``train.tsv``/``valid.tsv`` for any folder tree of audio files.
 
 Examples::
 
     python tools/make_manifest.py /data/LibriSpeech --splits dev-clean --output-dir manifests
     python tools/make_manifest.py /data/LibriSpeech \\
         --splits train-clean-100 train-clean-360 train-other-500 --name train --output-dir manifests
+    python tools/make_manifest.py /data/LibriLight --unlabeled --ext flac --valid-percent 0.01 --output-dir manifests
 """
 
 from __future__ import annotations
@@ -22,19 +24,31 @@ from w2v_knnvq.data.manifest import (
     ManifestError,
     make_manifest,
 )
+from w2v_knnvq.data.unlabeled import UnlabeledManifestConfig, make_unlabeled_manifests
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
-    parser.add_argument("corpus_dir", type=Path, help="folder holding the split folders (e.g. LibriSpeech)")
+    parser.add_argument(
+        "corpus_dir",
+        type=Path,
+        help="folder holding the split folders (e.g. LibriSpeech), or any tree with --unlabeled",
+    )
     parser.add_argument(
         "--splits",
         nargs="+",
-        required=True,
         metavar="SPLIT",
         help=f"split folders to combine, e.g. {' '.join(LIBRISPEECH_SPLITS[:3])}",
     )
+    parser.add_argument("--unlabeled", action="store_true", help="any folder tree, no transcripts (pretraining)")
+    parser.add_argument(
+        "--ext", nargs="+", default=["flac"], help="with --unlabeled: file extensions (flac wav ogg ...)"
+    )
+    parser.add_argument(
+        "--valid-percent", type=float, default=0.01, help="with --unlabeled: fraction of files for valid.tsv"
+    )
+    parser.add_argument("--seed", type=int, default=1, help="with --unlabeled: seeds the validation draw")
     parser.add_argument("--name", help="manifest base name (default: the split name if only one split)")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--sample-rate", type=int, default=16_000, help="required rate in Hz")
@@ -57,6 +71,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+
+    if args.unlabeled:
+        return _make_unlabeled(args)
+
+    if not args.splits:
+        print("error: `--splits` must name at least one split folder (or give --unlabeled).", file=sys.stderr)
+
+        return 2
 
     config = ManifestConfig(
         corpus_dir=args.corpus_dir,
@@ -84,6 +106,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"wrote {files.num_entries} entries to {files.tsv_path} and {files.wrd_path}",
         file=sys.stderr,
     )
+
+    return 0
+
+
+def _make_unlabeled(args: argparse.Namespace) -> int:
+    config = UnlabeledManifestConfig(
+        audio_dir=args.corpus_dir,
+        output_dir=args.output_dir,
+        extensions=args.ext,
+        valid_percent=args.valid_percent,
+        seed=args.seed,
+        sample_rate=args.sample_rate,
+        skip_bad=args.skip_bad,
+        full_decode=args.full_decode,
+        num_workers=args.num_workers,
+    )
+
+    try:
+        manifests = make_unlabeled_manifests(config)
+    except BadFilesError as ex:
+        print(f"error: {ex}", file=sys.stderr)
+
+        return 1
+    except ManifestError as ex:
+        print(f"error: {ex}", file=sys.stderr)
+
+        return 2
+
+    written = f"{manifests.num_train} entries to {manifests.train_path}"
+
+    if manifests.valid_path is not None:
+        written += f" and {manifests.num_valid} to {manifests.valid_path}"
+
+    print(f"wrote {written}", file=sys.stderr)
 
     return 0
 

@@ -275,15 +275,16 @@ def _sweep_dir(path: Path) -> Path:
     :raises RunCheckpointError: if it has several: their runs are different configurations.
     """
     sweeps = sorted(
-        child for child in path.iterdir() if SWEEP_DIR_PATTERN.fullmatch(child.name) and (child / "checkpoints").is_dir()
+        child
+        for child in path.iterdir()
+        if SWEEP_DIR_PATTERN.fullmatch(child.name) and (child / "checkpoints").is_dir()
     )
 
     if len(sweeps) > 1:
         names = ", ".join(sweep.name for sweep in sweeps)
 
         raise RunCheckpointError(
-            f"{path}: holds the runs of {len(sweeps)} configurations ({names}); give the one to use, "
-            f"e.g. {sweeps[-1]}."
+            f"{path}: holds the runs of {len(sweeps)} configurations ({names}); give the one to use, e.g. {sweeps[-1]}."
         )
 
     return sweeps[0] if sweeps else path

@@ -1,55 +1,35 @@
-"""A one-line progress report on stderr for long scans and corpus builds."""
+"""Progress bars for long scans, extractions and corpus builds (tqdm on stderr)."""
 
 from __future__ import annotations
 
 import sys
-import time
 from typing import TextIO
+
+from tqdm import tqdm
 
 
 class ProgressLine:
-    """Reports ``done/total`` for a named task.
+    """Reports ``done/total`` for a named task with a tqdm bar.
 
-    On a terminal the line is redrawn in place; in a log file a line is written at most
-    every ``interval`` seconds so the log stays short.
+    On a terminal the bar is redrawn in place; in a log file it is written at most every
+    ``interval`` seconds so the log stays short.
     """
 
-    _task: str
-    _total: int
-    _stream: TextIO
-    _interval: float
-    _last_report: float
-
     def __init__(self, task: str, total: int, *, stream: TextIO | None = None, interval: float = 5.0) -> None:
-        self._task = task
-        self._total = total
-        self._stream = sys.stderr if stream is None else stream
-        self._interval = interval
-        self._last_report = -float("inf")
+        stream = sys.stderr if stream is None else stream
+
+        self._bar = tqdm(
+            total=total,
+            desc=task,
+            file=stream,
+            mininterval=0.1 if stream.isatty() else interval,
+            dynamic_ncols=True,
+            leave=True,
+        )
 
     def update(self, done: int) -> None:
         """Reports that ``done`` of the ``total`` items are finished."""
-        is_last = done >= self._total
+        self._bar.update(done - self._bar.n)
 
-        interactive = self._stream.isatty()
-
-        now = time.monotonic()
-
-        # A terminal redraws cheaply, but still at most ten times a second.
-        min_gap = 0.1 if interactive else self._interval
-
-        if not is_last and now - self._last_report < min_gap:
-            return
-
-        self._last_report = now
-
-        percent = 100.0 * done / self._total if self._total > 0 else 100.0
-
-        line = f"{self._task}: {done}/{self._total} ({percent:.0f}%)"
-
-        if interactive:
-            self._stream.write(f"\r{line}" + ("\n" if is_last else ""))
-        else:
-            self._stream.write(line + "\n")
-
-        self._stream.flush()
+        if self._bar.total is not None and done >= self._bar.total:
+            self._bar.close()

@@ -1,0 +1,123 @@
+"""Manifests of unlabeled audio: any folder tree, several extensions, a seeded validation draw,
+the same audio checks as LibriSpeech, through the API and the command line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from w2v_knnvq.data.manifest import BadFilesError, ManifestError, read_manifest
+from w2v_knnvq.data.unlabeled import UnlabeledManifestConfig, make_unlabeled_manifests
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write_tree(root: Path) -> dict[str, int]:
+    """Twenty files in nested folders, flac, wav and ogg; :returns: their lengths by path."""
+    rng = np.random.default_rng(0)
+
+    lengths = {}
+
+    for index in range(20):
+        extension = ("flac", "wav", "ogg")[index % 3]
+
+        relative = f"speaker{index % 4}/session{index % 2}/utt{index}.{extension}"
+
+        length = 8_000 + 100 * index
+
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+
+        soundfile.write(root / relative, (0.1 * rng.standard_normal(length)).astype(np.float32), 16_000)
+
+        lengths[relative] = length
+
+    (root / "notes.txt").write_text("not audio")
+
+    return lengths
+
+
+def _config(root: Path, output_dir: Path, **overrides: object) -> UnlabeledManifestConfig:
+    settings: dict[str, object] = {"extensions": ["flac", "wav", "ogg"], "valid_percent": 0.25, "show_progress": False}
+
+    settings.update(overrides)
+
+    return UnlabeledManifestConfig(audio_dir=root, output_dir=output_dir, **settings)  # type: ignore[arg-type]
+
+
+def test_any_tree_splits_into_train_and_valid(tmp_path: Path) -> None:
+    lengths = _write_tree(tmp_path / "audio")
+
+    manifests = make_unlabeled_manifests(_config(tmp_path / "audio", tmp_path / "out"))
+
+    assert (manifests.num_train, manifests.num_valid) == (15, 5)
+    assert manifests.valid_path is not None
+
+    train_root, train = read_manifest(manifests.train_path)
+    valid_root, valid = read_manifest(manifests.valid_path)
+
+    assert train_root == valid_root == (tmp_path / "audio").resolve()
+
+    # Every file once, with its true length (ogg included); nothing else.
+    assert dict(train) | dict(valid) == lengths
+    assert not set(dict(train)) & set(dict(valid))
+
+    # The draw is seeded: the same seed gives the same split, another seed another one.
+    again = make_unlabeled_manifests(_config(tmp_path / "audio", tmp_path / "again"))
+    assert again.valid_path is not None and read_manifest(again.valid_path)[1] == valid
+
+    other = make_unlabeled_manifests(_config(tmp_path / "audio", tmp_path / "other", seed=7))
+    assert other.valid_path is not None and read_manifest(other.valid_path)[1] != valid
+
+    only_flac = make_unlabeled_manifests(
+        _config(tmp_path / "audio", tmp_path / "flac", extensions=["flac"], valid_percent=0.0)
+    )
+    assert only_flac.valid_path is None and only_flac.num_train == 7
+
+
+def test_bad_files_are_refused_or_skipped(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "audio")
+
+    soundfile.write(tmp_path / "audio" / "fast.wav", np.zeros(8000, dtype=np.float32), 22_050)
+    (tmp_path / "audio" / "broken.flac").write_bytes(b"fLaC not really")
+
+    with pytest.raises(BadFilesError) as error:
+        make_unlabeled_manifests(_config(tmp_path / "audio", tmp_path / "out"))
+
+    message = str(error.value)
+    assert "2 bad file(s), no manifest written" in message and "fast.wav" in message and "broken.flac" in message
+    assert not (tmp_path / "out" / "train.tsv").exists()
+
+    manifests = make_unlabeled_manifests(_config(tmp_path / "audio", tmp_path / "out", skip_bad=True))
+    assert manifests.num_train + manifests.num_valid == 20
+
+    with pytest.raises(ManifestError, match=r"holds no file with the extension\(s\) \.mp3"):
+        make_unlabeled_manifests(_config(tmp_path / "audio", tmp_path / "out", extensions=["mp3"]))
+
+    with pytest.raises(ManifestError, match=r"`valid_percent` must be in \[0, 1\), but is 1.5 instead"):
+        make_unlabeled_manifests(_config(tmp_path / "audio", tmp_path / "out", valid_percent=1.5))
+
+    with pytest.raises(ManifestError, match="does not exist"):
+        make_unlabeled_manifests(_config(tmp_path / "missing", tmp_path / "out"))
+
+
+def test_command_line(tmp_path: Path) -> None:
+    _write_tree(tmp_path / "audio")
+
+    command = [sys.executable, str(REPO_ROOT / "tools" / "make_manifest.py"), str(tmp_path / "audio"), "--unlabeled"]
+
+    completed = subprocess.run(
+        [*command, "--ext", "wav", "ogg", "--valid-percent", "0.1", "--output-dir", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    assert "wrote 12 entries to" in completed.stderr and "and 1 to" in completed.stderr
+
+    missing_splits = subprocess.run(command[:3] + ["--output-dir", str(tmp_path / "x")], capture_output=True, text=True)
+    assert missing_splits.returncode == 2 and "`--splits` must name at least one split folder" in missing_splits.stderr

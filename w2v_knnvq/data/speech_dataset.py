@@ -85,6 +85,35 @@ class SpeechManifestDataset:
         shape ``(N, S)``, sharded over the data-parallel gang ``gangs.dp``."""
         manifest = self.read_split(split)
 
+        builder, options, max_audio_len = self._bucketed_examples(manifest, gangs, options)
+
+        # Every rank crops differently.
+        seed = options.seed + 1 + gangs.dp.rank
+
+        if options.batch_shuffle_window != 1:
+            builder.shuffle(options.batch_shuffle_window, seed)
+
+        decode_audio(builder, manifest.audio_dir, options.num_parallel_calls)
+
+        builder.map(_WaveformCropper(manifest.manifest_file, options, max_audio_len, seed))
+
+        return create_pipeline_reader(builder, gangs, options)
+
+    def batch_sizes(self, split: str, gangs: Gangs, options: SpeechReadOptions) -> list[int]:
+        """The number of utterances in each batch of one epoch of this rank, as
+        :meth:`create_reader` makes them, without reading any audio."""
+        builder, _, _ = self._bucketed_examples(self.read_split(split), gangs, options)
+
+        return [len(bucket) for bucket in builder.and_return()]
+
+    @staticmethod
+    def _bucketed_examples(
+        manifest: ManifestSplit, gangs: Gangs, options: SpeechReadOptions
+    ) -> tuple[DataPipelineBuilder, SpeechReadOptions, int]:
+        """Shuffles, shards and buckets the manifest's entries.
+
+        :returns: The pipeline, ``options`` with their final ``max_num_elements``, and the crop length.
+        """
         entries = _drop_short(manifest, options.min_audio_len)
 
         max_audio_len = options.max_audio_len
@@ -103,19 +132,9 @@ class SpeechManifestDataset:
 
         builder = read_examples(entries, gangs, options)
 
-        # Every rank crops differently.
-        seed = options.seed + 1 + gangs.dp.rank
-
         _bucket_at_cropped_len(builder, bucket_sizes, options.min_audio_len, max_audio_len)
 
-        if options.batch_shuffle_window != 1:
-            builder.shuffle(options.batch_shuffle_window, seed)
-
-        decode_audio(builder, manifest.audio_dir, options.num_parallel_calls)
-
-        builder.map(_WaveformCropper(manifest.manifest_file, options, max_audio_len, seed))
-
-        return create_pipeline_reader(builder, gangs, options)
+        return builder, options, max_audio_len
 
 
 def _drop_short(manifest: ManifestSplit, min_audio_len: int) -> list[dict[str, Any]]:

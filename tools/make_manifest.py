@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from w2v_knnvq.data.manifest import (
@@ -91,23 +91,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         num_workers=args.num_workers,
     )
 
-    try:
+    def write() -> str:
         files = make_manifest(config)
-    except BadFilesError as ex:
-        print(f"error: {ex}", file=sys.stderr)
 
-        return 1
-    except ManifestError as ex:
-        print(f"error: {ex}", file=sys.stderr)
+        return f"{files.num_entries} entries to {files.tsv_path} and {files.wrd_path}"
 
-        return 2
-
-    print(
-        f"wrote {files.num_entries} entries to {files.tsv_path} and {files.wrd_path}",
-        file=sys.stderr,
-    )
-
-    return 0
+    return _report(write)
 
 
 def _make_unlabeled(args: argparse.Namespace) -> int:
@@ -123,8 +112,23 @@ def _make_unlabeled(args: argparse.Namespace) -> int:
         num_workers=args.num_workers,
     )
 
-    try:
+    def write() -> str:
         manifests = make_unlabeled_manifests(config)
+
+        written = f"{manifests.num_train} entries to {manifests.train_path}"
+
+        if manifests.valid_path is not None:
+            written += f" and {manifests.num_valid} to {manifests.valid_path}"
+
+        return written
+
+    return _report(write)
+
+
+def _report(write: Callable[[], str]) -> int:
+    """Runs ``write`` and says what it wrote. :returns: 0, 1 for bad files, 2 for other errors."""
+    try:
+        written = write()
     except BadFilesError as ex:
         print(f"error: {ex}", file=sys.stderr)
 
@@ -133,11 +137,6 @@ def _make_unlabeled(args: argparse.Namespace) -> int:
         print(f"error: {ex}", file=sys.stderr)
 
         return 2
-
-    written = f"{manifests.num_train} entries to {manifests.train_path}"
-
-    if manifests.valid_path is not None:
-        written += f" and {manifests.num_valid} to {manifests.valid_path}"
 
     print(f"wrote {written}", file=sys.stderr)
 

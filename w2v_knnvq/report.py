@@ -184,14 +184,7 @@ def format_usage_tables(rows: Iterable[UsageTableRow], columns: Sequence[ScoreCo
 
     :param score_caption: What ``columns`` measure, e.g. ``"reconstruction quality"``.
     """
-    by_key: _Rows = {}
-    groups: list[str] = []
-
-    for row in rows:
-        if row.group not in groups:
-            groups.append(row.group)
-
-        by_key.setdefault(row.key, {})[row.group] = row
+    by_key, groups = _group_rows(rows)
 
     return (
         f"Table 1 layout: codebook usage and {score_caption}.\n\n"
@@ -230,14 +223,7 @@ def format_codebook_table(rows: Iterable[UsageTableRow]) -> str:
     """Markdown tables in the layout of the paper's Table 3 (the usage of each codebook, one
     column group per :attr:`UsageTableRow.group`, e.g. a split) and Table 2 (individual
     perplexity percentiles), one row per method and K."""
-    by_key: _Rows = {}
-    groups: list[str] = []
-
-    for row in rows:
-        if row.group not in groups:
-            groups.append(row.group)
-
-        by_key.setdefault(row.key, {})[row.group] = row
+    by_key, groups = _group_rows(rows)
 
     num_codebooks = max((len(row.code_use) for by_group in by_key.values() for row in by_group.values()), default=1)
 
@@ -264,6 +250,20 @@ def format_codebook_table(rows: Iterable[UsageTableRow]) -> str:
         + _perplexity_table(by_key, groups)
         + "\n"
     )
+
+
+def _group_rows(rows: Iterable[UsageTableRow]) -> tuple[_Rows, list[str]]:
+    """:returns: The rows by (method, K) and group, and the groups in the order they first appear."""
+    by_key: _Rows = {}
+    groups: list[str] = []
+
+    for row in rows:
+        if row.group not in groups:
+            groups.append(row.group)
+
+        by_key.setdefault(row.key, {})[row.group] = row
+
+    return by_key, groups
 
 
 def _usage_table(by_key: _Rows, groups: Sequence[str], columns: Sequence[ScoreColumn]) -> str:

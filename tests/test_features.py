@@ -436,3 +436,19 @@ def test_a_sweep_directory_is_found_from_the_output_directory(tmp_path: Path) ->
         load_pretrained_model(tmp_path / "out")
 
     assert _same_weights(load_pretrained_model(tmp_path / "out" / "ws_1.f8b8f9db").model, models[3])
+
+
+def test_extract_accepts_numpy_arrays(extractor: SpeechFeatureExtractor) -> None:
+    waveform = np.random.default_rng(0).standard_normal(20_000).astype(np.float32)
+
+    from_numpy = extractor.extract([waveform, np.stack([waveform, waveform])], layers=[0])
+    from_tensor = extractor.extract([torch.from_numpy(waveform), torch.from_numpy(waveform)], layers=[0])
+
+    assert torch.equal(from_numpy.codes, from_tensor.codes)
+    assert torch.allclose(from_numpy.hidden_states[0], from_tensor.hidden_states[0])
+
+    # float64 arrays too; text arrays are refused with the source named.
+    assert torch.equal(extractor.extract([waveform.astype(np.float64)]).codes, from_tensor.codes[:1])
+
+    with pytest.raises(AudioInputError, match=r"waveform 0: a waveform must hold numbers, but has dtype <U1 instead"):
+        extractor.extract([np.array(["a", "b"])])

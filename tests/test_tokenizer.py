@@ -297,3 +297,23 @@ def test_greedy_decode_to_text(tokenizer: Tokenizer, transcripts: list[str]) -> 
     seq_lens = [len(f) for f in frames]
 
     assert ctc_greedy_decode(logits, seq_lens, tokenizer.create_decoder()) == texts
+
+
+def test_decoded_text_has_single_spaces_and_no_spaces_at_the_ends(tokenizer: Tokenizer) -> None:
+    from w2v_knnvq.text.ctc import normalize_transcript
+
+    assert normalize_transcript("  S  AS    S \t A RISS ") == "S AS S A RISS"
+
+    encoder = tokenizer.create_encoder()
+
+    # SentencePiece starts a text with the word boundary: "IN" is [boundary, I, N].
+    boundary, *word = encoder("IN").tolist()
+
+    # A model that emits the boundary before, between and after the words, repeatedly.
+    frames = [
+        [boundary, CTC_BLANK_ID, boundary, *word, CTC_BLANK_ID, boundary, CTC_BLANK_ID, boundary, *word, boundary]
+    ]
+
+    logits = _frames_to_logits(frames, tokenizer.vocab_info.size)
+
+    assert ctc_greedy_decode(logits, [len(frames[0])], tokenizer.create_decoder()) == ["IN IN"]

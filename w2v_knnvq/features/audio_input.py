@@ -78,26 +78,35 @@ def to_mono(waveform: Tensor, *, source: str) -> Tensor:
     return waveform.mean(dim=0)
 
 
-def prepare_waveform(waveform: Tensor, sample_rate: int, *, source: str) -> Tensor:
+def prepare_waveform(waveform: Tensor | np.ndarray, sample_rate: int, *, source: str) -> Tensor:
     """Makes one utterance model input: mono, float32, at :data:`MODEL_SAMPLE_RATE`.
 
-    :param waveform: ``(S,)`` or ``(C, S)`` samples.
+    :param waveform: ``(S,)`` or ``(C, S)`` samples, a tensor or a NumPy array.
     :returns: ``(S_16k,)`` samples.
 
-    :raises AudioInputError: on an empty waveform, a non-positive rate, or NaN/inf samples.
+    :raises AudioInputError: on an empty waveform, a non-positive rate, NaN/inf samples, or
+        an array that holds no numbers.
     """
     if sample_rate <= 0:
         raise AudioInputError(f"{source}: the sample rate must be positive, but is {sample_rate}.")
 
-    waveform = to_mono(waveform, source=source).float()
+    if isinstance(waveform, np.ndarray):
+        if not np.issubdtype(waveform.dtype, np.number):
+            raise AudioInputError(f"{source}: a waveform must hold numbers, but has dtype {waveform.dtype} instead.")
 
-    if waveform.numel() == 0:
+        samples = torch.from_numpy(np.ascontiguousarray(waveform))
+    else:
+        samples = waveform
+
+    mono = to_mono(samples, source=source).float()
+
+    if mono.numel() == 0:
         raise AudioInputError(f"{source}: contains no audio samples; remove it from the input.")
 
-    if not torch.isfinite(waveform).all():
+    if not torch.isfinite(mono).all():
         raise AudioInputError(f"{source}: contains NaN or infinite samples; fix or remove the audio.")
 
     if sample_rate != MODEL_SAMPLE_RATE:
-        waveform = torchaudio.functional.resample(waveform, sample_rate, MODEL_SAMPLE_RATE)
+        mono = torchaudio.functional.resample(mono, sample_rate, MODEL_SAMPLE_RATE)
 
-    return waveform
+    return mono

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -161,14 +162,15 @@ class SpeechFeatureExtractor:
     @torch.inference_mode()
     def extract(
         self,
-        waveforms: Sequence[Tensor],
+        waveforms: Sequence[Tensor | np.ndarray],
         sample_rates: int | Sequence[int] = MODEL_SAMPLE_RATE,
         *,
         layers: Sequence[int] | None = None,
         sources: Sequence[str] | None = None,
     ) -> SpeechFeatures:
         """
-        :param waveforms: N utterances, each ``(S_i,)`` or ``(C, S_i)`` (mixed down).
+        :param waveforms: N utterances, each ``(S_i,)`` or ``(C, S_i)`` (mixed down), tensors or
+            NumPy arrays.
         :param sample_rates: The rate of all utterances or of each; other rates than
             16 kHz are resampled.
         :param layers: Transformer layers whose outputs to return (negative counts

@@ -61,6 +61,12 @@ def ctc_greedy_decode(
     :param logits: *Shape:* :math:`(N,T,V)`.
     :param seq_lens: *Shape:* :math:`(N)`.
     :param decoder: The tokenizer's decoder (``tokenizer.create_decoder()``).
-    :returns: ``N`` transcripts.
+    :returns: ``N`` transcripts, words separated by single spaces, none at either end.
     """
-    return [decoder(ids) for ids in ctc_greedy_token_ids(logits, seq_lens, blank_id=blank_id)]
+    return [normalize_transcript(decoder(ids)) for ids in ctc_greedy_token_ids(logits, seq_lens, blank_id=blank_id)]
+
+
+def normalize_transcript(text: str) -> str:
+    """Collapses runs of whitespace (a CTC model may emit word boundaries repeatedly) into
+    single spaces and strips both ends."""
+    return " ".join(text.split())

@@ -56,7 +56,13 @@ def write_manifests(manifest_dir: Path) -> None:
 
 
 def pretrain_command(
-    method: str, output_dir: Path, num_steps: int, num_threads: int, extra_overrides: Sequence[str] = ()
+    method: str,
+    output_dir: Path,
+    num_steps: int,
+    num_threads: int,
+    extra_overrides: Sequence[str] = (),
+    *,
+    preset: Path = PRESET,
 ) -> list[str]:
     # The preset's schedule (20 warm-up steps, metrics every 10) shrinks with short runs.
     num_warmup_steps = min(20, num_steps // 2)
@@ -69,7 +75,7 @@ def pretrain_command(
         f"{__package__}.ssl",
         "--no-rich",
         "--config-file",
-        str(PRESET),
+        str(preset),
         "--config",
         f"model.config_overrides.quantizer.method={method}",
         f"regime.num_steps={num_steps}",
@@ -125,9 +131,7 @@ def pretrain_all(
 
             print(f"== Pretraining with {run.name} ({num_steps} steps) -> {run_dir}", flush=True)
 
-            command = pretrain_command(run.method, run_dir, num_steps, num_threads, run.overrides)
-
-            command[command.index("--config-file") + 1] = str(preset)
+            command = pretrain_command(run.method, run_dir, num_steps, num_threads, run.overrides, preset=preset)
 
             process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 

@@ -99,11 +99,14 @@ class KnnSelection:
         :param candidate_scores: ``(K, G, M')`` the scores of this rank's candidates, padded
             as in :func:`select_neighbours`.
         """
-        selected_scores = torch.where(self.selected, candidate_scores, 0.0)
+        return self.mean_distance(self.selected, candidate_scores)
 
+    def mean_distance(self, selected: Tensor, scores: Tensor) -> Tensor:
+        """``-(sum of the selected scores) / (G M' K_eff)``: eq. 13 over the selected entries
+        of ``scores`` (candidates, all rows, or one chunk of rows)."""
         num_terms = max(1, self.num_neighbours) * self.selected[0].numel()
 
-        return -selected_scores.sum() / num_terms
+        return -torch.where(selected, scores, 0.0).sum() / num_terms
 
     def loss(self, candidate_scores: Tensor) -> Tensor:
         """The loss value of all ranks with the gradient of this rank's samples."""
@@ -123,9 +126,7 @@ class KnnSelection:
         else:
             selected_rows = (candidate_rows & self.selected.unsqueeze(1)).any(dim=0)
 
-        num_terms = max(1, self.num_neighbours) * self.selected[0].numel()
-
-        local_part = -torch.where(selected_rows, scores, 0.0).sum() / num_terms
+        local_part = self.mean_distance(selected_rows, scores)
 
         return self.value + (local_part - local_part.detach())
 

@@ -268,13 +268,11 @@ class VectorQuantizer(Module):
         else:
             result = quantize_chunked(z, codebook, temperature, mask, settings, config.chunk_size)
 
-        log_probs = result.log_probs
-
         return QuantizerOutput(
             quantized=result.quantized.flatten(1),
             codes=result.codes,
-            probs=None if log_probs is None else log_probs.exp(),
-            log_probs=log_probs,
+            probs=result.probs,
+            log_probs=result.log_probs,
             loss=result.loss,
             hard_perplexity=self._hard_perplexity(result.codes, mask),
             soft_perplexity=distribution_perplexity(result.mean_probs),

@@ -92,6 +92,9 @@ class SmoothedResult:
     log_probs: Tensor | None = None
     """``(N, G, M)``; dense pass only."""
 
+    probs: Tensor | None = None
+    """``(N, G, M)`` ``exp(log_probs)``; dense pass only."""
+
 
 def assign(
     logits: Tensor, probs: Tensor, settings: SmoothedSettings, generator: torch.Generator | None
@@ -160,12 +163,12 @@ def quantize_dense(
 
     num_samples = kept_probs.size(0)
 
+    mean_probs = mean_probabilities(kept_probs.sum(dim=0), num_samples)
+
     # With Gumbel noise the regularizers see pi, not the noisy samples (section 3).
     if settings.knn_metric is not None:
         loss, num_loss_samples = _dense_knn_loss(log_probs, mask, num_samples, settings)
     else:
-        mean_probs = kept_probs.mean(dim=0) if num_samples > 0 else torch.ones_like(probs[0])
-
         loss = perplexity_regularizer(mean_probs)
 
         num_loss_samples = num_samples
@@ -175,10 +178,11 @@ def quantize_dense(
         codes=codes,
         loss=loss,
         individual_perplexity=row_perplexity(probs, log_probs),
-        mean_probs=mean_probabilities(kept_probs.detach().sum(dim=0), num_samples),
+        mean_probs=mean_probs.detach(),
         num_samples=num_samples,
         num_loss_samples=num_loss_samples,
         log_probs=log_probs,
+        probs=probs,
     )
 
 
@@ -458,9 +462,7 @@ def _chunk_surrogate(
 
         selected = _selected_in_chunk(saved.selection.selected, saved.candidate_rows, start, z.size(0))
 
-        num_terms = max(1, saved.selection.num_neighbours) * selected[0].numel()
-
-        terms.append(-torch.where(selected, scores, 0.0).sum() * grad_loss / num_terms)
+        terms.append(saved.selection.mean_distance(selected, scores) * grad_loss)
 
     if grad_mean_probs is not None:
         kept = probs if keep is None else probs[keep]

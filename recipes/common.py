@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Final
 
+import torch
+
+from fairseq2.datasets import Seq2SeqBatch, SequenceBatch
+from fairseq2.logging import log
+from fairseq2.metrics import MetricBag, Sum, format_as_int
+from fairseq2.metrics.recorders import MetricDescriptor
+from fairseq2.recipe.cli import register_cli_error
 from fairseq2.recipe.config import CosineAnnealingLRConfig
 from fairseq2.recipe.error import RecipeError
+from fairseq2.runtime.dependency import DependencyContainer
 
+from w2v_knnvq.data.audio_reading import BadAudioBudgetError
 from w2v_knnvq.runs import (
     CheckpointChoice,
     CheckpointStepNotFoundError,
@@ -14,6 +24,40 @@ from w2v_knnvq.runs import (
     RunCheckpointError,
     find_run_checkpoint,
 )
+
+SKIPPED_AUDIO: Final = "num_skipped_audio"
+"""The utterances whose audio could not be used (see :mod:`w2v_knnvq.data.audio_reading`)."""
+
+
+def register_bad_audio_handling(container: DependencyContainer) -> None:
+    """Names the skip counter in the logged metrics and turns
+    :class:`BadAudioBudgetError` into a one-paragraph error of the recipe CLI."""
+    descriptor = MetricDescriptor(SKIPPED_AUDIO, "Skipped Utterances", 900, format_as_int)
+
+    container.collection.register_instance(MetricDescriptor, descriptor)
+
+    register_cli_error(container, BadAudioBudgetError, _handle_bad_audio_budget_error)
+
+
+def _handle_bad_audio_budget_error(ex: BadAudioBudgetError) -> int:
+    log.error("Too many unusable audio files. {}", ex)
+
+    return 1
+
+
+def add_skipped_audio_metric(metric_bag: MetricBag) -> None:
+    metric_bag.add(SKIPPED_AUDIO, Sum())
+
+
+@torch.inference_mode()
+def update_skipped_audio(metric_bag: MetricBag, batch: SequenceBatch | Seq2SeqBatch) -> None:
+    """Adds the utterances that the reader skipped before ``batch`` (its ``example``'s
+    ``num_skipped``) to the metric."""
+    example = batch.example
+
+    num_skipped = example.get("num_skipped", 0) if isinstance(example, dict) else 0
+
+    metric_bag.get(SKIPPED_AUDIO, Sum).update(num_skipped)
 
 
 def check_warmup(scheduler_config: object, num_steps: int | None) -> None:
@@ -70,3 +114,56 @@ def find_recipe_checkpoint(
         ) from None
     except RunCheckpointError as ex:
         raise RecipeError(f"`{path_option}`: {ex}") from None
+
+
+def check_resume_world_size(checkpoints_dir: Path, world_size: int) -> None:
+    """Refuses to resume from a checkpoint written by another number of processes.
+
+    fairseq2 restores the trainer and data-reader state of each rank from that rank's own
+    file: with more processes the new ranks find none, and with fewer the readers would take
+    the state of a differently sharded pipeline. The error says how to go on instead.
+
+    :param checkpoints_dir: The run's ``checkpoints`` directory; a fresh run has none.
+    :param world_size: The number of processes of this run.
+
+    :raises RecipeError: if the last checkpoint holding a trainer state was written by
+        another number of processes.
+    """
+    last = _last_resumable_step(checkpoints_dir)
+
+    if last is None:
+        return
+
+    step, step_dir = last
+
+    saved_world_size = len(list((step_dir / "trainer").glob("rank_*.pt")))
+
+    if saved_world_size in (0, world_size):
+        return
+
+    raise RecipeError(
+        f"The last checkpoint in {checkpoints_dir} (step {step}) was written by {_processes(saved_world_size)}, "
+        f"but this run has {world_size}; fairseq2 restores the trainer and data-reader state of each process, "
+        f"so a run resumes with the number of processes it was started with. Restart it with {_processes(saved_world_size)} "
+        f"(`torchrun --nproc-per-node` or the job's task count), or start a new output directory "
+        f"initialized from this checkpoint with `model.path={step_dir / 'model'}` (the optimizer, learning-rate "
+        "schedule and data order then start over)."
+    )
+
+
+def _last_resumable_step(checkpoints_dir: Path) -> tuple[int, Path] | None:
+    """The highest complete step directory with a trainer state (fairseq2 writes
+    ``step_N.tmp`` and renames it when the save is complete)."""
+    steps = []
+
+    for step_dir in checkpoints_dir.glob("step_*"):
+        number = step_dir.name.removeprefix("step_")
+
+        if number.isdigit() and (step_dir / "trainer").is_dir():
+            steps.append((int(number), step_dir))
+
+    return max(steps, default=None)
+
+
+def _processes(count: int) -> str:
+    return "1 process" if count == 1 else f"{count} processes"

@@ -22,6 +22,7 @@ from fairseq2.datasets import DataReader, DatasetError, Seq2SeqBatch
 from fairseq2.gang import Gangs
 from fairseq2.logging import log
 
+from w2v_knnvq.data.audio_reading import AudioReadTracker, ReadEpoch
 from w2v_knnvq.data.manifest import ManifestError, read_manifest_transcripts
 from w2v_knnvq.data.manifest_dataset import (
     ManifestReadOptions,
@@ -29,6 +30,7 @@ from w2v_knnvq.data.manifest_dataset import (
     check_manifest_dir,
     collated_seq_lens,
     create_pipeline_reader,
+    create_read_tracker,
     decode_audio,
     length_bucket_sizes,
     load_waveforms,
@@ -149,16 +151,20 @@ class AsrManifestDataset:
 
         decode_audio(builder, asr_split.audio_dir, options.num_parallel_calls)
 
+        tracker = create_read_tracker(asr_split.manifest_file, len(utterances), gangs, options)
+
         pad_idx = tokenizer.vocab_info.pad_idx
 
         if pad_idx is None:
             raise ValueError("The tokenizer must have a padding id to pad target batches.")
 
         builder.map(
-            _AsrBatchCollater(asr_split.manifest_file, tokenizer.create_encoder(), pad_idx, options.normalize_audio)
+            _AsrBatchCollater(
+                asr_split.manifest_file, tracker, tokenizer.create_encoder(), pad_idx, options.normalize_audio
+            )
         )
 
-        return create_pipeline_reader(builder, gangs, options)
+        return create_pipeline_reader(builder, gangs, options, ReadEpoch())
 
 
 def _filter_by_length(asr_split: AsrSplit, options: AsrReadOptions) -> list[dict[str, Any]]:
@@ -196,17 +202,24 @@ def _filter_by_length(asr_split: AsrSplit, options: AsrReadOptions) -> list[dict
 
 @final
 class _AsrBatchCollater:
-    """Turns a bucket of decoded examples into a :class:`Seq2SeqBatch`."""
+    """Turns a bucket of decoded examples into a :class:`Seq2SeqBatch`, or ``None`` if
+    none of its utterances can be used."""
 
-    def __init__(self, manifest_file: Path, encoder: TokenEncoder, pad_idx: int, normalize_audio: bool) -> None:
+    def __init__(
+        self, manifest_file: Path, tracker: AudioReadTracker, encoder: TokenEncoder, pad_idx: int, normalize_audio: bool
+    ) -> None:
         self._manifest_file = manifest_file
+        self._tracker = tracker
         self._encoder = encoder
         self._normalize_audio = normalize_audio
         self._audio_collater = Collater(pad_value=0)
         self._target_collater = Collater(pad_value=pad_idx)
 
-    def __call__(self, bucket: Sequence[dict[str, Any]]) -> Seq2SeqBatch:
-        waveforms = load_waveforms(bucket, self._manifest_file, normalize=self._normalize_audio)
+    def __call__(self, bucket: Sequence[dict[str, Any]]) -> Seq2SeqBatch | None:
+        bucket, waveforms = load_waveforms(bucket, self._tracker, normalize=self._normalize_audio)
+
+        if not bucket:
+            return None
 
         targets = [self._encode(example) for example in bucket]
 
@@ -217,6 +230,7 @@ class _AsrBatchCollater:
             "indices": [int(example["index"]) for example in bucket],
             "ids": [Path(example["path"]["path"]).stem for example in bucket],
             "transcripts": [str(example["transcript"]) for example in bucket],
+            "num_skipped": self._tracker.take_num_skipped(),
         }
 
         return Seq2SeqBatch(

@@ -12,27 +12,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar, final
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
-from fairseq2.data.audio import AudioDecoder
 from fairseq2.data.data_pipeline import (
     DataPipelineBuilder,
-    FileMapper,
     create_bucket_sizes,
     read_sequence,
 )
-from fairseq2.datasets import DataPipelineReader, DatasetError, SyncMode
+from fairseq2.datasets import DataPipelineReader, DataReader, DatasetError, SyncMode
 from fairseq2.gang import Gangs
 from fairseq2.recipe.config import DatasetSection
 from fairseq2.utils.validation import ValidationResult
 
+from w2v_knnvq.data.audio_reading import (
+    DEFAULT_MAX_BAD_AUDIO_FRACTION,
+    AudioLoader,
+    AudioReadTracker,
+    ReadEpoch,
+)
 from w2v_knnvq.data.manifest import ManifestError, read_manifest
-
-SAMPLE_RATE: Final = 16_000
 
 BatchT = TypeVar("BatchT")
 
@@ -113,6 +115,10 @@ class ManifestReadOptions:
 
     max_num_batches: int | None = None
 
+    max_bad_audio_fraction: float = DEFAULT_MAX_BAD_AUDIO_FRACTION
+    """Unusable utterances are skipped with a warning until they pass this fraction of
+    the reads (see :class:`~w2v_knnvq.data.audio_reading.AudioReadTracker`)."""
+
     seed: int = 2
 
 
@@ -187,56 +193,27 @@ def bucket_by_num_samples(
 
 
 def decode_audio(builder: DataPipelineBuilder, audio_dir: Path, num_parallel_calls: int) -> None:
-    """Replaces the relative ``path`` of each example of a bucket with the file's
-    contents ``{"path": ..., "data": {"waveform": ..., "sample_rate": ...}}``, decoded
-    to float32; :func:`load_waveforms` checks them."""
-    builder.map(FileMapper(audio_dir, cached_fd_count=100), selector="[*].path")
-
-    builder.map(AudioDecoder(dtype=torch.float32), selector="[*].path.data", num_parallel_calls=num_parallel_calls)
+    """Replaces the relative ``path`` of each example of a bucket with an
+    :class:`~w2v_knnvq.data.audio_reading.AudioLoader` output: the checked float32
+    samples, or why the file cannot be used; :func:`load_waveforms` sorts them."""
+    builder.map(AudioLoader(audio_dir), selector="[*].path", num_parallel_calls=num_parallel_calls)
 
 
-def load_waveforms(bucket: Sequence[dict[str, Any]], manifest_file: Path, *, normalize: bool) -> list[Tensor]:
-    """Checks the decoded utterances of a bucket (see :func:`decode_audio`) and returns
-    their samples, each of shape ``(S_wav,)``, standardized if ``normalize``."""
-    waveforms = [check_waveform(example["path"], manifest_file) for example in bucket]
+def load_waveforms(
+    bucket: Sequence[dict[str, Any]], tracker: AudioReadTracker, *, normalize: bool
+) -> tuple[list[dict[str, Any]], list[Tensor]]:
+    """Drops the utterances of a bucket (see :func:`decode_audio`) that cannot be used,
+    with a warning, and returns the others with their samples, each of shape ``(S_wav,)``,
+    standardized if ``normalize``.
+
+    :raises BadAudioBudgetError: if ``tracker`` has skipped too many utterances.
+    """
+    kept, waveforms = tracker.sort_bucket(bucket)
 
     if normalize:
         waveforms = [F.layer_norm(w, w.shape) for w in waveforms]
 
-    return waveforms
-
-
-def check_waveform(audio: dict[str, Any], manifest_file: Path) -> Tensor:
-    """Checks a decoded utterance and returns its samples.
-
-    :param audio: The output of ``FileMapper`` followed by ``AudioDecoder``.
-    :returns: *Shape:* ``(S_wav,)``.
-    :raises DatasetError: if the audio is not 16 kHz mono or holds NaN or infinite
-        samples; the message names the file and the manifest.
-    """
-    decoded = audio["data"]
-    path = Path(audio["path"])
-
-    if decoded["sample_rate"] != SAMPLE_RATE:
-        raise DatasetError(
-            f"{path} listed in {manifest_file} is sampled at {decoded['sample_rate']:g} Hz, "
-            f"expected {SAMPLE_RATE} Hz; resample it."
-        )
-
-    waveform: Tensor = decoded["waveform"]
-
-    if waveform.ndim == 2:
-        if waveform.size(1) != 1:
-            raise DatasetError(
-                f"{path} listed in {manifest_file} has {waveform.size(1)} channels, expected mono; downmix it."
-            )
-
-        waveform = waveform.squeeze(1)
-
-    if not torch.isfinite(waveform).all():
-        raise DatasetError(f"{path} listed in {manifest_file} contains NaN or infinite samples.")
-
-    return waveform
+    return kept, waveforms
 
 
 def collated_seq_lens(collated: dict[str, Any]) -> list[int] | None:
@@ -244,21 +221,91 @@ def collated_seq_lens(collated: dict[str, Any]) -> list[int] | None:
     return [int(n) for n in collated["seq_lens"]] if collated["is_ragged"] else None
 
 
+def create_read_tracker(
+    manifest_file: Path, num_examples: int, gangs: Gangs, options: ManifestReadOptions
+) -> AudioReadTracker:
+    """The tracker of the utterances that a rank's reader skips.
+
+    :param num_examples: The utterances of the split that the readers of all ranks read.
+    """
+    return AudioReadTracker(
+        manifest_file,
+        max_fraction=options.max_bad_audio_fraction,
+        num_utterances=max(1, num_examples // gangs.dp.size),
+    )
+
+
 def create_pipeline_reader(
-    builder: DataPipelineBuilder, gangs: Gangs, options: ManifestReadOptions
-) -> DataPipelineReader[BatchT]:
-    """Ends the pipeline (batch cap, prefetch) and returns a reader of its batches."""
+    builder: DataPipelineBuilder, gangs: Gangs, options: ManifestReadOptions, epoch: ReadEpoch
+) -> ManifestReader[BatchT]:
+    """Ends the pipeline (drops the buckets left with no usable utterance, caps the
+    batches, prefetches) and returns a reader of its batches.
+
+    :param epoch: What the pipeline's random draws read the data epoch from.
+    """
+    builder.filter(lambda batch: batch is not None)
+
     if options.max_num_batches is not None:
         builder.take(options.max_num_batches)
 
     builder.prefetch(options.num_prefetch)
 
-    return DataPipelineReader(
+    reader: DataPipelineReader[BatchT] = DataPipelineReader(
         builder.and_return(),
         gangs,
         num_accumulate=options.num_accumulate,
         sync_mode=options.sync_mode,
     )
+
+    return ManifestReader(reader, epoch)
+
+
+@final
+class ManifestReader(DataReader[BatchT]):
+    """fairseq2's pipeline reader, plus the data epoch in its state: the random crops of a
+    resumed run are those of the uninterrupted one."""
+
+    def __init__(self, reader: DataPipelineReader[BatchT], epoch: ReadEpoch) -> None:
+        self._reader = reader
+        self._epoch = epoch
+
+    @override
+    def __iter__(self) -> ManifestReader[BatchT]:
+        return self
+
+    @override
+    def __next__(self) -> list[BatchT]:
+        return next(self._reader)
+
+    @override
+    def reset(self) -> None:
+        # Before the pipeline restarts, so that no draw of the new epoch sees the old one.
+        self._epoch.value += 1
+
+        self._reader.reset()
+
+    @override
+    def state_dict(self) -> dict[str, object]:
+        return {"pipeline": self._reader.state_dict(), "epoch": self._epoch.value}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, object]) -> None:
+        pipeline_state, epoch = state_dict.get("pipeline"), state_dict.get("epoch")
+
+        if not isinstance(pipeline_state, dict) or not isinstance(epoch, int):
+            raise ValueError(
+                "`state_dict` must hold the `pipeline` state and the `epoch` of a manifest reader, but does not; "
+                "the checkpoint was written by an older version of the readers."
+            )
+
+        self._epoch.value = epoch
+
+        self._reader.load_state_dict(pipeline_state)
+
+    @property
+    @override
+    def num_accumulate(self) -> int:
+        return self._reader.num_accumulate
 
 
 @dataclass(kw_only=True)
@@ -296,6 +343,11 @@ class ManifestDatasetSection(DatasetSection):
     max_num_valid_batches: int | None = None
     """Caps the validation batches per rank (``None`` reads the whole split)."""
 
+    max_bad_audio_fraction: float = DEFAULT_MAX_BAD_AUDIO_FRACTION
+    """A file that vanished or cannot be decoded is skipped with a warning and counted in
+    the metrics; the run stops, naming the files, once the skips pass this fraction of the
+    utterances read (or of the split, early in an epoch)."""
+
     def validate(self) -> ValidationResult:
         result = super().validate()
 
@@ -305,6 +357,11 @@ class ManifestDatasetSection(DatasetSection):
         if self.max_audio_len < self.min_audio_len:
             result.add_error(
                 f"`max_audio_len` must be at least `min_audio_len` ({self.min_audio_len}), but is {self.max_audio_len} instead."
+            )
+
+        if not 0.0 <= self.max_bad_audio_fraction <= 1.0:
+            result.add_error(
+                f"`max_bad_audio_fraction` must be between 0 and 1, but is {self.max_bad_audio_fraction} instead."
             )
 
         if self.max_num_elements < self.max_audio_len:

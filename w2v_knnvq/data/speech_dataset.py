@@ -18,6 +18,7 @@ from fairseq2.datasets import DataReader, DatasetError, SequenceBatch
 from fairseq2.gang import Gangs
 from fairseq2.logging import log
 
+from w2v_knnvq.data.audio_reading import AudioReadTracker, ReadEpoch, example_generator
 from w2v_knnvq.data.manifest_dataset import (
     ManifestReadOptions,
     ManifestSplit,
@@ -25,6 +26,7 @@ from w2v_knnvq.data.manifest_dataset import (
     check_manifest_dir,
     collated_seq_lens,
     create_pipeline_reader,
+    create_read_tracker,
     decode_audio,
     length_bucket_sizes,
     load_waveforms,
@@ -82,10 +84,14 @@ class SpeechManifestDataset:
 
     def create_reader(self, split: str, gangs: Gangs, options: SpeechReadOptions) -> DataReader[SequenceBatch]:
         """Returns a reader of :class:`SequenceBatch` holding float32 waveforms of
-        shape ``(N, S)``, sharded over the data-parallel gang ``gangs.dp``."""
+        shape ``(N, S)``, sharded over the data-parallel gang ``gangs.dp``.
+
+        ``batch.example`` holds the ``paths`` of the utterances and ``num_skipped``, the
+        utterances skipped since the previous batch because their audio could not be used.
+        """
         manifest = self.read_split(split)
 
-        builder, options, max_audio_len = self._bucketed_examples(manifest, gangs, options)
+        builder, options, max_audio_len, num_examples = self._bucketed_examples(manifest, gangs, options)
 
         # Every rank crops differently.
         seed = options.seed + 1 + gangs.dp.rank
@@ -95,24 +101,29 @@ class SpeechManifestDataset:
 
         decode_audio(builder, manifest.audio_dir, options.num_parallel_calls)
 
-        builder.map(_WaveformCropper(manifest.manifest_file, options, max_audio_len, seed))
+        tracker = create_read_tracker(manifest.manifest_file, num_examples, gangs, options)
 
-        return create_pipeline_reader(builder, gangs, options)
+        epoch = ReadEpoch()
+
+        builder.map(_WaveformCropper(tracker, options, max_audio_len, seed, epoch))
+
+        return create_pipeline_reader(builder, gangs, options, epoch)
 
     def batch_sizes(self, split: str, gangs: Gangs, options: SpeechReadOptions) -> list[int]:
         """The number of utterances in each batch of one epoch of this rank, as
         :meth:`create_reader` makes them, without reading any audio."""
-        builder, _, _ = self._bucketed_examples(self.read_split(split), gangs, options)
+        builder, _, _, _ = self._bucketed_examples(self.read_split(split), gangs, options)
 
         return [len(bucket) for bucket in builder.and_return()]
 
     @staticmethod
     def _bucketed_examples(
         manifest: ManifestSplit, gangs: Gangs, options: SpeechReadOptions
-    ) -> tuple[DataPipelineBuilder, SpeechReadOptions, int]:
+    ) -> tuple[DataPipelineBuilder, SpeechReadOptions, int, int]:
         """Shuffles, shards and buckets the manifest's entries.
 
-        :returns: The pipeline, ``options`` with their final ``max_num_elements``, and the crop length.
+        :returns: The pipeline, ``options`` with their final ``max_num_elements``, the
+            crop length, and the number of entries long enough to be read.
         """
         entries = _drop_short(manifest, options.min_audio_len)
 
@@ -134,7 +145,7 @@ class SpeechManifestDataset:
 
         _bucket_at_cropped_len(builder, bucket_sizes, options.min_audio_len, max_audio_len)
 
-        return builder, options, max_audio_len
+        return builder, options, max_audio_len, len(entries)
 
 
 def _drop_short(manifest: ManifestSplit, min_audio_len: int) -> list[dict[str, Any]]:
@@ -180,34 +191,47 @@ def _bucket_at_cropped_len(
 
 @final
 class _WaveformCropper:
-    """Turns a bucket of decoded examples into a :class:`SequenceBatch`."""
+    """Turns a bucket of decoded examples into a :class:`SequenceBatch`, or ``None`` if
+    none of its utterances can be used.
 
-    def __init__(self, manifest_file: Path, options: SpeechReadOptions, max_audio_len: int, seed: int) -> None:
-        self._manifest_file = manifest_file
+    A random crop is drawn from the seed, the data epoch and the utterance's path, so that
+    it does not depend on how far the pipeline ran ahead of the trainer.
+    """
+
+    def __init__(
+        self, tracker: AudioReadTracker, options: SpeechReadOptions, max_audio_len: int, seed: int, epoch: ReadEpoch
+    ) -> None:
+        self._tracker = tracker
         self._options = options
         self._max_audio_len = max_audio_len
-        self._generator = torch.Generator().manual_seed(seed)
+        self._seed = seed
+        self._epoch = epoch
         self._collater = Collater(pad_value=0)
 
-    def __call__(self, bucket: list[dict[str, Any]]) -> SequenceBatch:
-        waveforms = load_waveforms(bucket, self._manifest_file, normalize=self._options.normalize_audio)
+    def __call__(self, bucket: list[dict[str, Any]]) -> SequenceBatch | None:
+        kept, waveforms = load_waveforms(bucket, self._tracker, normalize=self._options.normalize_audio)
+
+        if not kept:
+            return None
+
+        paths = [str(example["path"]["path"]) for example in kept]
 
         crop_len = self._max_audio_len
 
         if self._options.crop_to_batch_shortest:
             crop_len = min(crop_len, min(len(w) for w in waveforms))
 
-        waveforms = [self._crop(w, crop_len) for w in waveforms]
+        waveforms = [self._crop(w, crop_len, path) for w, path in zip(waveforms, paths, strict=True)]
 
         collated = self._collater(waveforms)
 
         seqs: Tensor = collated["seqs"]
 
-        paths = [str(example["path"]["path"]) for example in bucket]
+        example = {"paths": paths, "num_skipped": self._tracker.take_num_skipped()}
 
-        return SequenceBatch(seqs, collated_seq_lens(collated), example={"paths": paths})
+        return SequenceBatch(seqs, collated_seq_lens(collated), example=example)
 
-    def _crop(self, waveform: Tensor, crop_len: int) -> Tensor:
+    def _crop(self, waveform: Tensor, crop_len: int, path: str) -> Tensor:
         excess = len(waveform) - crop_len
         if excess <= 0:
             return waveform
@@ -215,7 +239,9 @@ class _WaveformCropper:
         if self._options.crop == "start":
             start = 0
         else:
-            start = int(torch.randint(0, excess + 1, (), generator=self._generator))
+            generator = example_generator(self._seed, self._epoch, path)
+
+            start = int(torch.randint(0, excess + 1, (), generator=generator))
 
         return waveform[start : start + crop_len]
 

@@ -84,6 +84,7 @@ def section_read_options(section: AsrDatasetSection, *, seed: int) -> AsrReadOpt
         normalize_audio=section.normalize_audio,
         num_parallel_calls=section.num_parallel_calls,
         num_prefetch=section.num_prefetch,
+        max_bad_audio_fraction=section.max_bad_audio_fraction,
         seed=seed,
     )
 

@@ -21,6 +21,8 @@ from fairseq2.runtime.dependency import DependencyContainer
 
 from w2v_knnvq.text import ErrorRateMetric, ErrorRates
 
+from ...common import add_skipped_audio_metric, update_skipped_audio
+
 CTC_LOSS: Final = "ctc_loss"
 
 ERROR_RATES: Final = "error_rates"
@@ -40,6 +42,7 @@ def add_ctc_metrics(metric_bag: MetricBag) -> None:
     metric_bag.add("num_examples", Sum())
     metric_bag.add("num_source_elements", Sum())
     metric_bag.add("num_target_elements", Sum())
+    add_skipped_audio_metric(metric_bag)
 
 
 def add_error_rate_metrics(metric_bag: MetricBag) -> None:
@@ -58,6 +61,8 @@ def update_ctc_metrics(metric_bag: MetricBag, loss: Tensor, batch: Seq2SeqBatch)
     metric_bag.get("num_examples", Sum).update(num_examples)
     metric_bag.get("num_source_elements", Sum).update(sum(batch.source_seq_lens))
     metric_bag.get("num_target_elements", Sum).update(sum(batch.target_seq_lens))
+
+    update_skipped_audio(metric_bag, batch)
 
 
 def update_error_rates(metric_bag: MetricBag, *, hyps: Sequence[str], refs: Sequence[str]) -> None:

@@ -35,6 +35,7 @@ from fairseq2.trainer import TrainUnit
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset
 from w2v_knnvq.text import check_vocab_size, ctc_greedy_decode
 
+from ...common import check_resume_world_size, register_bad_audio_handling
 from .config import AsrRecipeConfig, FinetuneSection
 from .criterion import CtcCriterion
 from .dataset import (
@@ -73,6 +74,8 @@ class AsrRecipe(Recipe):
 
         register_asr_metric_descriptors(container)
 
+        register_bad_audio_handling(container)
+
         register_config_section(container, "pretrained_encoder", PretrainedEncoderSection)
 
         def get_pretrained_encoder(resolver: DependencyResolver) -> PretrainedEncoder:
@@ -85,6 +88,8 @@ class AsrRecipe(Recipe):
     @override
     def create_task(self, context: RecipeContext) -> Task:
         config = context.get_config_as(AsrRecipeConfig)
+
+        check_resume_world_size(context.output_dir / "checkpoints", context.gangs.root.size)
 
         pretrained = context.resolver.resolve(PretrainedEncoder)
 

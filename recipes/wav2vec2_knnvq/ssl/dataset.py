@@ -96,5 +96,6 @@ def _section_read_options(section: SslDatasetSection, *, seed: int) -> SpeechRea
         normalize_audio=section.normalize_audio,
         num_parallel_calls=section.num_parallel_calls,
         num_prefetch=section.num_prefetch,
+        max_bad_audio_fraction=section.max_bad_audio_fraction,
         seed=seed,
     )

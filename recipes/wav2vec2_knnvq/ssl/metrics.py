@@ -23,6 +23,8 @@ from fairseq2.runtime.dependency import DependencyContainer
 
 from w2v_knnvq.quantizer import code_usage
 
+from ...common import add_skipped_audio_metric, update_skipped_audio
+
 CODEBOOK_USAGE: Final = "codebook_usage"
 UTTERANCE_CODEBOOK_USAGE: Final = "utterance_codebook_usage"
 QUANTIZER_LOSS: Final = "quantizer_loss"
@@ -204,6 +206,7 @@ def add_ssl_metrics(metric_bag: MetricBag, num_codebooks: int) -> None:
     metric_bag.add("num_elements", Sum())
     metric_bag.add("total_num_examples", Sum())
     metric_bag.add("total_num_elements", Sum())
+    add_skipped_audio_metric(metric_bag)
 
 
 def add_codebook_usage_metrics(metric_bag: MetricBag, num_codebooks: int, codebook_size: int) -> None:
@@ -288,6 +291,8 @@ def update_batch_metrics(metric_bag: MetricBag, batch: SequenceBatch) -> None:
     for prefix in ("", "total_"):
         metric_bag.get(f"{prefix}num_examples", Sum).update(batch.num_examples)
         metric_bag.get(f"{prefix}num_elements", Sum).update(batch.num_elements)
+
+    update_skipped_audio(metric_bag, batch)
 
 
 def publish_per_codebook(values: MutableMapping[str, object]) -> None:

@@ -26,7 +26,7 @@ from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
 from w2v_knnvq.features.extractor import FrameCodes, PretrainingModel, quantize_frames, run_cnn
 from w2v_knnvq.quantizer import code_counts
 
-from ...common import check_warmup
+from ...common import check_resume_world_size, check_warmup, register_bad_audio_handling, update_skipped_audio
 from .config import SslRecipeConfig
 from .criterion import CodebookShape, SslCriterion, adapt_pretraining_model
 from .dataset import (
@@ -56,11 +56,15 @@ class SslRecipe(Recipe):
 
         register_ssl_metric_descriptors(container)
 
+        register_bad_audio_handling(container)
+
     @override
     def create_task(self, context: RecipeContext) -> Task:
         config = context.get_config_as(SslRecipeConfig)
 
         check_warmup(config.lr_scheduler.config, config.regime.num_steps)
+
+        check_resume_world_size(context.output_dir / "checkpoints", context.gangs.root.size)
 
         base_model = context.get_model()
 
@@ -171,6 +175,9 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
 
         if loss_batch is not None:
             self._criterion(loss_batch, metric_bag)
+
+        # The loss batch is a new one; the skips are the reader's note on this one.
+        update_skipped_audio(metric_bag, batch)
 
         # Padded utterances get the codes they would get on their own: the CNN's group
         # norm ignores padding here.

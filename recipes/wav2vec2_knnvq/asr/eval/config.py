@@ -20,6 +20,7 @@ from fairseq2.recipe.config import (
 from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.data.asr_dataset import ASR_MANIFEST_DATASET_FAMILY
+from w2v_knnvq.data.audio_reading import DEFAULT_MAX_BAD_AUDIO_FRACTION
 from w2v_knnvq.runs import CheckpointChoice
 
 CHECKPOINT_NAMES: Final = ("best", "last")
@@ -84,11 +85,20 @@ class AsrEvalDatasetSection(DatasetSection):
 
     num_prefetch: int = 4
 
+    max_bad_audio_fraction: float = DEFAULT_MAX_BAD_AUDIO_FRACTION
+    """Utterances whose audio cannot be used are skipped with a warning and counted; the
+    evaluation stops, naming the files, once they pass this fraction of the split."""
+
     def validate(self) -> ValidationResult:
         result = super().validate()
 
         if self.max_num_elements < 1:
             result.add_error(f"`max_num_elements` must be at least 1, but is {self.max_num_elements} instead.")
+
+        if not 0.0 <= self.max_bad_audio_fraction <= 1.0:
+            result.add_error(
+                f"`max_bad_audio_fraction` must be between 0 and 1, but is {self.max_bad_audio_fraction} instead."
+            )
 
         return result
 

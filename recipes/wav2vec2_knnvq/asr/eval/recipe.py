@@ -40,6 +40,7 @@ from fairseq2.task import Task
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset, AsrReadOptions
 from w2v_knnvq.text import check_vocab_size
 
+from ....common import register_bad_audio_handling
 from ..criterion import CtcCriterion
 from ..dataset import create_valid_reader, register_asr_manifest_dataset
 from ..metrics import register_asr_metric_descriptors
@@ -62,6 +63,8 @@ class AsrEvalRecipe(Recipe):
         register_asr_manifest_dataset(container)
 
         register_asr_metric_descriptors(container)
+
+        register_bad_audio_handling(container)
 
     @override
     def create_task(self, context: RecipeContext) -> Task:
@@ -139,6 +142,7 @@ def create_eval_reader(
         normalize_audio=normalize_audio,
         num_parallel_calls=section.num_parallel_calls,
         num_prefetch=section.num_prefetch,
+        max_bad_audio_fraction=section.max_bad_audio_fraction,
         seed=seed,
     )
 

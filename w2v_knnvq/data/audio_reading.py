@@ -1,0 +1,207 @@
+"""Reading the audio of manifest utterances so that one bad file does not end a run.
+
+A file can vanish, be truncated or be rewritten after its manifest was made. The readers
+decode each utterance with :class:`AudioLoader`, which returns the reason instead of
+raising; :class:`AudioReadTracker` drops such utterances from their batch with a warning
+naming the file, counts them for the logged metrics, and stops the run with
+:class:`BadAudioBudgetError`, naming the files, only when the skips pass
+``max_bad_audio_fraction`` of the reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, final
+
+import torch
+from torch import Tensor
+
+from fairseq2.data.audio import AudioDecoder, AudioDecoderOutput
+from fairseq2.data.data_pipeline import FileMapper
+from fairseq2.logging import log
+
+SAMPLE_RATE: Final = 16_000
+
+DEFAULT_MAX_BAD_AUDIO_FRACTION: Final = 0.001
+
+_MAX_LISTED_FILES: Final = 20
+
+
+class AudioCheckError(ValueError):
+    """A decoded utterance that the models cannot take; the message says why."""
+
+
+def check_decoded_audio(decoded: AudioDecoderOutput) -> Tensor:
+    """Checks the output of fairseq2's ``AudioDecoder`` and returns its samples.
+
+    :returns: *Shape:* ``(S_wav,)``.
+    :raises AudioCheckError: if the audio is not 16 kHz mono or holds NaN or infinite samples.
+    """
+    if decoded["sample_rate"] != SAMPLE_RATE:
+        raise AudioCheckError(f"it is sampled at {decoded['sample_rate']:g} Hz, expected {SAMPLE_RATE} Hz; resample it")
+
+    waveform: Tensor = decoded["waveform"]
+
+    if waveform.ndim == 2:
+        if waveform.size(1) != 1:
+            raise AudioCheckError(f"it has {waveform.size(1)} channels, expected mono; downmix it")
+
+        waveform = waveform.squeeze(1)
+
+    if not torch.isfinite(waveform).all():
+        raise AudioCheckError("it contains NaN or infinite samples")
+
+    return waveform
+
+
+@final
+class AudioLoader:
+    """Maps the path of an utterance, relative to ``audio_dir``, to
+    ``{"path": path, "waveform": Tensor}`` or, if the file cannot be used,
+    ``{"path": path, "file": full_path, "error": reason}``. Runs inside the data
+    pipeline's threads."""
+
+    def __init__(self, audio_dir: Path) -> None:
+        self._audio_dir = audio_dir
+        self._file_mapper = FileMapper(audio_dir, cached_fd_count=100)
+        self._decoder = AudioDecoder(dtype=torch.float32)
+
+    def __call__(self, path: str) -> dict[str, Any]:
+        full_path = str(self._audio_dir / path)
+
+        try:
+            data = self._file_mapper(path)["data"]
+        except (RuntimeError, OSError):
+            # fairseq2's `ByteStreamError` (a `RuntimeError`) says whether the file is
+            # missing or unreadable, but the path is in the warning already.
+            reason = "it does not exist" if not Path(full_path).exists() else "it cannot be read"
+
+            return {"path": path, "file": full_path, "error": reason}
+
+        try:
+            decoded = self._decoder(data)
+        except (RuntimeError, ValueError):
+            reason = "it cannot be decoded as audio; it may be truncated or corrupt"
+
+            return {"path": path, "file": full_path, "error": reason}
+
+        try:
+            waveform = check_decoded_audio(decoded)
+        except AudioCheckError as ex:
+            return {"path": path, "file": full_path, "error": str(ex)}
+
+        return {"path": path, "waveform": waveform}
+
+
+@dataclass(frozen=True)
+class SkippedAudio:
+    path: str
+
+    reason: str
+
+
+class BadAudioBudgetError(Exception):
+    """More utterances of a split could not be used than ``max_bad_audio_fraction`` allows."""
+
+    def __init__(
+        self, manifest_file: Path, skipped: Sequence[SkippedAudio], num_read: int, max_fraction: float
+    ) -> None:
+        listed = "; ".join(f"{item.path} ({item.reason})" for item in skipped[:_MAX_LISTED_FILES])
+
+        if len(skipped) > _MAX_LISTED_FILES:
+            listed += f"; and {len(skipped) - _MAX_LISTED_FILES} more"
+
+        super().__init__(
+            f"{len(skipped)} of the {num_read} utterances read from {manifest_file} could not be used, more than "
+            f"`dataset.max_bad_audio_fraction` ({max_fraction:g}) allows: {listed}. Repair or remove these files and "
+            "rebuild the manifest with tools/make_manifest.py (which checks every file), or raise "
+            "`dataset.max_bad_audio_fraction`."
+        )
+
+        self.manifest_file = manifest_file
+        self.skipped = list(skipped)
+
+
+@final
+class AudioReadTracker:
+    """Sorts the decoded utterances of each bucket into usable and skipped ones.
+
+    The allowance is ``max_fraction`` of the reads so far, or of ``num_utterances`` (the
+    utterances this rank reads in an epoch) while fewer have been read, so that a bad file
+    early in a run is measured against the split rather than against the first batch.
+    """
+
+    def __init__(self, manifest_file: Path, *, max_fraction: float, num_utterances: int) -> None:
+        if not 0.0 <= max_fraction <= 1.0:
+            raise ValueError(f"`max_fraction` must be between 0 and 1, but is {max_fraction} instead.")
+
+        self._manifest_file = manifest_file
+        self._max_fraction = max_fraction
+        self._num_utterances = num_utterances
+        self._num_read = 0
+        self._skipped: list[SkippedAudio] = []
+        self._num_unreported = 0
+
+    def sort_bucket(self, bucket: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Tensor]]:
+        """:param bucket: Examples whose ``path`` is an :class:`AudioLoader` output.
+        :returns: The usable examples and their waveforms, each of shape ``(S_wav,)``.
+        :raises BadAudioBudgetError: if the skips pass the allowance."""
+        kept, waveforms = [], []
+
+        for example in bucket:
+            audio = example["path"]
+
+            if "error" in audio:
+                self._skip(SkippedAudio(str(audio["file"]), str(audio["error"])))
+            else:
+                kept.append(example)
+                waveforms.append(audio["waveform"])
+
+        self._num_read += len(bucket)
+
+        self._check_budget()
+
+        return kept, waveforms
+
+    def take_num_skipped(self) -> int:
+        """The skips since the last call, for the metrics of the next batch."""
+        num_skipped, self._num_unreported = self._num_unreported, 0
+
+        return num_skipped
+
+    @property
+    def skipped(self) -> list[SkippedAudio]:
+        return list(self._skipped)
+
+    def _skip(self, item: SkippedAudio) -> None:
+        log.warning("Skipped {} listed in {}: {}.", item.path, self._manifest_file, item.reason)
+
+        self._skipped.append(item)
+
+        self._num_unreported += 1
+
+    def _check_budget(self) -> None:
+        allowance = self._max_fraction * max(self._num_read, self._num_utterances)
+
+        if len(self._skipped) > allowance:
+            raise BadAudioBudgetError(self._manifest_file, self._skipped, self._num_read, self._max_fraction)
+
+
+@final
+class ReadEpoch:
+    """The data epoch a reader is in, shared with its pipeline's random draws so that they
+    depend on what is read, never on how far the pipeline's threads ran ahead."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def example_generator(seed: int, epoch: ReadEpoch, path: str) -> torch.Generator:
+    """A generator for the random draws of one utterance in one epoch, so that a run
+    resumed from a checkpoint draws exactly what the uninterrupted run draws."""
+    digest = hashlib.blake2b(f"{seed}:{epoch.value}:{path}".encode(), digest_size=8).digest()
+
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import soundfile
 import torch
 import yaml
 
@@ -43,6 +44,7 @@ from recipes.wav2vec2_knnvq.asr.pretrained import (
 )
 from recipes.wav2vec2_knnvq.asr.recipe import _set_target_vocab_size
 from recipes.wav2vec2_knnvq.asr.tokenizer import CtcTokenizerSection, prepare_ctc_tokenizer
+from tests.cli import recipe_command, run_recipe_command
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset, AsrReadOptions
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.runs import RunCheckpoint, find_run_checkpoint
@@ -686,3 +688,113 @@ def test_tokenizer_training_failure_reaches_every_rank(tmp_path: Path) -> None:
 
     with pytest.raises(RecipeError, match=r"No transcript text.*reported by rank 0 to rank 1"):
         prepare_ctc_tokenizer(section, empty_transcripts, tmp_path, replace(create_fake_gangs(CPU), root=rank_1))
+
+
+def _write_equal_length_split(manifest_dir: Path, output_dir: Path, name: str, num_samples: int) -> int:
+    """Writes split ``name``: the ``valid`` utterances of at least ``num_samples`` samples,
+    cut to that length, with their transcripts. Equal lengths leave no padding in any
+    batch, so that the group-norm CNN gives every utterance the same output however the
+    utterances are batched or spread over processes.
+
+    :returns: The number of utterances.
+    """
+    audio_root, *rows = (manifest_dir / "valid.tsv").read_text().splitlines()
+    transcripts = (manifest_dir / "valid.wrd").read_text().splitlines()
+
+    audio_dir = output_dir / "audio"
+
+    lines, kept = [str(audio_dir)], []
+
+    for row, transcript in zip(rows, transcripts, strict=True):
+        relative, length = row.split("\t")
+
+        if int(length) < num_samples:
+            continue
+
+        waveform, sample_rate = soundfile.read(Path(audio_root) / relative, dtype="float32")
+
+        (audio_dir / relative).parent.mkdir(parents=True, exist_ok=True)
+
+        soundfile.write(audio_dir / relative, waveform[:num_samples], sample_rate, subtype="PCM_16")
+
+        lines.append(f"{relative}\t{num_samples}")
+
+        kept.append(transcript)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    (output_dir / f"{name}.tsv").write_text("\n".join(lines) + "\n")
+    (output_dir / f"{name}.wrd").write_text("\n".join(kept) + "\n")
+
+    for suffix in ("tsv", "wrd"):
+        shutil.copy(manifest_dir / f"train4.{suffix}", output_dir / f"train4.{suffix}")
+
+    return len(kept)
+
+
+def test_two_processes_fine_tune_and_evaluate_as_one(manifest_dir: Path, pretrained_dir: Path, tmp_path: Path) -> None:
+    """``torchrun`` with two processes (gloo): the run's validation figures are those of a
+    one-process evaluation of its checkpoint, and a two-process evaluation gives the same
+    transcripts in the same order."""
+    ddp_manifest_dir = tmp_path / "manifests"
+
+    num_valid = _write_equal_length_split(manifest_dir, ddp_manifest_dir, "valid_equal", 24_000)
+
+    assert num_valid >= 8
+
+    run_dir = tmp_path / "ddp"
+
+    overrides = [
+        f"pretrained_encoder.path={pretrained_dir}",
+        f"dataset.config_overrides.manifest_dir={ddp_manifest_dir}",
+        "dataset.train_split=train4",
+        "dataset.valid_split=valid_equal",
+        "regime.num_steps=4",
+        "regime.validate_every_n_steps=4",
+        "regime.checkpoint_every_n_steps=4",
+        "regime.publish_metrics_every_n_steps=2",
+        "finetune.freeze_encoder_steps=2",
+        "optimizer.config.lr=0.002",
+    ]
+
+    command = recipe_command(
+        "recipes.wav2vec2_knnvq.asr", run_dir, overrides, config_file=TINY_CPU_CONFIG, num_processes=2
+    )
+
+    run_recipe_command(command)
+
+    (validation,) = _read_jsonl(run_dir / "metrics/valid.jsonl")
+
+    assert validation["Number of Examples"] == num_valid
+
+    records = {}
+
+    for num_processes in (1, 2):
+        eval_overrides = [
+            f"model.run_dir={run_dir}",
+            f"dataset.config_overrides.manifest_dir={ddp_manifest_dir}",
+            "dataset.split=valid_equal",
+        ]
+
+        eval_dir = tmp_path / f"eval{num_processes}"
+
+        eval_command = recipe_command("recipes.wav2vec2_knnvq.asr.eval", eval_dir, eval_overrides, num_processes=num_processes)  # fmt: skip
+
+        run_recipe_command(eval_command)
+
+        records[num_processes] = json.loads((eval_dir / "valid_equal.json").read_text())
+
+        (metrics,) = _read_jsonl(eval_dir / "metrics/eval/valid_equal.jsonl")
+
+        assert metrics["CTC Loss"] == pytest.approx(validation["CTC Loss"], rel=1e-5)
+
+    one, two = records[1], records[2]
+
+    assert one["num_utterances"] == two["num_utterances"] == num_valid
+
+    assert one["wer"] == pytest.approx(validation["Word Error Rate (WER)"])
+    assert one["cer"] == pytest.approx(validation["Character Error Rate (CER)"])
+
+    assert (two["wer"], two["cer"]) == (one["wer"], one["cer"])
+
+    assert (tmp_path / "eval2/valid_equal.tsv").read_text() == (tmp_path / "eval1/valid_equal.tsv").read_text()

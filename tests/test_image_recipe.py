@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from recipes.image_vqae.config import EUCLIDEAN_HARD_METHODS, method_peak_lr, method_weight_decay
+from tests.cli import recipe_command, run_recipe_command
 from w2v_knnvq.image import IMAGE_VQAE_FAMILY, get_image_vqae_model_hub
 from w2v_knnvq.image.data import list_image_files, load_image
 from w2v_knnvq.image.metrics import frechet_distance, make_fid_features
@@ -285,3 +286,32 @@ def test_fid_orders_identical_below_different_below_noise() -> None:
 
     assert same < different < to_noise
     assert same < 1e-3 * different
+
+
+def test_two_processes_validate_as_one(tmp_path: Path) -> None:
+    """``torchrun`` with two processes (gloo): the run's validation reconstruction error over
+    the whole validation folder equals a one-process evaluation of the same checkpoint."""
+    out_dir = tmp_path / "ddp"
+
+    command = recipe_command(
+        "recipes.image_vqae",
+        out_dir,
+        [*FAST_REGIME, "regime.num_steps=2"],
+        config_file=TINY_CONFIG,
+        num_processes=2,
+    )
+
+    run_recipe_command(command)
+
+    assert sorted(path.name for path in (out_dir / "checkpoints/step_2/trainer").iterdir()) == ["rank_00.pt", "rank_01.pt"]  # fmt: skip
+
+    (validation,) = [json.loads(line) for line in (out_dir / "metrics/valid/valid.jsonl").read_text().splitlines()]
+
+    result = _tool("evaluate", str(out_dir), str(MINIIMAGES / "val"), str(tmp_path / "eval"), "--device", "cpu", "--no-fid")  # fmt: skip
+
+    assert result.returncode == 0, result.stderr
+
+    evaluation = json.loads((tmp_path / "eval/evaluation.json").read_text())
+
+    assert evaluation["num_images"] == validation["Number of Examples"]
+    assert evaluation["rmse"] == pytest.approx(validation["rMSE"], rel=1e-5)

@@ -21,6 +21,7 @@ from fairseq2.device import CPU
 from fairseq2.gang import FakeGang, Gangs, create_fake_gangs
 from fairseq2.nn import BatchLayout
 
+from tests.cli import recipe_command, recipe_env, run_recipe_command
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.data.manifest_dataset import read_examples
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, SpeechReadOptions
@@ -480,3 +481,130 @@ def test_evaluation_of_a_checkpoint_on_any_split(
         [*command[:3], str(tmp_path / "nothing"), *command[4:]], cwd=REPO_ROOT, capture_output=True, text=True
     )
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_two_processes_validate_as_one_and_resume_only_with_two(manifest_dir: Path, tmp_path: Path) -> None:
+    """``torchrun`` with two processes (gloo): validation covers every utterance once, and its
+    usage (a union over the ranks) equals a one-process evaluation of the same checkpoint. A
+    restart with another process count stops with what to do instead."""
+    output_dir = tmp_path / "ddp"
+
+    overrides = [
+        f"dataset.config_overrides.manifest_dir={manifest_dir}",
+        f"model.arch={ARCH}",
+        "dataset.min_audio_len=16000",
+        f"dataset.max_audio_len={MAX_AUDIO_LEN}",
+        f"dataset.max_num_elements={2 * MAX_AUDIO_LEN}",
+        "regime.num_steps=4",
+        "regime.validate_every_n_steps=4",
+        "regime.checkpoint_every_n_steps=4",
+        "regime.publish_metrics_every_n_steps=2",
+        "lr_scheduler.config.num_warmup_steps=1",
+    ]
+
+    def command(num_processes: int) -> list[str]:
+        return recipe_command(
+            "recipes.wav2vec2_knnvq.ssl",
+            output_dir,
+            overrides,
+            config_file=TINY_CPU_CONFIG,
+            num_processes=num_processes,
+        )
+
+    run_recipe_command(command(2))
+
+    assert sorted(path.name for path in (output_dir / "checkpoints/step_4/trainer").iterdir()) == ["rank_00.pt", "rank_01.pt"]  # fmt: skip
+
+    (validation,) = _read_jsonl(output_dir / "metrics/valid.jsonl")
+
+    assert validation["Number of Examples"] == len(SpeechManifestDataset(manifest_dir).read_split("valid").entries)
+
+    evaluation = subprocess.run(
+        [
+            sys.executable, "-m", "recipes.wav2vec2_knnvq.ssl.evaluate", str(output_dir),
+            "--manifest-dir", str(manifest_dir), "--splits", "valid", "--output-dir", str(tmp_path / "eval"),
+        ],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+
+    record = json.loads((tmp_path / "eval/valid/evaluation.json").read_text())
+
+    assert record["codebook_usage"] == pytest.approx(validation["Codebook Usage"])
+    assert record["mean_utterance_codebook_usage"] == pytest.approx(validation["Mean Utterance Codebook Usage"])
+
+    overrides[overrides.index("regime.num_steps=4")] = "regime.num_steps=6"
+
+    restart = subprocess.run(command(1), cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=150)
+
+    assert restart.returncode != 0
+    assert "was written by 2 processes, but this run has 1" in restart.stdout + restart.stderr
+    assert "model.path=" in restart.stdout + restart.stderr
+
+
+def test_fsdp_with_activation_checkpointing_saves_a_checkpoint_the_tools_load(
+    manifest_dir: Path, tmp_path: Path
+) -> None:
+    """FSDP (version 2, each Transformer layer sharded over two gloo processes) with
+    layerwise activation checkpointing: the sharded checkpoint loads whole outside the
+    recipe, and evaluating it reproduces the run's own validation usage."""
+    output_dir = tmp_path / "fsdp"
+
+    overrides = [
+        f"dataset.config_overrides.manifest_dir={manifest_dir}",
+        f"model.arch={ARCH}",
+        "dataset.min_audio_len=16000",
+        f"dataset.max_audio_len={MAX_AUDIO_LEN}",
+        f"dataset.max_num_elements={2 * MAX_AUDIO_LEN}",
+        "regime.num_steps=4",
+        "regime.validate_every_n_steps=4",
+        "regime.checkpoint_every_n_steps=4",
+        "regime.publish_metrics_every_n_steps=2",
+        "lr_scheduler.config.num_warmup_steps=1",
+        "trainer.data_parallelism=fsdp",
+        "trainer.activation_checkpointing.mode=layerwise",
+    ]
+
+    command = recipe_command("recipes.wav2vec2_knnvq.ssl", output_dir, overrides, config_file=TINY_CPU_CONFIG, num_processes=2)  # fmt: skip
+
+    run_recipe_command(command)
+
+    shards = sorted(path.name for path in (output_dir / "checkpoints/step_4/model/pp_00/tp_00").iterdir())
+
+    assert shards == ["sdp_00.pt", "sdp_01.pt"]
+
+    (validation,) = _read_jsonl(output_dir / "metrics/valid.jsonl")
+
+    evaluation = subprocess.run(
+        [
+            sys.executable, "-m", "recipes.wav2vec2_knnvq.ssl.evaluate", str(output_dir),
+            "--manifest-dir", str(manifest_dir), "--splits", "valid", "--output-dir", str(tmp_path / "eval"),
+        ],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+
+    record = json.loads((tmp_path / "eval/valid/evaluation.json").read_text())
+
+    assert record["codebook_usage"] == pytest.approx(validation["Codebook Usage"])
+    assert record["mean_utterance_codebook_usage"] == pytest.approx(validation["Mean Utterance Codebook Usage"])
+
+
+def test_compiled_model_trains_as_the_eager_one(
+    trained_run: tuple[Path, str], manifest_dir: Path, tmp_path: Path
+) -> None:
+    """``model.compile=true`` compiles the Transformer layers; ``aot_eager`` traces them as
+    inductor does without generating code, so that the check stays quick on the CPU."""
+    eager_dir, _ = trained_run
+
+    _run_recipe(tmp_path, manifest_dir, 4, "model.compile=true", "model.compile_options.backend=aot_eager")
+
+    eager = {record["Step"]: record for record in _read_jsonl(eager_dir / "metrics/train.jsonl")}
+    compiled = {record["Step"]: record for record in _read_jsonl(tmp_path / "metrics/train.jsonl")}
+
+    assert sorted(compiled) == sorted(eager) == [2, 4]
+
+    for step in (2, 4):
+        assert compiled[step]["Loss"] == pytest.approx(eager[step]["Loss"], rel=1e-4)

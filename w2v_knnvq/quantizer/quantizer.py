@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -146,7 +147,8 @@ class VectorQuantizer(Module):
         )
 
         if spec.smoothed:
-            self.log_temperature = Parameter(torch.empty((), device=device, dtype=torch.float32))
+            # Of shape (1,), not a scalar: FSDP2 shards no 0-d parameter.
+            self.log_temperature = Parameter(torch.empty((1,), device=device, dtype=torch.float32))
         else:
             self.register_parameter("log_temperature", None)
 
@@ -178,7 +180,7 @@ class VectorQuantizer(Module):
             raise RuntimeError(f"The method {self.config.method!r} has no learned temperature.")
 
         # A differentiable floor: the temperature stays learnable however close it gets.
-        return self.config.min_temperature + self.log_temperature.float().exp()
+        return self.config.min_temperature + self.log_temperature.float().exp().reshape(())
 
     def gumbel_tau(self) -> float:
         """:returns: The current Gumbel-softmax temperature tau."""
@@ -188,6 +190,17 @@ class VectorQuantizer(Module):
         max_tau, min_tau, decay = self.config.gumbel_tau_anneal
 
         return max(max_tau * decay ** int(self.gumbel_step), min_tau)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Checkpoints written before the temperature had shape (1,) hold a scalar.
+        key = f"{prefix}log_temperature"
+
+        value = state_dict.get(key)
+
+        if isinstance(value, Tensor) and value.ndim == 0:
+            state_dict[key] = value.reshape(1)
+
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> QuantizerOutput:
         """

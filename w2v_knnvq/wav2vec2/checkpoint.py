@@ -92,6 +92,16 @@ def _expected_shapes(config: Wav2Vec2KnnVqConfig) -> Shapes:
     return {key: tuple(value.shape) for key, value in model.state_dict().items()}
 
 
+def _fits(found: tuple[int, ...], expected: tuple[int, ...]) -> bool:
+    """Whether a tensor of shape ``found`` is the tensor of shape ``expected`` or, in a
+    checkpoint written under FSDP, one data-parallel shard of it: FSDP splits dimension 0
+    and fairseq2 checks each shard file this way before joining them."""
+    if found == expected:
+        return True
+
+    return len(found) == len(expected) > 0 and found[1:] == expected[1:] and found[0] <= expected[0]
+
+
 @cache
 def _arch_shapes(arch: str, method: str) -> Shapes:
     config = WAV2VEC2_KNNVQ_ARCHS[arch]()
@@ -179,7 +189,7 @@ def _list_differences(found: Shapes, expected: Shapes) -> list[str]:
         found_shape = found.get(key)
         if found_shape is None:
             differences.append(f"`{key}` is missing")
-        elif found_shape != shape:
+        elif not _fits(found_shape, shape):
             differences.append(f"`{key}` has shape {found_shape} instead of {shape}")
 
     for key in sorted(found.keys() - expected.keys()):

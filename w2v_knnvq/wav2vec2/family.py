@@ -12,7 +12,11 @@ from w2v_knnvq.wav2vec2.config import (
     register_wav2vec2_knnvq_configs,
 )
 from w2v_knnvq.wav2vec2.factory import create_wav2vec2_knnvq_model
-from w2v_knnvq.wav2vec2.fsdp import apply_ac_to_wav2vec2_knnvq, apply_fsdp_to_wav2vec2_knnvq
+from w2v_knnvq.wav2vec2.fsdp import (
+    apply_ac_to_wav2vec2_knnvq,
+    apply_fsdp_to_wav2vec2_knnvq,
+    compile_wav2vec2_knnvq,
+)
 from w2v_knnvq.wav2vec2.model import Wav2Vec2KnnVqModel
 
 
@@ -28,6 +32,7 @@ def register_wav2vec2_knnvq_family(container: DependencyContainer) -> None:
         state_dict_converter=convert_wav2vec2_knnvq_state_dict,
         fsdp_applier=apply_fsdp_to_wav2vec2_knnvq,
         layerwise_ac_applier=apply_ac_to_wav2vec2_knnvq,
+        compiler=compile_wav2vec2_knnvq,
     )
 
     register_wav2vec2_knnvq_configs(container)

@@ -1,8 +1,10 @@
-"""FSDP and activation checkpointing of the ``wav2vec2_knnvq`` family: the Transformer
-layers are wrapped as in fairseq2's ``wav2vec2`` family; the CNN and the quantizer stay
-whole."""
+"""FSDP, activation checkpointing and ``torch.compile`` of the ``wav2vec2_knnvq`` family:
+the Transformer layers are wrapped as in fairseq2's ``wav2vec2`` family; the CNN and the
+quantizer stay whole."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from torch.nn import Module
 
@@ -33,3 +35,15 @@ def apply_ac_to_wav2vec2_knnvq(model: Wav2Vec2KnnVqModel, every_nth_layer: int) 
     apply_layerwise_ac(model.encoder.layers, every_nth_layer)
 
     return model
+
+
+def compile_wav2vec2_knnvq(model: Wav2Vec2KnnVqModel, *args: Any, **kwargs: Any) -> None:
+    """``model.compile``: compiles each Transformer layer with ``torch.compile`` (the
+    options of the recipe's ``compile_options``), as fairseq2 compiles its language models
+    layer by layer. The CNN runs once per batch and the quantizer holds data-dependent
+    top-K selections and collectives, so both stay eager."""
+    modules = [*model.encoder.layers, getattr(model.encoder, "layer_norm", None)]
+
+    for module in modules:
+        if isinstance(module, Module):
+            module.compile(*args, **kwargs)  # type: ignore[no-untyped-call]

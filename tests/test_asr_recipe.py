@@ -798,3 +798,82 @@ def test_two_processes_fine_tune_and_evaluate_as_one(manifest_dir: Path, pretrai
     assert (two["wer"], two["cer"]) == (one["wer"], one["cer"])
 
     assert (tmp_path / "eval2/valid_equal.tsv").read_text() == (tmp_path / "eval1/valid_equal.tsv").read_text()
+
+
+def test_finetuning_transcribes_its_own_training_utterances(
+    manifest_dir: Path, pretrained_dir: Path, tmp_path: Path
+) -> None:
+    """An overfitting check on real decoding: fine-tuned on four utterances, the model must
+    transcribe them almost exactly. A broken encoder transfer, label mapping or decoder
+    fails it, where a falling loss alone would not."""
+    run_dir = tmp_path / "overfit"
+
+    _finetune(
+        run_dir,
+        [
+            f"pretrained_encoder.path={pretrained_dir}",
+            f"dataset.config_overrides.manifest_dir={manifest_dir}",
+            "dataset.train_split=train4",
+            "dataset.valid_split=train4",
+            "regime.num_steps=200",
+            "regime.validate_every_n_steps=200",
+            "regime.checkpoint_every_n_steps=200",
+            "finetune.freeze_encoder_steps=0",
+            "finetune.freeze_feature_extractor=false",
+            "optimizer.config.lr=0.003",
+        ],
+    )
+
+    _run(
+        [
+            sys.executable, "-m", "recipes.wav2vec2_knnvq.asr.eval", "--no-rich", "--config",
+            f"model.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
+            "dataset.split=train4", "--", str(tmp_path / "eval"),
+        ],
+        env=dict(_env(), FAIRSEQ2_DEVICE="cpu"),
+    )  # fmt: skip
+
+    record = json.loads((tmp_path / "eval/train4.json").read_text())
+
+    assert record["num_utterances"] == NUM_TRAIN_UTTERANCES
+    assert record["cer"] < 10.0, record
+    assert record["wer"] < 30.0, record
+
+    refs = (manifest_dir / "train4.wrd").read_text().splitlines()
+    hyps = (tmp_path / "eval/train4.hyp.txt").read_text().splitlines()
+
+    assert sum(hyp == ref for hyp, ref in zip(hyps, refs, strict=True)) >= 2, hyps
+
+
+def test_random_initialization_baseline_takes_only_the_encoder_structure(
+    manifest_dir: Path, pretrained_dir: Path, tmp_path: Path
+) -> None:
+    """``pretrained_encoder.load_weights=false``: the same architecture, none of its weights
+    (the CNN stays frozen, so its weights after two steps are the initial ones)."""
+    run_dir = tmp_path / "random"
+
+    _finetune(
+        run_dir,
+        [
+            f"pretrained_encoder.path={pretrained_dir}",
+            "pretrained_encoder.load_weights=false",
+            f"dataset.config_overrides.manifest_dir={manifest_dir}",
+            "dataset.train_split=train4",
+            "dataset.valid_split=null",
+            "regime.num_steps=2",
+            "regime.validate_every_n_steps=2",
+            "regime.checkpoint_every_n_steps=2",
+            "regime.publish_metrics_every_n_steps=2",
+            "finetune.freeze_encoder_steps=2",
+        ],
+    )
+
+    pretrained = torch.load(
+        pretrained_dir / f"checkpoints/step_{PRETRAINED_STEP}" / CHECKPOINT_FILE, map_location="cpu", weights_only=True
+    )
+
+    finetuned = torch.load(run_dir / "checkpoints/step_2" / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+    for key in ("encoder_frontend.feature_extractor.layers.0.conv.weight", "encoder.layers.0.ffn.inner_proj.weight"):
+        assert finetuned[key].shape == pretrained[key].shape
+        assert not torch.equal(finetuned[key], pretrained[key]), key

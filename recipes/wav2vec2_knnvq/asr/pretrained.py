@@ -66,6 +66,10 @@ class PretrainedEncoderSection:
     step: int | None = None
     """With a directory ``path``: the training step of the checkpoint; ``None`` takes the last."""
 
+    load_weights: bool = True
+    """``False`` takes only the encoder's structure and trains it from random
+    initialization: the baseline that shows what pretraining adds."""
+
     def validate(self) -> ValidationResult:
         result = ValidationResult()
 

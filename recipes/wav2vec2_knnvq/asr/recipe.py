@@ -151,7 +151,10 @@ class AsrRecipe(Recipe):
         if newly_initialized:
             pretrained = context.resolver.resolve(PretrainedEncoder)
 
-            load_pretrained_encoder(model, pretrained.load_shared_state_dict(), pretrained.source)
+            if context.get_config_as(AsrRecipeConfig).pretrained_encoder.load_weights:
+                load_pretrained_encoder(model, pretrained.load_shared_state_dict(), pretrained.source)
+            else:
+                log.info("The encoder of the structure of {} starts from random weights (`pretrained_encoder.load_weights=false`).", pretrained.source)  # fmt: skip
 
         return model
 

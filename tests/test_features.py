@@ -146,10 +146,10 @@ def test_refuses_other_family_and_mismatched_checkpoint(tmp_path: Path) -> None:
     (other / "checkpoints" / "step_1" / "model" / "pp_00" / "tp_00").mkdir(parents=True)
     (other / "checkpoints" / "step_1" / "model" / "pp_00" / "tp_00" / "sdp_00.pt").write_bytes(b"")
     (other / "checkpoints" / "model.yaml").write_text(
-        yaml.safe_dump({"name": "checkpoint", "model_family": "wav2vec2", "model_config": {}})
+        yaml.safe_dump({"name": "checkpoint", "model_family": "wav2vec2_asr", "model_config": {}})
     )
 
-    with pytest.raises(PretrainedModelError, match=r"model\.yaml: holds a `wav2vec2` model"):
+    with pytest.raises(PretrainedModelError, match=r"model\.yaml: holds a `wav2vec2_asr` model"):
         load_pretrained_model(other)
 
     # The weights of a 1x1024 model under a run that says 2x320.

@@ -317,3 +317,12 @@ def test_decoded_text_has_single_spaces_and_no_spaces_at_the_ends(tokenizer: Tok
     logits = _frames_to_logits(frames, tokenizer.vocab_info.size)
 
     assert ctc_greedy_decode(logits, [len(frames[0])], tokenizer.create_decoder()) == ["IN IN"]
+
+
+def test_short_transcripts_train_a_tokenizer(tmp_path: Path) -> None:
+    # SentencePiece needs a line limit of at least 10 bytes, longer than every line here.
+    card_path = train_char_tokenizer(["AB C", "D"], tmp_path, "short")
+
+    tokenizer = load_ctc_tokenizer(card_path)
+
+    assert tokenizer.create_decoder()(tokenizer.create_encoder()("AB D")) == "AB D"

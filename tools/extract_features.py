@@ -1,12 +1,17 @@
 """Extracts CNN features, Transformer layer outputs and discrete codes of a pretrained
-``wav2vec2_knnvq`` model for a manifest or a directory of audio, into resumable shards.
+``wav2vec2_knnvq`` model, or of fairseq2's ``wav2vec2`` family, for a manifest or a
+directory of audio, into resumable shards or one file per utterance.
 
 Examples::
 
     python tools/extract_features.py OUT_DIR manifests/dev-clean.tsv features/dev-clean --layers 6 -1
     python tools/extract_features.py OUT_DIR/checkpoints/step_5000 audio_dir/ features/ --format pt
+    python tools/extract_features.py wav2vec2_base manifests/dev-clean.tsv features/ --layout per-utterance
 
-Rerunning the same command after an interruption skips the finished shards.
+``--layout per-utterance`` writes ``features/layer6/<utterance id>.npy`` ``(T, D)`` per
+kind (``cnn``, ``layer{L}``, ``codes``), the directories that ABX evaluations and k-means
+unit pipelines read. Rerunning the same command after an interruption skips the finished
+shards or utterances.
 """
 
 from __future__ import annotations
@@ -23,14 +28,25 @@ from fairseq2.device import Device
 
 from w2v_knnvq.data.manifest import ManifestError
 from w2v_knnvq.features import AudioInputError, PretrainedModelError, SpeechFeatureExtractor, load_pretrained_model
-from w2v_knnvq.features.shards import ShardExtractionError, ShardSettings, extract_to_shards, list_utterances
+from w2v_knnvq.features.shards import (
+    ShardExtractionError,
+    ShardSettings,
+    Utterance,
+    extract_to_shards,
+    list_utterances,
+)
+from w2v_knnvq.features.utterance_files import extract_per_utterance
+
+DEFAULT_SHARD_SIZE = 256
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
 
     parser.add_argument(
-        "model", help="pretraining output directory, checkpoints/step_N directory, sdp_00.pt file, or asset card name"
+        "model",
+        help="pretraining output directory, checkpoints/step_N directory, sdp_00.pt file, or asset card name "
+        "(a wav2vec2_knnvq or wav2vec2 model)",
     )
     parser.add_argument(
         "input",
@@ -48,12 +64,61 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="0-based Transformer layers to save, negative from the end (default: -1; none: --layers)",
     )
     parser.add_argument("--no-codes", action="store_true", help="do not save the discrete codes")
-    parser.add_argument("--format", choices=("npy", "pt"), default="npy", help="shard file format (default: npy)")
-    parser.add_argument("--shard-size", type=int, default=256, help="utterances per shard (default: 256)")
+    parser.add_argument("--format", choices=("npy", "pt"), default="npy", help="file format (default: npy)")
+    parser.add_argument(
+        "--layout",
+        choices=("shards", "per-utterance"),
+        default="shards",
+        help="shards of --shard-size utterances, or one file per utterance and kind (default: shards)",
+    )
+    parser.add_argument(
+        "--shard-size", type=int, help=f"utterances per shard, with --layout shards (default: {DEFAULT_SHARD_SIZE})"
+    )
+    parser.add_argument(
+        "--utterance-ids",
+        choices=("stem", "path"),
+        help="with --layout per-utterance: name files by the audio file name without suffix (stem, the default) "
+        "or by its relative path with / written as __ (path)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="utterances per forward pass (default: 8)")
     parser.add_argument("--device", default="cpu", help="e.g. cpu or cuda:0")
 
     return parser.parse_args(argv)
+
+
+def _check_layout_options(args: argparse.Namespace) -> None:
+    """:raises ValueError: on an option of the other layout."""
+    if args.layout == "per-utterance" and args.shard_size is not None:
+        raise ValueError("--shard-size applies to --layout shards only; drop it.")
+
+    if args.layout == "shards" and args.utterance_ids is not None:
+        raise ValueError("--utterance-ids applies to --layout per-utterance only; drop it.")
+
+
+def _settings(args: argparse.Namespace, model: str, layers: list[int]) -> ShardSettings:
+    return ShardSettings(
+        model=model,
+        layers=layers,
+        codes=not args.no_codes,
+        shard_format=args.format,
+        shard_size=DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
+        layout=args.layout,
+        utterance_ids="stem" if args.utterance_ids is None else args.utterance_ids,
+    )
+
+
+def _extract(
+    args: argparse.Namespace, extractor: SpeechFeatureExtractor, utterances: list[Utterance], settings: ShardSettings
+) -> str:
+    """Writes the output directory. :returns: What was written, for the log."""
+    if settings.layout == "per-utterance":
+        files = extract_per_utterance(extractor, utterances, args.output_dir, settings, batch_size=args.batch_size)
+
+        return f"{files.num_utterances} utterances ({files.num_written} written now) in {args.output_dir}/<kind>/; index: {files.index_file}"
+
+    shards = extract_to_shards(extractor, utterances, args.output_dir, settings, batch_size=args.batch_size)
+
+    return f"{shards.num_shards} shards ({shards.num_written} written now) of {len(utterances)} utterances; index: {shards.index_file}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -62,30 +127,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
 
     try:
+        _check_layout_options(args)
+
         utterances = list_utterances(args.input)
 
         pretrained = load_pretrained_model(args.model, step=args.step, device=Device(args.device), dtype=torch.float32)
 
         extractor = SpeechFeatureExtractor(pretrained)
 
-        settings = ShardSettings(
-            model=pretrained.source,
-            layers=extractor.resolve_layers(args.layers),
-            codes=not args.no_codes,
-            shard_format=args.format,
-            shard_size=args.shard_size,
-        )
+        settings = _settings(args, pretrained.source, extractor.resolve_layers(args.layers))
 
-        summary = extract_to_shards(extractor, utterances, args.output_dir, settings, batch_size=args.batch_size)
+        report = _extract(args, extractor, utterances, settings)
     except (AudioInputError, PretrainedModelError, ShardExtractionError, ManifestError, ValueError) as ex:
         print(f"error: {ex}", file=sys.stderr)
 
         return 1
 
-    print(
-        f"{summary.num_shards} shards ({summary.num_written} written now) of {len(utterances)} utterances; index: {summary.index_file}",
-        file=sys.stderr,
-    )
+    print(report, file=sys.stderr)
 
     return 0
 

@@ -187,7 +187,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--pretrain-steps", type=int, default=800)
     parser.add_argument("--finetune-steps", type=int, default=2000)
     parser.add_argument(
-        "--corpus-dir", type=Path, help="an existing corpus in the LibriSpeech layout with train/dev/test (default: synthesize one)"
+        "--corpus-dir",
+        type=Path,
+        help="an existing corpus in the LibriSpeech layout with train/dev/test (default: synthesize one)",
     )
     args = parser.parse_args(argv)
 

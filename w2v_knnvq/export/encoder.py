@@ -1,31 +1,46 @@
-"""The encoder of a ``wav2vec2_knnvq`` model in the module layout that Hugging Face
-``transformers`` and torchaudio share (feature extractor, feature projection,
-positional convolution, Transformer layers).
+"""The wav2vec 2.0 encoder of a ``wav2vec2_knnvq``, fairseq2 ``wav2vec2`` or
+``wav2vec2_asr`` model in the module layout that Hugging Face ``transformers`` and
+torchaudio share (feature extractor, feature projection, positional convolution,
+Transformer layers).
 
-Only the encoder is exported: the quantizer and the contrastive projections
-are pretraining machinery that neither library's ``Wav2Vec2Model`` holds.
+Only the encoder is mapped here: the quantizer and the contrastive projections are
+pretraining machinery that neither library's ``Wav2Vec2Model`` holds, and the CTC head
+of a ``wav2vec2_asr`` model is added by :mod:`w2v_knnvq.export.ctc`.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
+from torch.nn import Module
 
 from fairseq2.models.transformer import TransformerNormOrder
-
-from w2v_knnvq.wav2vec2 import Wav2Vec2KnnVqConfig, Wav2Vec2KnnVqModel
+from fairseq2.models.wav2vec2 import Wav2Vec2EncoderConfig
 
 
 class ExportError(ValueError):
     """A model that the target library cannot represent; the message says which setting and why."""
 
 
+class EncoderModelConfig(Protocol):
+    """The configuration of a model built on a wav2vec 2.0 encoder: ``wav2vec2_knnvq``
+    (:class:`~w2v_knnvq.wav2vec2.Wav2Vec2KnnVqConfig`) and fairseq2's ``wav2vec2`` and
+    ``wav2vec2_asr`` configurations all hold one."""
+
+    @property
+    def encoder_config(self) -> Wav2Vec2EncoderConfig: ...
+
+    @property
+    def temporal_mask_span_len(self) -> int: ...
+
+
 @dataclass(frozen=True, kw_only=True)
 class EncoderLayout:
-    """The settings of the shared layout that a ``wav2vec2_knnvq`` encoder maps to."""
+    """The settings of the shared layout that a wav2vec 2.0 encoder maps to."""
 
     conv_layers: list[tuple[int, int, int]]
     """(channels, kernel, stride) of each CNN layer."""
@@ -40,7 +55,7 @@ class EncoderLayout:
     layer norm after the positional convolution)."""
 
 
-def describe_encoder(config: Wav2Vec2KnnVqConfig) -> EncoderLayout:
+def describe_encoder(config: EncoderModelConfig) -> EncoderLayout:
     """:raises ExportError: if the encoder has a part the shared layout lacks."""
     encoder = config.encoder_config
 
@@ -121,7 +136,8 @@ _LAYER_KEY_MAP = (
     (re.compile(r"^encoder\.layer_norm\."), r"encoder.layer_norm."),
 )
 
-# Parts of the pretraining model that the exported encoder leaves behind.
+# Parts of the model that the exported encoder leaves behind: the pretraining machinery
+# and, of a CTC model, the head (`final_proj`).
 _DROPPED_PREFIXES = ("quantizer.", "final_proj.", "final_target_proj.", "masker.")
 
 _POS_CONV_PREFIX = "encoder_frontend.pos_encoder.conv."
@@ -130,7 +146,7 @@ _POS_CONV_G = "encoder.pos_conv_embed.conv.parametrizations.weight.original0"
 _POS_CONV_V = "encoder.pos_conv_embed.conv.parametrizations.weight.original1"
 
 
-def encoder_state_dict(model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig) -> dict[str, Tensor]:
+def encoder_state_dict(model: Module, config: EncoderModelConfig) -> dict[str, Tensor]:
     """Returns the encoder's weights under the shared names, with the root of Hugging
     Face's ``Wav2Vec2Model`` (``feature_extractor.``, ``feature_projection.``, ``encoder.``).
 
@@ -185,7 +201,7 @@ def encoder_state_dict(model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig) -
     return exported
 
 
-def mask_embedding(model: Wav2Vec2KnnVqModel) -> Tensor | None:
+def mask_embedding(model: Module) -> Tensor | None:
     """:returns: ``(model_dim,)`` the learned embedding of masked frames, if any."""
     embed = model.state_dict().get("masker.temporal_mask_embed")
 

@@ -1,4 +1,5 @@
-"""Per-frame features and discrete codes from pretrained ``wav2vec2_knnvq`` models.
+"""Per-frame features and discrete codes from pretrained ``wav2vec2_knnvq`` models and
+fairseq2's ``wav2vec2`` ones (e.g. the ``wav2vec2_base`` card).
 
 .. code:: python
 

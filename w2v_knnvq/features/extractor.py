@@ -1,4 +1,4 @@
-"""Per-frame features and discrete codes of a pretrained ``wav2vec2_knnvq`` model."""
+"""Per-frame features and discrete codes of a pretrained ``wav2vec2_knnvq`` or ``wav2vec2`` model."""
 
 from __future__ import annotations
 
@@ -13,17 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fairseq2.models.wav2vec2 import GumbelWav2Vec2VectorQuantizer, Wav2Vec2FeatureExtractor, Wav2Vec2Model
+from fairseq2.models.wav2vec2 import GumbelWav2Vec2VectorQuantizer, Wav2Vec2FeatureExtractor
 from fairseq2.models.wav2vec2.feature_extractor import Wav2Vec2FeatureExtractionLayer
 from fairseq2.nn import BatchLayout
 
 from w2v_knnvq.features.audio_input import MODEL_SAMPLE_RATE, AudioInputError, prepare_waveform, read_audio
 from w2v_knnvq.features.loading import PretrainedModel
+from w2v_knnvq.features.loading import PretrainingModel as PretrainingModel
 from w2v_knnvq.quantizer import VectorQuantizer
-from w2v_knnvq.wav2vec2 import Wav2Vec2KnnVqModel
-
-PretrainingModel = Wav2Vec2KnnVqModel | Wav2Vec2Model
-"""A pretraining model of this project's family or fairseq2's ``wav2vec2`` (Gumbel) family."""
 
 PADDING_CODE = -1
 """The code reported for padding frames."""

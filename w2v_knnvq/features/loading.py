@@ -1,25 +1,40 @@
-"""Loads a pretrained ``wav2vec2_knnvq`` model from an asset card, a pretraining
-output directory or a checkpoint file."""
+"""Loads a pretrained ``wav2vec2_knnvq`` model, or one of fairseq2's ``wav2vec2`` family,
+from an asset card, a pretraining output directory or a checkpoint file."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final, TypeVar
 
 import torch
 
 from fairseq2.assets import AssetCard, AssetCardError, AssetNotFoundError, AssetStore
 from fairseq2.device import CPU, Device
+from fairseq2.models import ModelHub
+from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY, Wav2Vec2Config, Wav2Vec2Model, get_wav2vec2_model_hub
 from fairseq2.runtime.dependency import get_dependency_resolver
 from fairseq2.utils.validation import ValidationError
 
-from w2v_knnvq.runs import RunCheckpointError, find_run_checkpoint, load_run_model
+from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError, find_run_checkpoint, load_run_model
 from w2v_knnvq.wav2vec2 import (
     WAV2VEC2_KNNVQ_FAMILY,
     Wav2Vec2KnnVqConfig,
     Wav2Vec2KnnVqModel,
     get_wav2vec2_knnvq_model_hub,
 )
+
+PretrainingModel = Wav2Vec2KnnVqModel | Wav2Vec2Model
+"""A pretraining model of this project's family or fairseq2's ``wav2vec2`` (Gumbel) family."""
+
+PretrainingConfig = Wav2Vec2KnnVqConfig | Wav2Vec2Config
+"""The configuration of a :data:`PretrainingModel`."""
+
+FEATURE_FAMILIES: Final = (WAV2VEC2_KNNVQ_FAMILY, WAV2VEC2_FAMILY)
+"""The model families that feature extraction loads."""
+
+ModelT = TypeVar("ModelT", bound=PretrainingModel)
+ConfigT = TypeVar("ConfigT", bound=PretrainingConfig)
 
 
 class PretrainedModelError(RunCheckpointError):
@@ -28,10 +43,10 @@ class PretrainedModelError(RunCheckpointError):
 
 @dataclass(kw_only=True)
 class PretrainedModel:
-    model: Wav2Vec2KnnVqModel
+    model: PretrainingModel
     """In eval mode."""
 
-    config: Wav2Vec2KnnVqConfig
+    config: PretrainingConfig
 
     source: str
     """The asset name or checkpoint path it was loaded from."""
@@ -48,11 +63,11 @@ def load_pretrained_model(
     device: Device = CPU,
     dtype: torch.dtype = torch.float32,
 ) -> PretrainedModel:
-    """Loads a pretrained ``wav2vec2_knnvq`` model in eval mode.
+    """Loads a pretrained ``wav2vec2_knnvq`` or ``wav2vec2`` model in eval mode.
 
     :param source: One of
 
-        - an asset card name whose card has a ``checkpoint``;
+        - an asset card name whose card has a ``checkpoint``, e.g. fairseq2's ``wav2vec2_base``;
         - a pretraining output directory (holding ``config.yaml`` and ``checkpoints/``);
         - a run's ``checkpoints`` directory or one of its ``step_N`` directories;
         - a checkpoint file (``sdp_00.pt``) inside such a run.
@@ -60,8 +75,9 @@ def load_pretrained_model(
     :param step: The training step to load; with an output or ``checkpoints``
         directory the last one if ``None``.
 
-    :raises PretrainedModelError: if nothing loadable is found, the run belongs to
-        another model family, or the weights do not fit the run's configuration.
+    :raises PretrainedModelError: if nothing loadable is found, the model belongs to
+        another family than :data:`FEATURE_FAMILIES`, or the weights do not fit the run's
+        configuration.
     """
     # Initializes fairseq2 (and with it this project's extension) on first use.
     get_dependency_resolver()
@@ -90,7 +106,9 @@ def _load_from_card(name: str, device: Device, dtype: torch.dtype) -> Pretrained
             "a checkpoint file, or a card name from `python -m fairseq2.assets list --kind model`."
         ) from None
 
-    _check_family(card.field("model_family").as_(str), name)
+    family = card.field("model_family").as_(str)
+
+    _check_family(family, name)
 
     if card.maybe_get_field("checkpoint") is None:
         raise PretrainedModelError(
@@ -98,11 +116,20 @@ def _load_from_card(name: str, device: Device, dtype: torch.dtype) -> Pretrained
             "write a card with `base: " + name + "` and a `checkpoint` path, or pass a checkpoint directly."
         )
 
-    config = _config_from_card(card)
+    if family == WAV2VEC2_FAMILY:
+        return _load_card_model(get_wav2vec2_model_hub(), card, device, dtype)
 
-    model = get_wav2vec2_knnvq_model_hub().load_model(card, config=config, device=device, dtype=dtype)
+    return _load_card_model(get_wav2vec2_knnvq_model_hub(), card, device, dtype)
 
-    return _ready(model, config, name, normalize_audio=False)
+
+def _load_card_model(
+    hub: ModelHub[ModelT, ConfigT], card: AssetCard, device: Device, dtype: torch.dtype
+) -> PretrainedModel:
+    config = _config_from_card(hub, card)
+
+    model = hub.load_model(card, config=config, device=device, dtype=dtype)
+
+    return _ready(model, config, card.name, normalize_audio=False)
 
 
 def _load_from_path(path: Path, step: int | None, device: Device, dtype: torch.dtype) -> PretrainedModel:
@@ -111,32 +138,43 @@ def _load_from_path(path: Path, step: int | None, device: Device, dtype: torch.d
 
         _check_family(run.family, str(run.metadata_file))
 
-        model = load_run_model(run, get_wav2vec2_knnvq_model_hub(), WAV2VEC2_KNNVQ_FAMILY, device=device, dtype=dtype)
+        if run.family == WAV2VEC2_FAMILY:
+            return _load_run_model(run, get_wav2vec2_model_hub(), device, dtype)
+
+        return _load_run_model(run, get_wav2vec2_knnvq_model_hub(), device, dtype)
     except PretrainedModelError:
         raise
     except RunCheckpointError as ex:
         raise PretrainedModelError(str(ex)) from ex
 
-    return _ready(model, _config_from_card(run.card), str(run.model_dir), normalize_audio=bool(run.normalize_audio))
+
+def _load_run_model(
+    run: RunCheckpoint, hub: ModelHub[ModelT, ConfigT], device: Device, dtype: torch.dtype
+) -> PretrainedModel:
+    model = load_run_model(run, hub, run.family, device=device, dtype=dtype)
+
+    config = _config_from_card(hub, run.card)
+
+    return _ready(model, config, str(run.model_dir), normalize_audio=bool(run.normalize_audio))
 
 
 def _check_family(family: str, source: str) -> None:
-    if family != WAV2VEC2_KNNVQ_FAMILY:
+    if family not in FEATURE_FAMILIES:
         raise PretrainedModelError(
-            f"{source}: holds a `{family}` model, but feature extraction loads `{WAV2VEC2_KNNVQ_FAMILY}` models; "
-            f"use fairseq2's own tools for `{family}` checkpoints."
+            f"{source}: holds a `{family}` model, but feature extraction loads `{WAV2VEC2_KNNVQ_FAMILY}` and "
+            f"`{WAV2VEC2_FAMILY}` pretraining models; use fairseq2's own tools for `{family}` checkpoints."
         )
 
 
-def _config_from_card(card: AssetCard) -> Wav2Vec2KnnVqConfig:
+def _config_from_card(hub: ModelHub[ModelT, ConfigT], card: AssetCard) -> ConfigT:
     try:
-        return get_wav2vec2_knnvq_model_hub().get_model_config(card)
+        return hub.get_model_config(card)
     except (AssetCardError, ValidationError, ValueError) as ex:
         raise PretrainedModelError(f"{card.name}: the model configuration cannot be read ({ex}).") from ex
 
 
 def _ready(
-    model: Wav2Vec2KnnVqModel, config: Wav2Vec2KnnVqConfig, source: str, *, normalize_audio: bool
+    model: PretrainingModel, config: PretrainingConfig, source: str, *, normalize_audio: bool
 ) -> PretrainedModel:
     model.eval()
 

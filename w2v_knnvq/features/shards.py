@@ -11,6 +11,8 @@ An output directory holds, for shard ``k`` of ``shard_size`` consecutive utteran
 ``index.jsonl`` gathers the shard indexes in order once every shard is done, and
 ``extraction.json`` records the settings; a rerun with the same settings skips the
 complete shards and never writes an utterance twice.
+
+The other layout, one file per utterance and kind, is :mod:`w2v_knnvq.features.utterance_files`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ INDEX_FILE = "index.jsonl"
 SETTINGS_FILE = "extraction.json"
 
 ShardFormat = Literal["npy", "pt"]
+
+Layout = Literal["shards", "per-utterance"]
+
+UtteranceIdScheme = Literal["stem", "path"]
 
 
 class ShardExtractionError(ValueError):
@@ -90,9 +96,17 @@ class ShardSettings:
     codes: bool = True
 
     shard_format: ShardFormat = "npy"
+    """The file format of the shards, or of the utterance files."""
 
     shard_size: int = 256
     """Utterances per shard."""
+
+    layout: Layout = "shards"
+    """``shards`` of ``shard_size`` utterances, or ``per-utterance`` files
+    (:mod:`w2v_knnvq.features.utterance_files`)."""
+
+    utterance_ids: UtteranceIdScheme = "stem"
+    """How the ``per-utterance`` layout names files (see :func:`~w2v_knnvq.features.utterance_files.utterance_ids`)."""
 
     utterances: list[str] = field(default_factory=list)
 
@@ -121,6 +135,11 @@ def extract_to_shards(
     :raises ShardExtractionError: if ``output_dir`` holds a run with other settings.
     :raises AudioInputError: naming the first unreadable file; shards written so far stay.
     """
+    if settings.layout != "shards":
+        raise ValueError(
+            f"`settings.layout` must be `shards`, but is `{settings.layout}` instead; use `extract_per_utterance` for that layout."
+        )
+
     if settings.shard_size < 1 or batch_size < 1:
         raise ValueError("`shard_size` and `batch_size` must be at least 1.")
 
@@ -128,7 +147,7 @@ def extract_to_shards(
 
     output_dir.mkdir(parents=True, exist_ok=True)
 
-    _check_settings(output_dir, settings)
+    check_settings(output_dir, settings)
 
     shards = [
         list(utterances[start : start + settings.shard_size])
@@ -185,13 +204,22 @@ def load_shard(output_dir: Path, shard_idx: int, shard_format: ShardFormat) -> d
     return {path.name[len(stem) + 1 : -len(".npy")]: np.load(path) for path in sorted(output_dir.glob(f"{stem}.*.npy"))}
 
 
-def _check_settings(output_dir: Path, settings: ShardSettings) -> None:
+def check_settings(output_dir: Path, settings: ShardSettings) -> None:
+    """Records ``settings`` in a new ``output_dir``, or checks that they are those recorded.
+
+    :raises ShardExtractionError: if ``output_dir`` holds an extraction with other settings.
+    """
     settings_file = output_dir / SETTINGS_FILE
 
     current = asdict(settings)
 
     if settings_file.is_file():
-        previous = json.loads(settings_file.read_text())
+        recorded = json.loads(settings_file.read_text())
+
+        # A settings file written before a setting existed holds its default.
+        defaults = asdict(ShardSettings(model=settings.model, layers=settings.layers))
+
+        previous = {key: recorded.get(key, defaults[key]) for key in current}
 
         if previous != current:
             differing = sorted(key for key in current if previous.get(key) != current[key])
@@ -226,7 +254,7 @@ def _write_shard(
         features = extractor.extract_files([utterance.path for utterance in batch], layers=settings.layers)
 
         for row, utterance in enumerate(batch):
-            for kind, tensor in _kinds(features.utterance(row), settings.codes).items():
+            for kind, tensor in feature_kinds(features.utterance(row), settings.codes).items():
                 kinds.setdefault(kind, []).append(tensor)
 
             num_frames = int(features.frame_lengths[row])
@@ -245,14 +273,14 @@ def _write_shard(
         write_atomically(output_dir / f"{stem}.pt", lambda tmp: torch.save(stacked, tmp))
     else:
         for kind, tensor in stacked.items():
-            write_atomically(output_dir / f"{stem}.{kind}.npy", partial(_save_npy, array=tensor.numpy()))
+            write_atomically(output_dir / f"{stem}.{kind}.npy", partial(save_npy, array=tensor.numpy()))
 
     index_lines = "".join(json.dumps(record) + "\n" for record in records)
 
     write_atomically(_shard_index_file(output_dir, shard_idx), lambda tmp: tmp.write_text(index_lines))
 
 
-def _kinds(features: SpeechFeatures, codes: bool) -> dict[str, Tensor]:
+def feature_kinds(features: SpeechFeatures, codes: bool) -> dict[str, Tensor]:
     """:returns: Each kind of one unpadded utterance, frames first: ``(T, *)``."""
     kinds = {"cnn": features.cnn_features[0].float()}
 
@@ -265,7 +293,7 @@ def _kinds(features: SpeechFeatures, codes: bool) -> dict[str, Tensor]:
     return kinds
 
 
-def _save_npy(path: Path, array: np.ndarray) -> None:
+def save_npy(path: Path, array: np.ndarray) -> None:
     # np.save appends `.npy` to a name without it; an open file keeps the temporary name.
     with path.open("wb") as fp:
         np.save(fp, array)

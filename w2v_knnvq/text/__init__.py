@@ -12,8 +12,11 @@ from w2v_knnvq.text.error_rates import char_edits as char_edits
 from w2v_knnvq.text.error_rates import normalize_text as normalize_text
 from w2v_knnvq.text.error_rates import word_edits as word_edits
 from w2v_knnvq.text.tokenizer import CTC_BLANK_ID as CTC_BLANK_ID
+from w2v_knnvq.text.tokenizer import DEFAULT_TOKENIZER_NAME as DEFAULT_TOKENIZER_NAME
 from w2v_knnvq.text.tokenizer import check_vocab_size as check_vocab_size
+from w2v_knnvq.text.tokenizer import finetuning_tokenizer_path as finetuning_tokenizer_path
 from w2v_knnvq.text.tokenizer import load_ctc_tokenizer as load_ctc_tokenizer
 from w2v_knnvq.text.tokenizer import load_tokenizer_card as load_tokenizer_card
 from w2v_knnvq.text.tokenizer import read_transcripts as read_transcripts
 from w2v_knnvq.text.tokenizer import train_char_tokenizer as train_char_tokenizer
+from w2v_knnvq.text.tokenizer import trained_tokenizer_card as trained_tokenizer_card

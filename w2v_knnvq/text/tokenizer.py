@@ -31,6 +31,8 @@ from fairseq2.data.tokenizers import Tokenizer, load_tokenizer
 from fairseq2.data.tokenizers.char import CHAR_TOKENIZER_FAMILY, load_char_tokenizer
 from fairseq2.runtime.dependency import get_dependency_resolver
 
+from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError
+
 CTC_BLANK_ID: Final = 0
 PAD_ID: Final = CTC_BLANK_ID
 UNK_ID: Final = 1
@@ -44,6 +46,12 @@ _TRANSCRIPT_SUFFIXES: Final = (".trans.txt", ".wrd")
 _CARD_SUFFIXES: Final = (".yaml", ".yml")
 
 _NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+TRAINED_TOKENIZER_DIR: Final = "tokenizer"
+"""Where, under its output directory, the fine-tuning recipe writes the tokenizer it trains."""
+
+DEFAULT_TOKENIZER_NAME: Final = "ctc_char"
+"""The name of the tokenizer the fine-tuning recipe trains unless ``tokenizer.name`` is set."""
 
 
 def find_transcript_files(paths: Sequence[Path]) -> list[Path]:
@@ -158,8 +166,9 @@ def train_char_tokenizer(transcripts: Sequence[str], output_dir: Path, name: str
         unk_id=UNK_ID,
         bos_id=-1,
         eos_id=-1,
-        # SentencePiece silently skips longer lines, which could drop rare characters.
-        max_sentence_length=max(len(text.encode("utf-8")) for text in transcripts),
+        # SentencePiece silently skips longer lines, which could drop rare characters; it
+        # refuses a limit below 10 bytes.
+        max_sentence_length=max(10, *(len(text.encode("utf-8")) for text in transcripts)),
         minloglevel=2,
     )
 
@@ -239,3 +248,42 @@ def check_vocab_size(tokenizer_vocab_size: int, model_vocab_size: int, tokenizer
             f"`target_vocab_size` to {tokenizer_vocab_size}, or use the tokenizer the model "
             "was trained with."
         )
+
+
+def trained_tokenizer_card(output_dir: Path, name: str) -> Path:
+    """The asset card of the tokenizer ``name`` that the fine-tuning recipe trained into ``output_dir``."""
+    return output_dir / TRAINED_TOKENIZER_DIR / f"{name}.yaml"
+
+
+def finetuning_tokenizer_path(run: RunCheckpoint, *, relative_path_fix: str) -> Path:
+    """The tokenizer a fine-tuning run trained with: ``tokenizer.path`` of its
+    ``config.yaml``, else the one it trained into its output directory.
+
+    :param relative_path_fix: What the error about a relative ``tokenizer.path`` tells the
+        user to do instead, e.g. which option to set.
+
+    :raises RunCheckpointError: if the run's ``config.yaml`` is missing or gives a relative path.
+    """
+    if not run.config_file.is_file():
+        raise RunCheckpointError(
+            f"{run.config_file} does not exist, so the run's tokenizer is unknown; keep the fine-tuning output directory intact."
+        )
+
+    path = run.recipe_option("tokenizer", "path")
+
+    if path is None:
+        name = run.recipe_option("tokenizer", "name")
+
+        return trained_tokenizer_card(run.run_dir, name if isinstance(name, str) else DEFAULT_TOKENIZER_NAME)
+
+    tokenizer_path = Path(str(path)).expanduser()
+
+    # The recipe records the path it resolved; a relative one cannot be resolved again
+    # since the directory the run was started in is unknown.
+    if not tokenizer_path.is_absolute():
+        raise RunCheckpointError(
+            f"`tokenizer.path` in {run.config_file} must be absolute, but is the relative path {tokenizer_path} "
+            f"instead, relative to the directory the run was started in, which is unknown; {relative_path_fix}."
+        )
+
+    return tokenizer_path

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
 
 from fairseq2.data.tokenizers import Tokenizer
 from fairseq2.gang import Gangs
 from fairseq2.logging import log
 from fairseq2.recipe.error import RecipeError
 
-from w2v_knnvq.text import load_ctc_tokenizer, read_transcripts, train_char_tokenizer
-
-TRAINED_TOKENIZER_DIR: Final = "tokenizer"
-"""Where, under the output directory, the recipe writes the tokenizer it trains."""
-
-DEFAULT_TOKENIZER_NAME: Final = "ctc_char"
+from w2v_knnvq.text import (
+    DEFAULT_TOKENIZER_NAME,
+    load_ctc_tokenizer,
+    read_transcripts,
+    train_char_tokenizer,
+    trained_tokenizer_card,
+)
 
 
 @dataclass(kw_only=True)
@@ -35,11 +35,6 @@ class CtcTokenizerSection:
         # evaluation finds the same tokenizer from any directory.
         if self.path is not None:
             self.path = self.path.expanduser().resolve()
-
-
-def trained_tokenizer_card(output_dir: Path, name: str) -> Path:
-    """The asset card of the tokenizer ``name`` that the recipe trained into ``output_dir``."""
-    return output_dir / TRAINED_TOKENIZER_DIR / f"{name}.yaml"
 
 
 def prepare_ctc_tokenizer(

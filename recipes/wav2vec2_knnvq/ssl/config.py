@@ -29,11 +29,16 @@ from fairseq2.recipe.config import (
 
 from .criterion import SslLossSection
 from .dataset import SslDatasetSection
+from .warm_start import InitFromSection
 
 
 @dataclass(kw_only=True)
 class SslRecipeConfig:
     model: ModelSection = field(default_factory=lambda: ModelSection(family="wav2vec2_knnvq", arch="paper_2x320"))
+
+    init_from: InitFromSection = field(default_factory=lambda: InitFromSection())
+    """A pretrained wav2vec 2.0 model whose CNN and Transformer a new run starts from;
+    unset, the model starts from random weights."""
 
     dataset: SslDatasetSection = field(default_factory=lambda: SslDatasetSection())
 

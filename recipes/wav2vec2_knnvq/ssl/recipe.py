@@ -10,6 +10,7 @@ from collections.abc import Callable, MutableMapping
 from typing import final
 
 from torch import Tensor
+from torch.nn import Module
 from typing_extensions import override
 
 # fairseq2.recipe must be imported before fairseq2.evaluator, which imports it back.
@@ -46,6 +47,7 @@ from .metrics import (
     publish_per_codebook,
     register_ssl_metric_descriptors,
 )
+from .warm_start import init_from_pretrained
 
 
 @final
@@ -102,6 +104,20 @@ class SslRecipe(Recipe):
         )
 
         return context.create_trainer(train_unit, train_reader, [valid_unit], [valid_reader])
+
+    @override
+    def setup_model(self, context: RecipeContext, model: Module, newly_initialized: bool) -> Module:
+        config = context.get_config_as(SslRecipeConfig)
+
+        init_from_pretrained(
+            context,
+            model,
+            config.init_from,
+            newly_initialized=newly_initialized,
+            normalize_audio=config.dataset.normalize_audio,
+        )
+
+        return model
 
     @property
     @override

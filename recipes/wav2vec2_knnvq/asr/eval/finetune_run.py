@@ -9,10 +9,10 @@ from typing import Final
 from fairseq2.recipe.config import ReferenceModelSection
 from fairseq2.recipe.error import RecipeError
 
-from w2v_knnvq.runs import RunCheckpoint
+from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError
+from w2v_knnvq.text import finetuning_tokenizer_path
 
 from ....common import find_recipe_checkpoint
-from ..tokenizer import DEFAULT_TOKENIZER_NAME, trained_tokenizer_card
 from .config import FinetunedModelSection
 
 ASR_MODEL_FAMILY: Final = "wav2vec2_asr"
@@ -81,22 +81,7 @@ def run_tokenizer_path(run: RunCheckpoint) -> Path:
     """
     check_run_config(run)
 
-    path = run.recipe_option("tokenizer", "path")
-
-    if path is None:
-        name = run.recipe_option("tokenizer", "name")
-
-        return trained_tokenizer_card(run.run_dir, name if isinstance(name, str) else DEFAULT_TOKENIZER_NAME)
-
-    tokenizer_path = Path(str(path)).expanduser()
-
-    # The recipe records the path it resolved; a relative one cannot be resolved again
-    # since the directory the run was started in is unknown.
-    if not tokenizer_path.is_absolute():
-        raise RecipeError(
-            f"`tokenizer.path` in {run.config_file} must be absolute, but is the relative path {tokenizer_path} "
-            "instead, relative to the directory the run was started in, which is unknown; set `tokenizer.path` "
-            "of the evaluation."
-        )
-
-    return tokenizer_path
+    try:
+        return finetuning_tokenizer_path(run, relative_path_fix="set `tokenizer.path` of the evaluation")
+    except RunCheckpointError as ex:
+        raise RecipeError(str(ex)) from None

@@ -483,6 +483,26 @@ def test_evaluation_of_a_checkpoint_on_any_split(
     assert missing.returncode == 1 and "does not exist" in missing.stderr
 
 
+def _assert_evaluation_matches_validation(
+    output_dir: Path, manifest_dir: Path, eval_dir: Path, validation: dict[str, Any]
+) -> None:
+    """A one-process evaluation of the run's last checkpoint gives the usage its validation logged."""
+    evaluation = subprocess.run(
+        [
+            sys.executable, "-m", "recipes.wav2vec2_knnvq.ssl.evaluate", str(output_dir),
+            "--manifest-dir", str(manifest_dir), "--splits", "valid", "--output-dir", str(eval_dir),
+        ],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+
+    record = json.loads((eval_dir / "valid/evaluation.json").read_text())
+
+    assert record["codebook_usage"] == pytest.approx(validation["Codebook Usage"])
+    assert record["mean_utterance_codebook_usage"] == pytest.approx(validation["Mean Utterance Codebook Usage"])
+
+
 def test_two_processes_validate_as_one_and_resume_only_with_two(manifest_dir: Path, tmp_path: Path) -> None:
     """``torchrun`` with two processes (gloo): validation covers every utterance once, and its
     usage (a union over the ranks) equals a one-process evaluation of the same checkpoint. A
@@ -519,20 +539,7 @@ def test_two_processes_validate_as_one_and_resume_only_with_two(manifest_dir: Pa
 
     assert validation["Number of Examples"] == len(SpeechManifestDataset(manifest_dir).read_split("valid").entries)
 
-    evaluation = subprocess.run(
-        [
-            sys.executable, "-m", "recipes.wav2vec2_knnvq.ssl.evaluate", str(output_dir),
-            "--manifest-dir", str(manifest_dir), "--splits", "valid", "--output-dir", str(tmp_path / "eval"),
-        ],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-
-    record = json.loads((tmp_path / "eval/valid/evaluation.json").read_text())
-
-    assert record["codebook_usage"] == pytest.approx(validation["Codebook Usage"])
-    assert record["mean_utterance_codebook_usage"] == pytest.approx(validation["Mean Utterance Codebook Usage"])
+    _assert_evaluation_matches_validation(output_dir, manifest_dir, tmp_path / "eval", validation)
 
     overrides[overrides.index("regime.num_steps=4")] = "regime.num_steps=6"
 
@@ -576,20 +583,7 @@ def test_fsdp_with_activation_checkpointing_saves_a_checkpoint_the_tools_load(
 
     (validation,) = _read_jsonl(output_dir / "metrics/valid.jsonl")
 
-    evaluation = subprocess.run(
-        [
-            sys.executable, "-m", "recipes.wav2vec2_knnvq.ssl.evaluate", str(output_dir),
-            "--manifest-dir", str(manifest_dir), "--splits", "valid", "--output-dir", str(tmp_path / "eval"),
-        ],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-
-    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-
-    record = json.loads((tmp_path / "eval/valid/evaluation.json").read_text())
-
-    assert record["codebook_usage"] == pytest.approx(validation["Codebook Usage"])
-    assert record["mean_utterance_codebook_usage"] == pytest.approx(validation["Mean Utterance Codebook Usage"])
+    _assert_evaluation_matches_validation(output_dir, manifest_dir, tmp_path / "eval", validation)
 
 
 def test_compiled_model_trains_as_the_eager_one(

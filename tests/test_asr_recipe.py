@@ -48,7 +48,7 @@ from tests.cli import recipe_command, run_recipe_command
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset, AsrReadOptions
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.runs import RunCheckpoint, find_run_checkpoint
-from w2v_knnvq.text import load_ctc_tokenizer, word_edits
+from w2v_knnvq.text import load_ctc_tokenizer, word_edits, write_arpa
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -94,15 +94,24 @@ def _finetune(output_dir: Path, overrides: list[str]) -> None:
 
 
 def _run_eval(
-    finetune_dir: Path, manifest_dir: Path, output_dir: Path, *overrides: str, expected_returncode: int = 0
+    finetune_dir: Path,
+    manifest_dir: Path,
+    output_dir: Path,
+    *overrides: str,
+    expected_returncode: int = 0,
+    extra_args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess[str]:
-    """Evaluates on the `valid` split through the evaluation's command line, on the CPU."""
+    """Evaluates on the `valid` split through the evaluation's command line, on the CPU.
+
+    :param extra_args: Options before ``--config``, e.g. the beam search's.
+    """
     return _run(
         [
             sys.executable,
             "-m",
             "recipes.wav2vec2_knnvq.asr.eval",
             "--no-rich",
+            *extra_args,
             "--config",
             f"model.run_dir={finetune_dir}",
             f"dataset.config_overrides.manifest_dir={manifest_dir}",
@@ -348,6 +357,50 @@ def test_eval_writes_transcripts_and_figures(finetune_dir: Path, manifest_dir: P
     assert float(metrics["Character Error Rate (CER)"]) == pytest.approx(record["cer"])
 
     assert record["wer"] == pytest.approx(_validation_wers(finetune_dir)[best_step])
+
+
+def test_eval_decodes_with_a_lexicon_of_the_training_words(
+    finetune_dir: Path, manifest_dir: Path, tmp_path: Path
+) -> None:
+    """``--beam-search`` without a lexicon builds one from the run's training transcripts;
+    greedy decoding is scored as without beam search, the beam search next to it."""
+    output_dir = tmp_path / "eval"
+
+    result = _run_eval(finetune_dir, manifest_dir, output_dir, extra_args=("--beam-search", "--beam-size", "8"))
+
+    record = json.loads((output_dir / "valid.json").read_text())
+
+    lexicon_words = [line.split("\t")[0] for line in (output_dir / "lexicon.txt").read_text().splitlines()]
+
+    train_words = list(dict.fromkeys((manifest_dir / "train4.wrd").read_text().split()))
+
+    assert lexicon_words == train_words
+
+    beam = record["beam_search"]
+
+    assert beam["lexicon"] == str(output_dir / "lexicon.txt")
+    assert beam["lm"] is None
+    assert beam["beam_size"] == 8
+
+    rows = [line.split("\t") for line in (output_dir / "valid.tsv").read_text().splitlines()]
+
+    assert rows[0] == ["id", "ref", "hyp", "beam_hyp"]
+
+    refs = [row[1] for row in rows[1:]]
+    beam_hyps = [row[3] for row in rows[1:]]
+
+    assert beam_hyps == (output_dir / "valid.beam.hyp.txt").read_text().splitlines()
+
+    assert all(word in lexicon_words for hyp in beam_hyps for word in hyp.split())
+
+    errors = sum(word_edits(ref, hyp).errors for ref, hyp in zip(refs, beam_hyps, strict=True))
+
+    assert beam["wer"] == pytest.approx(100.0 * errors / sum(len(ref.split()) for ref in refs))
+
+    # Greedy decoding is scored as the run's validation scored it.
+    assert record["wer"] == pytest.approx(_validation_wers(finetune_dir)[_best_step(finetune_dir)])
+
+    assert "| beam search |" in result.stderr + result.stdout
 
 
 def test_eval_names_the_saved_steps_of_a_missing_checkpoint(
@@ -824,9 +877,15 @@ def test_finetuning_transcribes_its_own_training_utterances(
         ],
     )
 
+    refs = (manifest_dir / "train4.wrd").read_text().splitlines()
+
+    # Also decoded with a bigram of the four transcripts and the lexicon of their words,
+    # which the evaluation builds from the run's training split.
+    lm = write_arpa(refs, tmp_path / "train4.arpa", order=2)
+
     _run(
         [
-            sys.executable, "-m", "recipes.wav2vec2_knnvq.asr.eval", "--no-rich", "--config",
+            sys.executable, "-m", "recipes.wav2vec2_knnvq.asr.eval", "--no-rich", "--lm", str(lm), "--config",
             f"model.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
             "dataset.split=train4", "--", str(tmp_path / "eval"),
         ],
@@ -839,10 +898,20 @@ def test_finetuning_transcribes_its_own_training_utterances(
     assert record["cer"] < 10.0, record
     assert record["wer"] < 30.0, record
 
-    refs = (manifest_dir / "train4.wrd").read_text().splitlines()
     hyps = (tmp_path / "eval/train4.hyp.txt").read_text().splitlines()
 
     assert sum(hyp == ref for hyp, ref in zip(hyps, refs, strict=True)) >= 2, hyps
+
+    # The language model repairs what greedy decoding misspells.
+    beam = record["beam_search"]
+
+    assert beam["lm"] == str(lm)
+    assert beam["wer"] <= record["wer"], record
+    assert beam["wer"] < 10.0, record
+
+    beam_hyps = (tmp_path / "eval/train4.beam.hyp.txt").read_text().splitlines()
+
+    assert sum(hyp == ref for hyp, ref in zip(beam_hyps, refs, strict=True)) >= 3, beam_hyps
 
 
 def test_random_initialization_baseline_takes_only_the_encoder_structure(

@@ -3,8 +3,6 @@ of a ``wav2vec2_knnvq`` or fairseq2 ``wav2vec2`` model (``Wav2Vec2Model``), and 
 fine-tuned ``wav2vec2_asr`` CTC model with its tokenizer (``Wav2Vec2ForCTC``; torchaudio's
 ``aux`` head)."""
 
-from w2v_knnvq.export.ctc import PAD_TOKEN as PAD_TOKEN
-from w2v_knnvq.export.ctc import WORD_DELIMITER_TOKEN as WORD_DELIMITER_TOKEN
 from w2v_knnvq.export.ctc import ctc_vocabulary as ctc_vocabulary
 from w2v_knnvq.export.ctc import export_huggingface_ctc as export_huggingface_ctc
 from w2v_knnvq.export.ctc import huggingface_ctc_config as huggingface_ctc_config
@@ -31,3 +29,5 @@ from w2v_knnvq.export.torchaudio import export_torchaudio as export_torchaudio
 from w2v_knnvq.export.torchaudio import load_torchaudio_export as load_torchaudio_export
 from w2v_knnvq.export.torchaudio import to_torchaudio as to_torchaudio
 from w2v_knnvq.export.torchaudio import torchaudio_builder_args as torchaudio_builder_args
+from w2v_knnvq.text.vocabulary import PAD_TOKEN as PAD_TOKEN
+from w2v_knnvq.text.vocabulary import WORD_DELIMITER_TOKEN as WORD_DELIMITER_TOKEN

@@ -37,7 +37,7 @@ from w2v_knnvq.text import check_vocab_size, ctc_greedy_decode
 
 from ...common import check_resume_world_size, register_bad_audio_handling
 from .config import AsrRecipeConfig, FinetuneSection
-from .criterion import CtcCriterion
+from .criterion import CtcCriterion, CtcOutput
 from .dataset import (
     batch_transcripts,
     create_train_reader,
@@ -62,8 +62,9 @@ from .pretrained import (
 )
 from .tokenizer import prepare_ctc_tokenizer
 
-HypothesisSink: TypeAlias = Callable[[Seq2SeqBatch, list[str]], None]
-"""Receives each batch an :class:`AsrEvalUnit` decodes with its hypotheses, in batch order."""
+HypothesisSink: TypeAlias = Callable[[Seq2SeqBatch, CtcOutput, list[str]], None]
+"""Receives each batch an :class:`AsrEvalUnit` decodes with the model's output and the
+greedy hypotheses, in batch order."""
 
 
 @final
@@ -278,7 +279,7 @@ class AsrEvalUnit(EvalUnit[Seq2SeqBatch]):
         update_error_rates(metric_bag, hyps=hyps, refs=batch_transcripts(batch))
 
         if self._hypothesis_sink is not None:
-            self._hypothesis_sink(batch, hyps)
+            self._hypothesis_sink(batch, output, hyps)
 
     @override
     def process_metric_values(self, values: MutableMapping[str, object]) -> None:

@@ -116,12 +116,66 @@ class EvalTokenizerSection:
 
 
 @dataclass(kw_only=True)
+class DecodingSection:
+    """Beam-search decoding with a lexicon and a KenLM language model, scored next to greedy
+    decoding (:class:`~w2v_knnvq.text.CtcBeamSearchDecoder`). It runs when ``beam_search``
+    is set or a lexicon or language model is given."""
+
+    beam_search: bool = False
+
+    lexicon: Path | None = None
+    """The lexicon (``WORD<TAB>T O K E N S |`` per line); ``None`` builds one from the
+    fine-tuning run's training transcripts (``{manifest_dir}/{train_split}.wrd`` of the
+    evaluated dataset) into the output directory."""
+
+    lm: Path | None = None
+    """A KenLM n-gram over words, ARPA or binary; ``None`` searches with the lexicon alone."""
+
+    lm_weight: float = 2.0
+
+    word_score: float = 0.0
+
+    beam_size: int = 50
+
+    beam_threshold: float = 25.0
+
+    def __post_init__(self) -> None:
+        # Resolved here so that the evaluation's `config.yaml` records absolute paths.
+        if self.lexicon is not None:
+            self.lexicon = self.lexicon.expanduser().resolve()
+
+        if self.lm is not None:
+            self.lm = self.lm.expanduser().resolve()
+
+    @property
+    def enabled(self) -> bool:
+        return self.beam_search or self.lexicon is not None or self.lm is not None
+
+    def validate(self) -> ValidationResult:
+        result = ValidationResult()
+
+        if self.beam_size < 1:
+            result.add_error(f"`beam_size` must be at least 1, but is {self.beam_size} instead.")
+
+        if not self.beam_threshold > 0.0:
+            result.add_error(f"`beam_threshold` must be positive, but is {self.beam_threshold} instead.")
+
+        for name, path in (("lexicon", self.lexicon), ("lm", self.lm)):
+            if path is not None and not path.is_file():
+                result.add_error(f"`{name}` must be an existing file, but {path} is not one.")
+
+        return result
+
+
+@dataclass(kw_only=True)
 class AsrEvalRecipeConfig:
     model: FinetunedModelSection = field(default_factory=lambda: FinetunedModelSection())
 
     dataset: AsrEvalDatasetSection = field(default_factory=lambda: AsrEvalDatasetSection())
 
     tokenizer: EvalTokenizerSection = field(default_factory=lambda: EvalTokenizerSection())
+
+    decoding: DecodingSection = field(default_factory=lambda: DecodingSection())
 
     gang: GangSection = field(default_factory=lambda: GangSection())
 

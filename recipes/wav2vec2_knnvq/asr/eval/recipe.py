@@ -1,4 +1,5 @@
-"""Evaluates a fine-tuned CTC model on one split: greedy decoding, WER and CER.
+"""Evaluates a fine-tuned CTC model on one split: greedy decoding, and optionally beam
+search with a lexicon and a KenLM language model, scored side by side (WER and CER).
 
 Run through fairseq2's recipe CLI, e.g.::
 
@@ -11,11 +12,20 @@ or a step number. The run's ``config.yaml`` names the tokenizer (unless ``tokeni
 is set) and whether the audio is normalized, as in training. The split is read and scored
 by the fine-tuning recipe's validation reader and unit; :mod:`.report` lists what is
 written to ``EVAL_DIR``, next to fairseq2's ``config.yaml``, logs and metrics.
+
+Beam search runs with any of (before ``--``)::
+
+    --lm LM.arpa --lexicon LEXICON.txt --lm-weight 2 --word-score 0 --beam-size 50 --beam-search
+
+which stand for ``decoding.lm`` and its neighbours (:class:`.config.DecodingSection`); with no
+lexicon, one is built from the run's training transcripts, and with no language model the
+lexicon alone constrains the search.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import final
@@ -47,13 +57,14 @@ from ..metrics import register_asr_metric_descriptors
 from ..recipe import AsrEvalUnit
 from ..tokenizer import load_recipe_tokenizer
 from .config import AsrEvalDatasetSection, AsrEvalRecipeConfig
+from .decoding import beam_settings, create_beam_decoder, expand_decoding_options
 from .finetune_run import (
     find_finetuned_checkpoint,
     point_at_checkpoint,
     run_normalize_audio,
     run_tokenizer_path,
 )
-from .report import EvalReport, TranscriptCollector
+from .report import EvalReport, TranscriptCollector, rates_table
 
 
 @final
@@ -92,6 +103,11 @@ class AsrEvalRecipe(Recipe):
             dataset, config.dataset, tokenizer, context.gangs, normalize_audio=normalize_audio, seed=config.common.seed
         )
 
+        beam_decoder = None
+
+        if config.decoding.enabled:
+            beam_decoder = create_beam_decoder(config.decoding, tokenizer, dataset, run, context.output_dir, context.gangs)  # fmt: skip
+
         report = EvalReport(
             output_dir=context.output_dir,
             split=config.dataset.split,
@@ -101,11 +117,14 @@ class AsrEvalRecipe(Recipe):
                 "tokenizer": str(tokenizer_path),
                 "normalize_audio": normalize_audio,
             },
+            beam_settings=None if beam_decoder is None else beam_settings(beam_decoder.options),
         )
 
         criterion = CtcCriterion(context.get_data_parallel_model())
 
-        unit = AsrReportUnit(criterion, tokenizer.create_decoder(), report, context.gangs)
+        transcripts = TranscriptCollector(beam_decoder)
+
+        unit = AsrReportUnit(criterion, tokenizer.create_decoder(), transcripts, report, context.gangs)
 
         return context.create_evaluator([unit], [reader])
 
@@ -154,8 +173,15 @@ class AsrReportUnit(EvalUnit[Seq2SeqBatch]):
     """The fine-tuning recipe's validation (CTC loss, WER and CER of greedy decoding) of
     one split, which also writes the split's transcriptions and figures on rank 0."""
 
-    def __init__(self, criterion: CtcCriterion, decoder: TokenDecoder, report: EvalReport, gangs: Gangs) -> None:
-        self._transcripts = TranscriptCollector()
+    def __init__(
+        self,
+        criterion: CtcCriterion,
+        decoder: TokenDecoder,
+        transcripts: TranscriptCollector,
+        report: EvalReport,
+        gangs: Gangs,
+    ) -> None:
+        self._transcripts = transcripts
         self._unit = AsrEvalUnit(criterion, decoder, hypothesis_sink=self._transcripts)
         self._report = report
         self._gangs = gangs
@@ -184,6 +210,9 @@ class AsrReportUnit(EvalUnit[Seq2SeqBatch]):
 
         log.info("Wrote the {} transcriptions of {} and their figures to {}.", len(transcriptions), self._report.split, self._report.output_dir)  # fmt: skip
 
+        for line in rates_table(record).splitlines():
+            log.info(line)
+
         print(json.dumps(record), flush=True)
 
     @override
@@ -192,5 +221,9 @@ class AsrReportUnit(EvalUnit[Seq2SeqBatch]):
 
 
 def main() -> None:
-    """The console entry point of the evaluation."""
+    """The console entry point of the evaluation; ``--lexicon``, ``--lm``, ``--lm-weight``,
+    ``--word-score``, ``--beam-size`` and ``--beam-search`` stand for the ``decoding.*``
+    options."""
+    sys.argv[1:] = expand_decoding_options(sys.argv[1:])
+
     run_recipe_cli(AsrEvalRecipe())

@@ -4,7 +4,9 @@ Each speaker is one engine/voice with its own speaking rate (and pitch for espea
 transcripts are King James Bible verses (public domain) in LibriSpeech style: uppercase,
 no punctuation except apostrophes, numbers spelled out. Speakers of ``train``, ``dev`` and
 ``test`` are disjoint. Audio is trimmed of leading/trailing silence, resampled to 16 kHz
-and written as 16-bit mono FLAC; ``SPEAKERS.txt`` records each speaker's voice.
+and written as 16-bit mono FLAC; ``SPEAKERS.txt`` records each speaker's voice, and
+``lm_text.txt`` holds the text for a language model: every verse except those of the
+``dev`` and ``test`` splits.
 
 The output is fully determined by ``--seed`` and the other options.
 
@@ -40,6 +42,9 @@ import torchaudio.functional
 from w2v_knnvq.data.progress import ProgressLine
 
 SAMPLE_RATE = 16_000
+
+LM_TEXT_FILE = "lm_text.txt"
+"""The text for a language model, next to ``SPEAKERS.txt``."""
 
 Engine = Literal["espeak-ng", "flite", "festival"]
 
@@ -163,28 +168,56 @@ def check_engines() -> None:
 def load_verses(*, min_words: int, max_words: int) -> list[Verse]:
     """Returns the distinct KJV verses of ``min_words`` to ``max_words`` words with no
     digits and few proper names, in Bible order."""
-    result = subprocess.run(["bible", "-f", "gen1:1-rev22:21"], check=True, capture_output=True, text=True)
-
     verses = []
 
     seen: set[str] = set()
 
-    for line in result.stdout.splitlines():
-        # Each line is "REFERENCE TEXT", e.g. "Ge1:1 In the beginning ...".
-        _, _, text = line.partition(" ")
-
-        if re.search(r"\d", text) or _count_names(text) > _MAX_NAMES_PER_VERSE:
+    for verse in _kjv_verses():
+        if re.search(r"\d", verse.text) or _count_names(verse.text) > _MAX_NAMES_PER_VERSE:
             continue
 
-        transcript = " ".join(re.sub(r"[^A-Z']+", " ", text.upper()).split())
+        transcript = verse.transcript
 
         # Verses like "And the LORD spake unto Moses, saying," recur dozens of times.
         if min_words <= len(transcript.split()) <= max_words and transcript not in seen:
             seen.add(transcript)
 
-            verses.append(Verse(text=text.strip(), transcript=transcript))
+            verses.append(verse)
 
     return verses
+
+
+def write_lm_text(output_dir: Path, held_out_splits: Sequence[str]) -> Path:
+    """Writes ``lm_text.txt``, the text for a language model: every KJV verse in
+    LibriSpeech style, one per line, except those read in ``held_out_splits``, as
+    LibriSpeech's language-model text leaves out its dev and test books."""
+    held_out = set()
+
+    for split in held_out_splits:
+        for trans_file in (output_dir / split).rglob("*.trans.txt"):
+            for line in trans_file.read_text(encoding="utf-8").splitlines():
+                held_out.add(" ".join(line.split()[1:]))
+
+    lines = [verse.transcript for verse in _kjv_verses() if verse.transcript and verse.transcript not in held_out]
+
+    path = output_dir / LM_TEXT_FILE
+
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+
+    return path
+
+
+def _kjv_verses() -> Iterator[Verse]:
+    """Every verse of the KJV in Bible order."""
+    result = subprocess.run(["bible", "-f", "gen1:1-rev22:21"], check=True, capture_output=True, text=True)
+
+    for line in result.stdout.splitlines():
+        # Each line is "REFERENCE TEXT", e.g. "Ge1:1 In the beginning ...".
+        _, _, text = line.partition(" ")
+
+        transcript = " ".join(re.sub(r"[^A-Z']+", " ", text.upper()).split())
+
+        yield Verse(text=text.strip(), transcript=transcript)
 
 
 # Short verses are often lists of names (genealogies, dukes of Edom); engines pronounce
@@ -345,6 +378,8 @@ def build_corpus(config: CorpusConfig) -> None:
         list(pool.map(build_speaker, speakers))
 
     _write_speakers_file(config.output_dir, speakers)
+
+    write_lm_text(config.output_dir, [split for split in config.num_utterances if split != "train"])
 
 
 def _speaker_quotas(speakers: list[Speaker], num_utterances: dict[str, int]) -> dict[int, int]:

@@ -7,8 +7,11 @@ In about twenty minutes on two CPU cores, this job
 2. pretrains the tiny ``wav2vec2_knnvq`` model with ``softmax-knn-ce`` on the training audio;
 3. fine-tunes it for CTC on the training transcripts, and, with the same budget, the same
    architecture from random initialization (``pretrained_encoder.load_weights=false``);
-4. evaluates both on the held-out test voices (greedy decoding) and prints a table of CER and
-   WER, also written to ``OUTPUT_DIR/report.md``.
+4. estimates a word trigram from the corpus's ``lm_text.txt`` (every KJV verse except those
+   of the dev and test splits; the training transcripts for a corpus without one);
+5. evaluates both runs on the held-out dev and test voices, with greedy decoding and with
+   beam search over the language model's words and the trigram, and prints a table of CER
+   and WER, also written to ``OUTPUT_DIR/report.md``.
 
 Every stage resumes or skips what is already done, so a rerun only finishes what is missing::
 
@@ -28,8 +31,18 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
+from w2v_knnvq.runs import find_run_checkpoint
+from w2v_knnvq.text import (
+    ctc_vocabulary,
+    finetuning_tokenizer_path,
+    load_ctc_tokenizer,
+    read_transcripts,
+    write_arpa,
+    write_lexicon,
+)
 
 from .demo import REPO_ROOT, pretrain_command
 
@@ -44,6 +57,14 @@ CORPUS_OPTIONS = (
 """About 62 minutes of training audio and 5 minutes for each held-out split."""
 
 METHOD = "softmax-knn-ce"
+
+LM_TEXT_FILE = "lm_text.txt"
+"""The language-model text of a synthesized corpus (``tools/synthesize_corpus.py``)."""
+
+LM_ORDER = 3
+
+LM_WEIGHT, WORD_SCORE = 1.0, 2.0
+"""Chosen on the dev split of the default corpus (lm_weight 0-2, word_score 0-2)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -141,14 +162,45 @@ def run_in_parallel(jobs: Sequence[tuple[str, list[str], Path]]) -> None:
         _check_run(subprocess.CompletedProcess(process.args, returncode), f"{name} (log: {log_file})")
 
 
-def evaluate(run_dir: Path, manifest_dir: Path, split: str) -> dict[str, object]:
-    """Greedy decoding of ``split`` with the run's best checkpoint; returns ``{split}.json``."""
+def write_language_model(corpus_dir: Path, manifest_dir: Path, lm_dir: Path) -> tuple[Path, list[str]]:
+    """Writes the trigram of the corpus's language-model text (the training transcripts if
+    it has none) to ``lm_dir/lm.arpa``; returns it and the text's lines."""
+    lm_text = corpus_dir / LM_TEXT_FILE
+
+    if not lm_text.is_file():
+        lm_text = manifest_dir / "train.wrd"
+
+    lines = read_transcripts([lm_text])
+
+    lm_file = lm_dir / "lm.arpa"
+
+    if not lm_file.is_file():
+        print(f"== Estimating a word {LM_ORDER}-gram of {lm_text} ({len(lines)} lines) -> {lm_file}", flush=True)
+
+        write_arpa(lines, lm_dir / "lm.arpa.tmp", order=LM_ORDER).rename(lm_file)
+
+    return lm_file, lines
+
+
+def write_run_lexicon(run_dir: Path, lines: Sequence[str]) -> Path:
+    """The lexicon of the words of ``lines`` spelled with the tokens of the run's tokenizer."""
+    run = find_run_checkpoint(run_dir)
+
+    tokenizer = load_ctc_tokenizer(finetuning_tokenizer_path(run, relative_path_fix="rerun the fine-tuning"))
+
+    return write_lexicon(lines, ctc_vocabulary(tokenizer), run_dir / "lexicon.txt").file
+
+
+def evaluate(run_dir: Path, manifest_dir: Path, split: str, lm_file: Path, lexicon: Path) -> dict[str, object]:
+    """Greedy and beam-search decoding of ``split`` with the run's best checkpoint; returns
+    ``{split}.json``."""
     eval_dir = run_dir / "eval"
 
     command = [
-        sys.executable, "-m", f"{__package__}.asr.eval", "--no-rich", "--config",
-        f"model.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}", f"dataset.split={split}",
-        "--", str(eval_dir),
+        sys.executable, "-m", f"{__package__}.asr.eval", "--no-rich",
+        "--lm", str(lm_file), "--lexicon", str(lexicon), "--lm-weight", str(LM_WEIGHT), "--word-score", str(WORD_SCORE),
+        "--config", f"model.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
+        f"dataset.split={split}", "--", str(eval_dir),
     ]  # fmt: skip
 
     with (run_dir / f"eval_{split}.log").open("w", encoding="utf-8") as log:
@@ -161,17 +213,25 @@ def evaluate(run_dir: Path, manifest_dir: Path, split: str) -> dict[str, object]
     return record
 
 
-def report_table(rows: Sequence[tuple[FinetuneRun, dict[str, object], dict[str, object]]], num_steps: int) -> str:
+def report_table(rows: Sequence[tuple[FinetuneRun, dict[str, Any], dict[str, Any]]], num_steps: int) -> str:
     lines = [
-        f"CTC fine-tuning of the tiny architecture, {num_steps} steps each, greedy decoding; "
-        "dev and test voices are not in the training data.",
+        f"CTC fine-tuning of the tiny architecture, {num_steps} steps each; dev and test voices are not in "
+        f"the training data. Greedy decoding, and beam search with a word {LM_ORDER}-gram (LM; "
+        f"lm_weight {LM_WEIGHT}, word_score {WORD_SCORE}).",
         "",
-        "| encoder initialization | test CER | test WER | dev CER | dev WER |",
-        "|---|---:|---:|---:|---:|",
+        "| encoder initialization | test CER | test WER | test CER, LM | test WER, LM "
+        "| dev CER | dev WER | dev CER, LM | dev WER, LM |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     for run, test, dev in rows:
-        lines.append(f"| {run.label} | {test['cer']:.1f} | {test['wer']:.1f} | {dev['cer']:.1f} | {dev['wer']:.1f} |")
+        values = [
+            split[key] if key in ("cer", "wer") else split["beam_search"][key[3:]]
+            for split in (test, dev)
+            for key in ("cer", "wer", "lm_cer", "lm_wer")
+        ]
+
+        lines.append(f"| {run.label} | {' | '.join(f'{value:.1f}' for value in values)} |")
 
     return "\n".join(lines)
 
@@ -231,16 +291,20 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     run_in_parallel(jobs)
 
+    lm_file, lm_lines = write_language_model(corpus_dir, manifest_dir, output_dir / "lm")
+
     print("== Evaluating on the held-out voices", flush=True)
 
-    rows = [
-        (
-            run,
-            evaluate(output_dir / run.name, manifest_dir, "test"),
-            evaluate(output_dir / run.name, manifest_dir, "dev"),
-        )
-        for run in RUNS
-    ]
+    rows: list[tuple[FinetuneRun, dict[str, Any], dict[str, Any]]] = []
+
+    for run in RUNS:
+        run_dir = output_dir / run.name
+
+        lexicon = write_run_lexicon(run_dir, lm_lines)
+
+        test, dev = (evaluate(run_dir, manifest_dir, split, lm_file, lexicon) for split in ("test", "dev"))
+
+        rows.append((run, test, dev))
 
     table = report_table(rows, args.finetune_steps)
 

@@ -172,10 +172,15 @@ def test_two_processes_on_halves_update_as_one_on_the_whole_batch(tmp_path: Path
         # The ranks' sum-reduced losses add up to the whole batch's.
         assert abs(sum(result["loss"] for result in results) - loss) <= 1e-5 * abs(loss), name
 
+        # Float32 sums in another order differ by about 1e-6 of the largest gradient (a bias
+        # before a normalization has a true gradient of 0 and a few 1e-6 of noise); a wrong
+        # scaling differs by the gradients themselves.
+        atol = 1e-5 * max(float(value.abs().max()) for value in expected.values())
+
         for rank_result in results:
             grads = rank_result["grads"]
 
             assert grads.keys() == expected.keys(), name
 
             for key, value in expected.items():
-                assert torch.allclose(grads[key], value, atol=1e-6, rtol=1e-4), (name, key)
+                assert torch.allclose(grads[key], value, atol=atol, rtol=1e-4), (name, key)

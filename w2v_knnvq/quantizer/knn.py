@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -114,21 +115,58 @@ class KnnSelection:
 
         return self.value + (local_part - local_part.detach())
 
-    def loss_from_rows(self, scores: Tensor, candidate_rows: Tensor) -> Tensor:
-        """:meth:`loss` from all scores and the rows of the candidates (:func:`column_maxima`).
+    def loss_from_maxima(self, scores: Tensor, candidate_scores: Tensor) -> Tensor:
+        """:meth:`loss` from all scores and their tie-free column maxima (:func:`column_maxima`).
+
+        The gradient flows into ``scores`` at the rows of the selected maxima, found again by
+        comparison in the backward pass, so no ``(K, N, G, M')`` tensor is kept.
 
         :param scores: ``(N, G, M')`` with their gradient.
-        :param candidate_rows: ``(K, N, G, M')`` bool.
+        :param candidate_scores: ``(K, G, M')`` detached.
         """
-        # (K, N, G, M') -> (N, G, M'): the selected candidates' rows.
-        if bool(self.selected.all()):
-            selected_rows = candidate_rows.any(dim=0)
-        else:
-            selected_rows = (candidate_rows & self.selected.unsqueeze(1)).any(dim=0)
+        num_terms = max(1, self.num_neighbours) * self.selected[0].numel()
 
-        local_part = self.mean_distance(selected_rows, scores)
+        # Function.apply is untyped in torch.
+        selected_sum = _SelectedScoreSum.apply(scores, candidate_scores, self.selected)  # type: ignore[no-untyped-call]
+
+        local_part = selected_sum / -num_terms
 
         return self.value + (local_part - local_part.detach())
+
+
+class _SelectedScoreSum(torch.autograd.Function):
+    """``sum`` of the selected column maxima of ``scores``; the gradient is 1 at their rows."""
+
+    @staticmethod
+    def forward(ctx: Any, scores: Tensor, maxima: Tensor, selected: Tensor) -> Tensor:
+        ctx.save_for_backward(scores, maxima, selected)
+
+        return torch.where(selected, maxima, 0.0).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        scores, maxima, selected = ctx.saved_tensors
+
+        num_columns = selected[0].numel()
+
+        num_selected = int(selected.sum())
+
+        prefix = num_selected // num_columns
+
+        if num_selected == prefix * num_columns and bool(selected[:prefix].all()):
+            # The first `prefix` maxima of every column: one comparison with the last of
+            # them, since the maxima are tie-free and exactly those rows reach it.
+            if prefix == 0:
+                return torch.zeros_like(scores), None, None
+
+            mask = scores >= maxima[prefix - 1]
+        else:
+            mask = torch.zeros_like(scores, dtype=torch.bool)
+
+            for step in range(maxima.size(0)):
+                mask |= (scores == maxima[step]) & selected[step]
+
+        return mask.to(scores.dtype) * grad, None, None
 
 
 def local_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -152,45 +190,41 @@ def local_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return values, rows
 
 
-def column_maxima(scores: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
-    """The top-K scores of each column by K column maxima, with the rows that hold them.
+def column_maxima(scores: Tensor, k: int) -> Tensor | None:
+    """The top-K scores of each column by K column maxima.
 
-    Reductions across rows are fast where a ``topk`` across rows is not (it is strided); a
-    row is found by equality with its column's maximum, so equal scores within a column make
-    this return ``None`` (the caller then takes :func:`local_candidates`).
+    Reductions across rows are fast where a ``topk`` across rows is not (it is strided). The
+    rows that hold the maxima are not kept: :meth:`KnnSelection.loss_from_maxima` finds them
+    by comparison, which needs distinct scores, so equal scores at or above a column's K-th
+    maximum make this return ``None`` (the caller then takes :func:`local_candidates`).
 
     :param scores: ``(N, G, M')``, no ``-inf``.
-    :returns: ``(K, G, M')`` detached scores, padded with ``-inf`` below N rows, and
-        ``(K, N, G, M')`` bool, ``True`` at the row of each one.
+    :returns: ``(K, G, M')`` detached scores, padded with ``-inf`` below N rows.
     """
     num_samples = scores.size(0)
 
+    num_steps = min(k, num_samples)
+
     remaining = scores.detach()
 
-    values, rows = [], []
-
-    num_steps = min(k, num_samples)
+    values = []
 
     for step in range(num_steps):
         maxima = remaining.amax(dim=0)
 
-        is_max = remaining == maxima
-
-        # Every column has its maximum somewhere: one row per column, or a tie.
-        if int(is_max.sum()) != maxima.numel():
-            return None
-
         values.append(maxima)
-        rows.append(is_max)
 
         if step + 1 < num_steps:
-            remaining = remaining.masked_fill(is_max, -math.inf)
+            remaining = remaining.masked_fill(remaining == maxima, -math.inf)
+
+    # Without ties, exactly `num_steps` rows per column reach the last maximum.
+    if num_steps > 0 and int((scores.detach() >= values[-1]).sum()) != num_steps * values[-1].numel():
+        return None
 
     for _ in range(k - len(values)):
         values.append(torch.full_like(scores[0], -math.inf))
-        rows.append(torch.zeros_like(scores, dtype=torch.bool))
 
-    return torch.stack(values), torch.stack(rows)
+    return torch.stack(values)
 
 
 def merge_candidates(best: tuple[Tensor, Tensor], scores: Tensor, row_offset: int) -> tuple[Tensor, Tensor]:

@@ -200,11 +200,9 @@ def _dense_knn_loss(
     maxima = column_maxima(scores, settings.knn_k)
 
     if maxima is not None:
-        candidates, rows = maxima
+        selection = select_neighbours(maxima, num_samples, settings.knn_k, settings.process_group)
 
-        selection = select_neighbours(candidates, num_samples, settings.knn_k, settings.process_group)
-
-        return selection.loss_from_rows(scores, rows), selection.num_samples
+        return selection.loss_from_maxima(scores, maxima), selection.num_samples
 
     candidates, _ = local_candidates(scores, settings.knn_k)
 

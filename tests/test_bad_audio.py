@@ -240,3 +240,27 @@ def test_too_many_bad_files_stop_the_run_with_their_names(
     assert any(str(path) in log for path in broken[:2])
     assert "bug report" not in log
     assert "Traceback" not in log
+
+
+def test_bad_audio_fraction_must_be_a_fraction() -> None:
+    from recipes.wav2vec2_knnvq.asr.eval.config import AsrEvalDatasetSection
+    from w2v_knnvq.data.manifest_dataset import ManifestDatasetSection
+
+    def manifest_section(fraction: float) -> ManifestDatasetSection:
+        return ManifestDatasetSection(
+            family="speech_manifest",
+            min_audio_len=1,
+            max_audio_len=16_000,
+            max_num_elements=16_000,
+            max_bad_audio_fraction=fraction,
+        )
+
+    for fraction in (0.0, 0.5, 1.0):
+        assert not manifest_section(fraction).validate().has_error()
+        assert not AsrEvalDatasetSection(max_bad_audio_fraction=fraction).validate().has_error()
+
+    for section in (manifest_section(1.5), AsrEvalDatasetSection(max_bad_audio_fraction=-0.1)):
+        result = section.validate()
+
+        assert result.has_error()
+        assert "`max_bad_audio_fraction` must be between 0 and 1, but is" in str(result)

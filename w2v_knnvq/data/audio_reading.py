@@ -34,6 +34,14 @@ class AudioCheckError(ValueError):
     """A decoded utterance that the models cannot take; the message says why."""
 
 
+def bad_audio_fraction_error(fraction: float) -> str | None:
+    """The validation error of a ``max_bad_audio_fraction`` setting, or ``None`` if it is valid."""
+    if 0.0 <= fraction <= 1.0:
+        return None
+
+    return f"`max_bad_audio_fraction` must be between 0 and 1, but is {fraction} instead."
+
+
 def check_decoded_audio(decoded: AudioDecoderOutput) -> Tensor:
     """Checks the output of fairseq2's ``AudioDecoder`` and returns its samples.
 

@@ -33,6 +33,7 @@ from w2v_knnvq.data.audio_reading import (
     AudioLoader,
     AudioReadTracker,
     ReadEpoch,
+    bad_audio_fraction_error,
 )
 from w2v_knnvq.data.manifest import ManifestError, read_manifest
 
@@ -359,10 +360,8 @@ class ManifestDatasetSection(DatasetSection):
                 f"`max_audio_len` must be at least `min_audio_len` ({self.min_audio_len}), but is {self.max_audio_len} instead."
             )
 
-        if not 0.0 <= self.max_bad_audio_fraction <= 1.0:
-            result.add_error(
-                f"`max_bad_audio_fraction` must be between 0 and 1, but is {self.max_bad_audio_fraction} instead."
-            )
+        if (error := bad_audio_fraction_error(self.max_bad_audio_fraction)) is not None:
+            result.add_error(error)
 
         if self.max_num_elements < self.max_audio_len:
             result.add_error(

@@ -20,7 +20,7 @@ from fairseq2.recipe.config import (
 from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.data.asr_dataset import ASR_MANIFEST_DATASET_FAMILY
-from w2v_knnvq.data.audio_reading import DEFAULT_MAX_BAD_AUDIO_FRACTION
+from w2v_knnvq.data.audio_reading import DEFAULT_MAX_BAD_AUDIO_FRACTION, bad_audio_fraction_error
 from w2v_knnvq.runs import CheckpointChoice
 
 CHECKPOINT_NAMES: Final = ("best", "last")
@@ -95,10 +95,8 @@ class AsrEvalDatasetSection(DatasetSection):
         if self.max_num_elements < 1:
             result.add_error(f"`max_num_elements` must be at least 1, but is {self.max_num_elements} instead.")
 
-        if not 0.0 <= self.max_bad_audio_fraction <= 1.0:
-            result.add_error(
-                f"`max_bad_audio_fraction` must be between 0 and 1, but is {self.max_bad_audio_fraction} instead."
-            )
+        if (error := bad_audio_fraction_error(self.max_bad_audio_fraction)) is not None:
+            result.add_error(error)
 
         return result
 

@@ -15,6 +15,7 @@ from fairseq2.recipe.cli import register_cli_error
 from fairseq2.recipe.config import CosineAnnealingLRConfig
 from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyContainer
+from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.data.audio_reading import BadAudioBudgetError
 from w2v_knnvq.runs import (
@@ -114,6 +115,19 @@ def find_recipe_checkpoint(
         ) from None
     except RunCheckpointError as ex:
         raise RecipeError(f"`{path_option}`: {ex}") from None
+
+
+def validate_model_step(result: ValidationResult, step: int | None, path: Path | None) -> None:
+    """Adds the errors of a section's ``step`` of the model at ``path`` (a step of a run's
+    checkpoints, which only a path can name) to ``result``."""
+    if step is None:
+        return
+
+    if path is None:
+        result.add_error("`step` can only be specified with `path`.")
+
+    if step < 1:
+        result.add_error(f"`step` must be at least 1, but is {step} instead.")
 
 
 def check_resume_world_size(checkpoints_dir: Path, world_size: int) -> None:

@@ -225,3 +225,15 @@ def test_recipe_refuses_a_run_of_another_encoder(stock_sources, tmp_path: Path) 
     assert f"`init_from`: the encoder of the pretrained model {run_dir / 'checkpoints' / 'step_2' / 'model'}" in log
     assert "`encoder.layers.0.ffn.inner_proj.weight` has shape (128, 64) in the pretrained model but (256, 64) in this one" in log  # fmt: skip
     assert "Set `model.arch` to an architecture that matches it: tiny_1x1024 or tiny_2x320." in log
+
+
+def test_model_sections_check_their_step() -> None:
+    from recipes.wav2vec2_knnvq.asr.pretrained import PretrainedEncoderSection
+    from recipes.wav2vec2_knnvq.ssl.warm_start import InitFromSection
+
+    for section_kls in (InitFromSection, PretrainedEncoderSection):
+        assert not section_kls(path=Path("run"), step=3).validate().has_error()
+
+        assert "`step` can only be specified with `path`" in str(section_kls(name="model", step=3).validate())
+
+        assert "`step` must be at least 1, but is 0 instead" in str(section_kls(path=Path("run"), step=0).validate())

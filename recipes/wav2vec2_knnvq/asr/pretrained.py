@@ -32,7 +32,7 @@ from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.runs import RunCheckpoint
 
-from ...common import find_recipe_checkpoint
+from ...common import find_recipe_checkpoint, validate_model_step
 
 ENCODER_FINE_TUNING_FIELDS: Final = frozenset(
     {
@@ -76,12 +76,7 @@ class PretrainedEncoderSection:
         if (self.name is None) == (self.path is None):
             result.add_error("Exactly one of `name` and `path` must be specified.")
 
-        if self.step is not None:
-            if self.path is None:
-                result.add_error("`step` can only be specified with `path`.")
-
-            if self.step < 1:
-                result.add_error(f"`step` must be at least 1, but is {self.step} instead.")
+        validate_model_step(result, self.step, self.path)
 
         return result
 

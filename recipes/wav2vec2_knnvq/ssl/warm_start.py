@@ -35,7 +35,7 @@ from w2v_knnvq.runs import RunCheckpoint
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_FAMILY
 from w2v_knnvq.wav2vec2.warm_start import WarmStartError, copy_pretrained_encoder, describe_differences
 
-from ...common import find_recipe_checkpoint
+from ...common import find_recipe_checkpoint, validate_model_step
 
 INIT_FAMILIES: Final = (WAV2VEC2_FAMILY, WAV2VEC2_KNNVQ_FAMILY)
 """The families whose models hold a wav2vec 2.0 pretraining encoder to start from."""
@@ -66,12 +66,7 @@ class InitFromSection:
         if self.name is not None and self.path is not None:
             result.add_error("At most one of `name` and `path` must be specified, but both are.")
 
-        if self.step is not None:
-            if self.path is None:
-                result.add_error("`step` can only be specified with `path`.")
-
-            if self.step < 1:
-                result.add_error(f"`step` must be at least 1, but is {self.step} instead.")
+        validate_model_step(result, self.step, self.path)
 
         return result
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from flashlight.lib.text.decoder.kenlm import KenLM
 from flashlight.lib.text.dictionary import Dictionary
 
@@ -219,8 +220,13 @@ def test_decoding_options_become_config_overrides() -> None:
 
     assert expand_decoding_options(argv) == [
         "--no-rich", "--config", "model.run_dir=run",
-        "--config", "decoding.lm=lm.arpa", "decoding.beam_size=8", "decoding.beam_search=true",
+        "--config", 'decoding.lm="lm.arpa"', "decoding.beam_size=8", "decoding.beam_search=true",
         "--", "out",
     ]  # fmt: skip
 
     assert expand_decoding_options(["--config", "a=1", "--", "--lm"]) == ["--config", "a=1", "--", "--lm"]
+
+    # Paths stay strings when fairseq2 reads the values as YAML.
+    [override] = expand_decoding_options(["--lexicon", "2024"])[1:]
+
+    assert yaml.safe_load(override.split("=", 1)[1]) == "2024"

@@ -399,3 +399,54 @@ def test_tied_scores_select_exactly_k_neighbours() -> None:
             assert torch.allclose(chunked[name].view(3, 12, 12).sum(0), dense[name].view(3, 12, 12).sum(0), atol=1e-5)
         elif name != "loss":
             assert torch.allclose(chunked[name], dense[name], atol=1e-5), name
+
+
+def test_column_maxima_refuse_ties_even_when_they_use_up_the_rows() -> None:
+    from w2v_knnvq.quantizer.knn import column_maxima
+
+    # Two equal rows of three, K = 2: the second maximum is not unique.
+    assert column_maxima(torch.tensor([5.0, 5.0, 4.0]).view(3, 1, 1), 2) is None
+
+    # K above N: the tie would leave -inf among the first N maxima.
+    assert column_maxima(torch.tensor([5.0, 5.0, 4.0]).view(3, 1, 1), 5) is None
+
+    maxima = column_maxima(torch.tensor([5.0, 3.0, 4.0]).view(3, 1, 1), 5)
+
+    assert maxima is not None
+    assert maxima.flatten().tolist() == [5.0, 4.0, 3.0, -math.inf, -math.inf]
+
+
+@pytest.mark.parametrize("num_samples", [1, 3, 40])
+def test_column_maxima_loss_and_gradient_equal_top_k(num_samples: int) -> None:
+    """The comparison-based gradient of the dense path equals autograd through ``topk``,
+    with fewer samples than K too, and for a selection that keeps only some candidates."""
+    from w2v_knnvq.quantizer.knn import KnnSelection, column_maxima, local_candidates, select_neighbours
+
+    k = 3
+
+    torch.manual_seed(num_samples)
+
+    scores = torch.randn(num_samples, 2, 5, requires_grad=True)
+
+    maxima = column_maxima(scores, k)
+
+    assert maxima is not None
+
+    selection = select_neighbours(maxima, num_samples, k, None)
+
+    # A global selection keeps some of this rank's candidates only.
+    partial = KnnSelection(
+        value=selection.value,
+        selected=selection.selected & (torch.rand(maxima.shape) < 0.5),
+        num_neighbours=selection.num_neighbours,
+        num_samples=num_samples,
+    )
+
+    for chosen in (selection, partial):
+        (grad,) = torch.autograd.grad(chosen.loss_from_maxima(scores, maxima), scores)
+
+        candidates, _ = local_candidates(scores, k)
+
+        (expected,) = torch.autograd.grad(chosen.loss(candidates), scores)
+
+        assert torch.equal(grad, expected)

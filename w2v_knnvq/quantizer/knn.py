@@ -217,9 +217,14 @@ def column_maxima(scores: Tensor, k: int) -> Tensor | None:
         if step + 1 < num_steps:
             remaining = remaining.masked_fill(remaining == maxima, -math.inf)
 
-    # Without ties, exactly `num_steps` rows per column reach the last maximum.
-    if num_steps > 0 and int((scores.detach() >= values[-1]).sum()) != num_steps * values[-1].numel():
-        return None
+    if num_steps > 0:
+        # Ties that use up a column's rows leave -inf among its maxima.
+        if not bool(torch.isfinite(values[-1]).all()):
+            return None
+
+        # Without ties, exactly `num_steps` rows per column reach the last maximum.
+        if int((scores.detach() >= values[-1]).sum()) != num_steps * values[-1].numel():
+            return None
 
     for _ in range(k - len(values)):
         values.append(torch.full_like(scores[0], -math.inf))

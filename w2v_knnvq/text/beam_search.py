@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from w2v_knnvq.text.ctc import normalize_transcript
-from w2v_knnvq.text.lexicon import check_lexicon
+from w2v_knnvq.text.lexicon import LexiconError, check_lexicon
 from w2v_knnvq.text.ngram import UNKNOWN_WORD
 from w2v_knnvq.text.vocabulary import PAD_TOKEN, WORD_DELIMITER_TOKEN
 
@@ -95,6 +95,11 @@ class CtcBeamSearchDecoder:
                 unk_word=UNKNOWN_WORD,
             )
         except RuntimeError as ex:
+            if options.lm is None:
+                raise LexiconError(
+                    f"The beam search cannot be built from the lexicon {options.lexicon}: {ex}"
+                ) from None
+
             raise LanguageModelError(
                 f"The language model {options.lm} cannot be loaded: {ex}; give an ARPA file of order 2 or more "
                 "(e.g. written by `w2v_knnvq.text.write_arpa`) or a KenLM binary."

@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from w2v_knnvq.files import write_atomically
 from w2v_knnvq.text.vocabulary import PAD_TOKEN, WORD_DELIMITER_TOKEN
 
 
@@ -71,7 +72,8 @@ def write_lexicon(transcripts: Iterable[str], vocabulary: Sequence[str], path: P
 
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    path.write_text("".join(lines), encoding="utf-8")
+    # Every rank of an evaluation writes the same lexicon; none reads a partial one.
+    write_atomically(path, lambda tmp_path: tmp_path.write_text("".join(lines), encoding="utf-8"))
 
     return LexiconSummary(file=path, num_words=len(lines), skipped_words=tuple(skipped))
 
@@ -109,7 +111,7 @@ def check_lexicon(path: Path, vocabulary: Sequence[str]) -> int:
                 raise LexiconError(
                     f"Line {line_nr} of the lexicon {path} must spell '{fields[0]}' with tokens of the model's vocabulary, "
                     f"but uses {', '.join(map(repr, unknown))} instead; the vocabulary is {' '.join(vocabulary[1:])} "
-                    f"('{WORD_DELIMITER_TOKEN}' ends a word)."
+                    f"('{WORD_DELIMITER_TOKEN}', the word boundary, may separate words as silence)."
                 )
 
             num_spellings += 1

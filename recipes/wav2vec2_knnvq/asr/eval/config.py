@@ -122,7 +122,7 @@ class DecodingSection:
     beam_search: bool = False
 
     lexicon: Path | None = None
-    """The lexicon (``WORD<TAB>T O K E N S |`` per line); ``None`` builds one from the
+    """The lexicon (``WORD<TAB>T O K E N S`` per line); ``None`` builds one from the
     fine-tuning run's training transcripts (``{manifest_dir}/{train_split}.wrd`` of the
     evaluated dataset) into the output directory."""
 

@@ -4,6 +4,7 @@ training transcripts, and the command-line options that stand for ``decoding.*``
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
@@ -60,13 +61,21 @@ def expand_decoding_options(argv: Sequence[str]) -> list[str]:
     known, rest = parser.parse_known_args(head)
 
     overrides = [
-        f"decoding.{dest}={value}" for _, dest, _, _ in _OPTIONS if (value := getattr(known, dest)) is not None
+        f"decoding.{dest}={_yaml_value(dest, value)}"
+        for _, dest, _, _ in _OPTIONS
+        if (value := getattr(known, dest)) is not None
     ]
 
     if known.beam_search:
         overrides.append("decoding.beam_search=true")
 
     return [*rest, *(["--config", *overrides] if overrides else []), *tail]
+
+
+def _yaml_value(dest: str, value: str) -> str:
+    """fairseq2 reads ``--config`` values as YAML: paths are quoted so that they stay strings
+    (``2024``, ``null`` or a ``#`` in a name would not)."""
+    return json.dumps(value) if dest in ("lexicon", "lm") else value
 
 
 def create_beam_decoder(
@@ -78,7 +87,7 @@ def create_beam_decoder(
     gangs: Gangs,
 ) -> CtcBeamSearchDecoder:
     """The beam search of ``section`` over the tokenizer's vocabulary; without
-    ``section.lexicon``, rank 0 first writes :data:`LEXICON_FILE` from the run's training
+    ``section.lexicon``, :data:`LEXICON_FILE` is first written from the run's training
     transcripts.
 
     :raises RecipeError: if the tokenizer, the lexicon or the language model cannot be used.
@@ -91,12 +100,11 @@ def create_beam_decoder(
     lexicon = section.lexicon
 
     if lexicon is None:
+        # Every rank builds the same lexicon (it is cheap), so that each fails alike and none
+        # depends on another node's file system.
         lexicon = output_dir / LEXICON_FILE
 
-        if gangs.root.rank == 0:
-            _build_lexicon(vocabulary, _training_transcripts(dataset, run), lexicon)
-
-        gangs.root.barrier()
+        _build_lexicon(vocabulary, _training_transcripts(dataset, run), lexicon, log_summary=gangs.root.rank == 0)
 
     options = BeamSearchOptions(
         lexicon=lexicon,
@@ -149,11 +157,14 @@ def _training_transcripts(dataset: AsrManifestDataset, run: RunCheckpoint) -> Pa
     return file
 
 
-def _build_lexicon(vocabulary: Sequence[str], transcripts_file: Path, lexicon: Path) -> None:
+def _build_lexicon(vocabulary: Sequence[str], transcripts_file: Path, lexicon: Path, *, log_summary: bool) -> None:
     try:
         summary = write_lexicon(read_transcripts([transcripts_file]), vocabulary, lexicon)
     except (ValueError, LexiconError) as ex:
         raise RecipeError(f"No lexicon can be built from {transcripts_file}: {ex}") from None
+
+    if not log_summary:
+        return
 
     log.info("Wrote the lexicon of the {} words of {} to {}.", summary.num_words, transcripts_file, lexicon)
 

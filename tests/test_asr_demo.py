@@ -76,3 +76,24 @@ def test_asr_demo_reports_both_initializations_on_held_out_voices(tmp_path: Path
 
         assert runs["finetune_random_init"][key].shape == pretrained[key].shape
         assert not torch.equal(runs["finetune_random_init"][key], pretrained[key]), key
+
+
+def test_language_model_comes_from_the_corpus_text_when_there_is_one(tmp_path: Path) -> None:
+    from recipes.wav2vec2_knnvq.asr_demo import write_language_model
+
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus/lm_text.txt").write_text("IN THE BEGINNING\n\nTHE WORD WAS\n")
+    (tmp_path / "manifests").mkdir()
+    (tmp_path / "manifests/train.wrd").write_text("OTHER WORDS\n")
+
+    lm_file, lines = write_language_model(tmp_path / "corpus", tmp_path / "manifests", tmp_path / "lm")
+
+    assert lines == ["IN THE BEGINNING", "THE WORD WAS"]
+
+    # IN THE BEGINNING WORD WAS, </s>, <s> and <unk>.
+    assert "ngram 1=8\n" in lm_file.read_text()
+
+    # Without one, the training transcripts.
+    _, lines = write_language_model(tmp_path / "manifests", tmp_path / "manifests", tmp_path / "lm2")
+
+    assert lines == ["OTHER WORDS"]

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
+from w2v_knnvq.files import write_atomically
 from w2v_knnvq.runs import find_run_checkpoint
 from w2v_knnvq.text import (
     ctc_vocabulary,
@@ -184,7 +185,9 @@ def write_language_model(corpus_dir: Path, manifest_dir: Path, lm_dir: Path) -> 
     if not lm_file.is_file():
         print(f"== Estimating a word {LM_ORDER}-gram of {lm_text} ({len(lines)} lines) -> {lm_file}", flush=True)
 
-        write_arpa(lines, lm_dir / "lm.arpa.tmp", order=LM_ORDER).rename(lm_file)
+        lm_dir.mkdir(parents=True, exist_ok=True)
+
+        write_atomically(lm_file, lambda tmp_path: write_arpa(lines, tmp_path, order=LM_ORDER))
 
     return lm_file, lines
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from w2v_knnvq.text.beam_search import BeamSearchOptions as BeamSearchOptions
 from w2v_knnvq.text.beam_search import CtcBeamSearchDecoder as CtcBeamSearchDecoder
 from w2v_knnvq.text.beam_search import LanguageModelError as LanguageModelError
+from w2v_knnvq.text.beam_search import beam_search_setting_errors as beam_search_setting_errors
 from w2v_knnvq.text.ctc import ctc_greedy_decode as ctc_greedy_decode
 from w2v_knnvq.text.ctc import ctc_greedy_token_ids as ctc_greedy_token_ids
 from w2v_knnvq.text.error_rates import EditCounts as EditCounts

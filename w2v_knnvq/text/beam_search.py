@@ -47,17 +47,34 @@ class BeamSearchOptions:
     """Hypotheses scoring this far below the best one are dropped."""
 
     def __post_init__(self) -> None:
-        if self.beam_size < 1:
-            raise ValueError(f"`beam_size` must be at least 1, but is {self.beam_size} instead.")
+        errors = beam_search_setting_errors(
+            beam_size=self.beam_size,
+            beam_threshold=self.beam_threshold,
+            lm_weight=self.lm_weight,
+            word_score=self.word_score,
+        )
 
-        if not self.beam_threshold > 0.0:
-            raise ValueError(f"`beam_threshold` must be positive, but is {self.beam_threshold} instead.")
+        if errors:
+            raise ValueError(errors[0])
 
-        for name in ("lm_weight", "word_score"):
-            value = getattr(self, name)
 
-            if not math.isfinite(value):
-                raise ValueError(f"`{name}` must be finite, but is {value} instead.")
+def beam_search_setting_errors(
+    *, beam_size: int, beam_threshold: float, lm_weight: float, word_score: float
+) -> list[str]:
+    """The errors of the numeric settings of :class:`BeamSearchOptions` (none if they are valid)."""
+    errors = []
+
+    if beam_size < 1:
+        errors.append(f"`beam_size` must be at least 1, but is {beam_size} instead.")
+
+    if not beam_threshold > 0.0:
+        errors.append(f"`beam_threshold` must be positive, but is {beam_threshold} instead.")
+
+    for name, value in (("lm_weight", lm_weight), ("word_score", word_score)):
+        if not math.isfinite(value):
+            errors.append(f"`{name}` must be finite, but is {value} instead.")
+
+    return errors
 
 
 class CtcBeamSearchDecoder:

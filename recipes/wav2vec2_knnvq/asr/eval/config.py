@@ -22,6 +22,7 @@ from fairseq2.utils.validation import ValidationResult
 from w2v_knnvq.data.asr_dataset import ASR_MANIFEST_DATASET_FAMILY
 from w2v_knnvq.data.audio_reading import DEFAULT_MAX_BAD_AUDIO_FRACTION, bad_audio_fraction_error
 from w2v_knnvq.runs import CheckpointChoice
+from w2v_knnvq.text import beam_search_setting_errors
 
 CHECKPOINT_NAMES: Final = ("best", "last")
 
@@ -152,11 +153,13 @@ class DecodingSection:
     def validate(self) -> ValidationResult:
         result = ValidationResult()
 
-        if self.beam_size < 1:
-            result.add_error(f"`beam_size` must be at least 1, but is {self.beam_size} instead.")
-
-        if not self.beam_threshold > 0.0:
-            result.add_error(f"`beam_threshold` must be positive, but is {self.beam_threshold} instead.")
+        for error in beam_search_setting_errors(
+            beam_size=self.beam_size,
+            beam_threshold=self.beam_threshold,
+            lm_weight=self.lm_weight,
+            word_score=self.word_score,
+        ):
+            result.add_error(error)
 
         for name, path in (("lexicon", self.lexicon), ("lm", self.lm)):
             if path is not None and not path.is_file():

@@ -17,7 +17,7 @@ from torch import Tensor
 from w2v_knnvq.quantizer import METHODS, QuantizerConfig, VectorQuantizer
 from w2v_knnvq.quantizer.assign import cosine_logits, gumbel_softmax
 from w2v_knnvq.quantizer.knn import draw_vertex_subset, knn_scores
-from w2v_knnvq.quantizer.smoothed import SmoothedSettings, quantize_chunked, quantize_dense
+from w2v_knnvq.quantizer.smoothed import SmoothedSettings, quantize_smoothed
 
 NOISELESS = [name for name, spec in METHODS.items() if not spec.assignment.startswith("gumbel")]
 
@@ -46,8 +46,16 @@ def _inputs(num_rows: int = 37, seed: int = 1) -> tuple[Tensor, Tensor]:
     return x, mask
 
 
-def _step(quantizer: VectorQuantizer, x: Tensor, mask: Tensor | None, *, loss_only: bool = False) -> dict[str, Tensor]:
-    """One forward and backward; returns the outputs and every gradient."""
+def _step(
+    quantizer: VectorQuantizer,
+    x: Tensor,
+    mask: Tensor | None,
+    *,
+    loss_only: bool = False,
+    through_probs: bool = False,
+) -> dict[str, Tensor]:
+    """One forward and backward; returns the outputs and every gradient. ``through_probs``
+    adds terms of ``output.probs`` and ``output.log_probs`` to the objective."""
     quantizer.zero_grad()
 
     x = x.clone().requires_grad_()
@@ -57,6 +65,11 @@ def _step(quantizer: VectorQuantizer, x: Tensor, mask: Tensor | None, *, loss_on
     weights = torch.linspace(-1.0, 1.0, output.quantized.numel()).view_as(output.quantized)
 
     objective = 3.0 * output.loss if loss_only else (output.quantized * weights).sum() + 3.0 * output.loss
+
+    if through_probs:
+        assert output.probs is not None and output.log_probs is not None
+
+        objective = objective + _probability_terms(output.probs, output.log_probs)
 
     objective.backward()
 
@@ -70,6 +83,13 @@ def _step(quantizer: VectorQuantizer, x: Tensor, mask: Tensor | None, *, loss_on
             result[f"{name}_grad"] = parameter.grad.clone()
 
     return result
+
+
+def _probability_terms(probs: Tensor, log_probs: Tensor) -> Tensor:
+    """A user's loss on the probabilities, which the fused backward pass must add in."""
+    weights = torch.linspace(-0.5, 1.0, probs.numel()).view_as(probs)
+
+    return (probs * weights).sum() + 0.1 * (log_probs * weights.flip(0)).sum()
 
 
 def _assert_close(actual: dict[str, Tensor], expected: dict[str, Tensor], atol: float = 1e-5) -> None:
@@ -127,7 +147,7 @@ def test_chunked_gumbel_recomputes_the_same_noise() -> None:
         assignment="gumbel-soft", knn_metric="ce", knn_k=3, gumbel_tau=1.0, training=True, noise_seed=7
     )
 
-    result = quantize_chunked(z, codebook, temperature, None, settings, 5)
+    result = quantize_smoothed(z, codebook, temperature, None, settings, 5)
 
     (result.quantized * torch.arange(result.quantized.numel()).view_as(result.quantized)).sum().backward()
 
@@ -261,7 +281,7 @@ def test_dense_and_chunked_settings_agree_on_mean_probabilities() -> None:
 
     args = (z, quantizer.codebook().detach(), quantizer.temperature().detach(), mask, settings)
 
-    dense, chunked = quantize_dense(*args), quantize_chunked(*args, 4)
+    dense, chunked = quantize_smoothed(*args), quantize_smoothed(*args, 4)
 
     assert torch.allclose(dense.mean_probs, chunked.mean_probs, atol=1e-6)
     assert torch.allclose(dense.individual_perplexity, chunked.individual_perplexity, atol=1e-5)
@@ -401,52 +421,138 @@ def test_tied_scores_select_exactly_k_neighbours() -> None:
             assert torch.allclose(chunked[name], dense[name], atol=1e-5), name
 
 
-def test_column_maxima_refuse_ties_even_when_they_use_up_the_rows() -> None:
-    from w2v_knnvq.quantizer.knn import column_maxima
+def _reference_top_k(keys: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(G, N, M)`` -> the K largest keys per column and their rows, ties to the lower row,
+    by one stable sort of each whole column."""
+    order = keys.sort(dim=1, descending=True, stable=True).indices[:, :k]
 
-    # Two equal rows of three, K = 2: the second maximum is not unique.
-    assert column_maxima(torch.tensor([5.0, 5.0, 4.0]).view(3, 1, 1), 2) is None
-
-    # K above N: the tie would leave -inf among the first N maxima.
-    assert column_maxima(torch.tensor([5.0, 5.0, 4.0]).view(3, 1, 1), 5) is None
-
-    maxima = column_maxima(torch.tensor([5.0, 3.0, 4.0]).view(3, 1, 1), 5)
-
-    assert maxima is not None
-    assert maxima.flatten().tolist() == [5.0, 4.0, 3.0, -math.inf, -math.inf]
+    return keys.gather(1, order).transpose(0, 1), order.transpose(0, 1)
 
 
-@pytest.mark.parametrize("num_samples", [1, 3, 40])
-def test_column_maxima_loss_and_gradient_equal_top_k(num_samples: int) -> None:
-    """The comparison-based gradient of the dense path equals autograd through ``topk``,
-    with fewer samples than K too, and for a selection that keeps only some candidates."""
-    from w2v_knnvq.quantizer.knn import KnnSelection, column_maxima, local_candidates, select_neighbours
+@pytest.mark.parametrize("num_rows", [1, 3, 37, 64, 1000])
+def test_column_top_k_is_exact_with_ties_and_masked_rows(num_rows: int) -> None:
+    """The block search gives the K best rows of every column as one stable sort of the whole
+    column does: with ties (rounded keys), rows that never count (-inf), K above N and a vertex
+    subset."""
+    from w2v_knnvq.quantizer.knn import column_top_k
 
-    k = 3
+    generator = torch.Generator().manual_seed(num_rows)
 
-    torch.manual_seed(num_samples)
+    keys = (torch.rand(2, num_rows, 9, generator=generator) * 6).round()
 
-    scores = torch.randn(num_samples, 2, 5, requires_grad=True)
+    keys[:, torch.rand(num_rows, generator=generator) < 0.2] = -math.inf
 
-    maxima = column_maxima(scores, k)
+    for k in (1, 2, 5):
+        values, rows = column_top_k(keys, k)
 
-    assert maxima is not None
+        expected_values, expected_rows = _reference_top_k(keys, min(k, num_rows))
 
-    selection = select_neighbours(maxima, num_samples, k, None)
+        assert torch.equal(values[: min(k, num_rows)], expected_values)
+        assert torch.equal(rows[: min(k, num_rows)], expected_rows)
 
-    # A global selection keeps some of this rank's candidates only.
-    partial = KnnSelection(
-        value=selection.value,
-        selected=selection.selected & (torch.rand(maxima.shape) < 0.5),
-        num_neighbours=selection.num_neighbours,
-        num_samples=num_samples,
-    )
+        # Below K rows: padded.
+        assert bool((values[num_rows:] == -math.inf).all()) and bool((rows[num_rows:] == -1).all())
 
-    for chosen in (selection, partial):
-        (grad,) = torch.autograd.grad(chosen.loss_from_maxima(scores, maxima), scores)
+        subset = torch.tensor([[0, 4, 8], [1, 2, 7]])
 
-        candidates, _ = local_candidates(scores, k)
+        subset_values, subset_rows = column_top_k(keys, k, subset)
 
-        (expected,) = torch.autograd.grad(chosen.loss(candidates), scores)
+        assert torch.equal(subset_values, values.gather(2, subset.expand(k, -1, -1)))
+        assert torch.equal(subset_rows, rows.gather(2, subset.expand(k, -1, -1)))
 
-        assert torch.equal(grad, expected)
+
+@pytest.mark.parametrize("method", ["softmax-knn-ce", "softmax-knn-l2"])
+@pytest.mark.parametrize("num_codebooks", [1, 2])
+@pytest.mark.parametrize("num_rows", [2, 37])
+@pytest.mark.parametrize("temperature", [None, 0.002])
+def test_dense_loss_and_gradients_equal_autograd_through_top_k(
+    method: str, num_codebooks: int, num_rows: int, temperature: float | None
+) -> None:
+    """The fused gradient of the dense pass (softmax backward plus the sparse KNN term) equals
+    plain autograd through log-softmax, ``topk`` and eq. 13 (:func:`knn_loss`), for every
+    parameter and the input, with padding rows, K = 3 above the two-row batch, and a loss on
+    ``output.probs`` and ``output.log_probs`` too. At a temperature near the floor (logits up
+    to 500) most probabilities underflow."""
+    from w2v_knnvq.quantizer import knn_loss
+
+    x, mask = _inputs(num_rows, seed=num_rows)
+
+    mask[0] = True
+
+    quantizer = _quantizer(method, num_codebooks)
+
+    if temperature is not None:
+        with torch.no_grad():
+            quantizer.log_temperature.fill_(math.log(temperature - quantizer.config.min_temperature))
+
+    fused = _step(quantizer, x, mask, through_probs=True)
+
+    # The reference: the same quantizer's logits through autograd only.
+    quantizer.zero_grad()
+
+    x_ref = x.clone().requires_grad_()
+
+    projected = x_ref if quantizer.input_proj is None else quantizer.input_proj(x_ref)
+
+    z = projected.view(num_rows, num_codebooks, 6)
+
+    logits = cosine_logits(z, quantizer.codebook(), quantizer.temperature())
+
+    probs = torch.softmax(logits, dim=-1)
+
+    quantized = torch.einsum("ngm,gmd->ngd", probs, quantizer.codebook()).flatten(1)
+
+    loss = knn_loss(torch.log_softmax(logits, dim=-1), 3, METHODS[method].knn_metric or "ce", mask=mask)
+
+    weights = torch.linspace(-1.0, 1.0, quantized.numel()).view_as(quantized)
+
+    objective = (quantized * weights).sum() + 3.0 * loss + _probability_terms(probs, torch.log_softmax(logits, dim=-1))
+
+    objective.backward()
+
+    assert x_ref.grad is not None
+
+    reference = {
+        "loss": loss.detach(),
+        "x_grad": x_ref.grad,
+        "quantized": quantized.detach(),
+        "codes": logits.argmax(dim=-1),
+    }
+
+    for name, parameter in quantizer.named_parameters():
+        if parameter.grad is not None:
+            reference[f"{name}_grad"] = parameter.grad
+
+    if temperature is None:
+        _assert_close(fused, reference)
+    else:
+        # Gradients of up to 1/t = 500 times the warm ones: float32 rounding of their size.
+        assert fused.keys() == reference.keys()
+
+        for name, value in reference.items():
+            error = (fused[name].float() - value.float()).abs().max()
+
+            assert error <= 1e-5 + 1e-6 * value.float().abs().max(), name
+
+
+def test_underflowing_probabilities_rank_neighbours_by_their_logarithm() -> None:
+    """At a temperature near the floor most probabilities underflow to 0 and tie; the K nearest
+    samples of such a vertex are still the K largest log-probabilities, as in eq. 13."""
+    from w2v_knnvq.quantizer.smoothed import SoftmaxRows, knn_candidates, softmax_rows
+
+    torch.manual_seed(0)
+
+    logits = torch.randn(1, 50, 8) * 400.0
+
+    settings = SmoothedSettings(assignment="softmax", knn_metric="ce", knn_k=3, gumbel_tau=1.0, training=True)
+
+    rows: SoftmaxRows = softmax_rows(logits)
+
+    assert bool((rows.probs == 0.0).any())
+
+    scores, candidate_rows = knn_candidates(logits, rows, None, settings)
+
+    expected_scores, expected_rows = _reference_top_k(torch.log_softmax(logits, dim=-1), 3)
+
+    assert torch.equal(candidate_rows, expected_rows)
+    assert torch.allclose(scores, expected_scores, rtol=1e-5)

@@ -17,13 +17,27 @@ def cosine_logits(z: Tensor, codebook: Tensor, temperature: Tensor) -> Tensor:
     :param codebook: ``(G, M, D)`` codebook vectors.
     :param temperature: scalar temperature t shared across the codebook.
 
-    :returns: ``(N, G, M)`` logits, bounded by ``1 / t`` in magnitude.
+    :returns: ``(N, G, M)`` logits, bounded by ``1 / t`` in magnitude, laid out codebook-major:
+        ``logits.transpose(0, 1)`` is a contiguous ``(G, N, M)`` tensor (one matrix product
+        per codebook), whose columns the KNN search reduces over.
     """
-    # Scaling the (N, G, D) features rather than the (N, G, M) similarities saves a pass over
-    # the larger tensor in both directions.
-    scaled_z = normalize(z, dim=-1) / temperature
+    return similarity_logits(scaled_unit_features(z, temperature), normalize(codebook, dim=-1)).transpose(0, 1)
 
-    return torch.einsum("ngd,gmd->ngm", scaled_z, normalize(codebook, dim=-1))
+
+def scaled_unit_features(z: Tensor, temperature: Tensor) -> Tensor:
+    """``z / (|z| t)`` ``(N, G, D)``: the features' factor of :func:`cosine_logits`.
+
+    Scaling the (N, G, D) features rather than the (N, G, M) similarities saves a pass over the
+    larger tensor in both directions.
+    """
+    return normalize(z, dim=-1) / temperature
+
+
+def similarity_logits(scaled_z: Tensor, unit_codebook: Tensor) -> Tensor:
+    """:param scaled_z: ``(C, G, D)`` from :func:`scaled_unit_features`.
+    :param unit_codebook: ``(G, M, D)`` L2-normalized.
+    :returns: ``(G, C, M)`` logits, one matrix product per codebook."""
+    return torch.bmm(scaled_z.transpose(0, 1), unit_codebook.transpose(1, 2))
 
 
 def nearest_codes(z: Tensor, codebook: Tensor, distance: Distance) -> Tensor:

@@ -108,10 +108,11 @@ class QuantizerConfig:
     expected loss is eq. 13 (section 5.3's suggestion). 1.0 takes every vertex."""
 
     chunk_size: int | None = None
-    """Smoothed methods compute logits, log-softmax, ``Q^T p``, the KNN candidates and the
-    perplexities this many vectors at a time, forward and backward (recomputed), so that no
-    ``(N, G, M)`` tensor is held; ``QuantizerOutput.probs`` and ``log_probs`` are then ``None``.
-    Hard methods search their nearest neighbours in chunks. ``None`` computes densely."""
+    """Smoothed methods compute logits, softmax, ``Q^T p``, the KNN candidates and the
+    perplexities this many vectors at a time, forward and backward (recomputed: one more
+    matrix product), so that no ``(N, G, M)`` tensor is held; ``QuantizerOutput.probs``,
+    ``logits`` and ``log_probs`` are then ``None``. Hard methods search their nearest
+    neighbours in chunks. ``None`` computes densely and keeps the probabilities for backward."""
 
     straight_through_codebook: bool = False
     """Straight-through methods (``ste-*``, ``simvq``): with ``True``, eq. 2 literally,

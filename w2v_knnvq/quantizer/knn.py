@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -115,59 +114,6 @@ class KnnSelection:
 
         return self.value + (local_part - local_part.detach())
 
-    def loss_from_maxima(self, scores: Tensor, candidate_scores: Tensor) -> Tensor:
-        """:meth:`loss` from all scores and their tie-free column maxima (:func:`column_maxima`).
-
-        The gradient flows into ``scores`` at the rows of the selected maxima, found again by
-        comparison in the backward pass, so no ``(K, N, G, M')`` tensor is kept.
-
-        :param scores: ``(N, G, M')`` with their gradient.
-        :param candidate_scores: ``(K, G, M')`` detached.
-        """
-        num_terms = max(1, self.num_neighbours) * self.selected[0].numel()
-
-        # Function.apply is untyped in torch.
-        selected_sum = _SelectedScoreSum.apply(scores, candidate_scores, self.selected)  # type: ignore[no-untyped-call]
-
-        local_part = selected_sum / -num_terms
-
-        return self.value + (local_part - local_part.detach())
-
-
-class _SelectedScoreSum(torch.autograd.Function):
-    """``sum`` of the selected column maxima of ``scores``; the gradient is 1 at their rows."""
-
-    @staticmethod
-    def forward(ctx: Any, scores: Tensor, maxima: Tensor, selected: Tensor) -> Tensor:
-        ctx.save_for_backward(scores, maxima, selected)
-
-        return torch.where(selected, maxima, 0.0).sum()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
-        scores, maxima, selected = ctx.saved_tensors
-
-        num_columns = selected[0].numel()
-
-        num_selected = int(selected.sum())
-
-        prefix = num_selected // num_columns
-
-        if num_selected == prefix * num_columns and bool(selected[:prefix].all()):
-            # The first `prefix` maxima of every column: one comparison with the last of
-            # them, since the maxima are tie-free and exactly those rows reach it.
-            if prefix == 0:
-                return torch.zeros_like(scores), None, None
-
-            mask = scores >= maxima[prefix - 1]
-        else:
-            mask = torch.zeros_like(scores, dtype=torch.bool)
-
-            for step in range(maxima.size(0)):
-                mask |= (scores == maxima[step]) & selected[step]
-
-        return mask.to(scores.dtype) * grad, None, None
-
 
 def local_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """Return the top-K scores of each column of ``scores`` and their rows, padded to K rows
@@ -176,81 +122,138 @@ def local_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
     :param scores: ``(N, G, M')``.
     :returns: ``(K, G, M')`` scores (with their gradient) and ``(K, G, M')`` int64 rows.
     """
-    num_samples = scores.size(0)
+    values, rows = scores.topk(min(k, scores.size(0)), dim=0)
 
-    values, rows = scores.topk(min(k, num_samples), dim=0)
+    return _padded(values, rows, k)
 
-    if values.size(0) < k:
-        padding = k - values.size(0)
 
-        values = torch.cat([values, values.new_full((padding, *values.shape[1:]), -math.inf)])
+def column_top_k(keys: Tensor, k: int, vertices: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The K largest keys of every column and their rows, exactly, ties going to the lower row.
 
-        rows = torch.cat([rows, rows.new_full((padding, *rows.shape[1:]), -1)])
+    A top-K across rows is slow where it is strided, and a column maximum is fast, so the
+    search goes through blocks of B rows: one pass takes every block's column maxima, the K
+    blocks with the largest maxima (ties to the earlier block) hold the column's top K, and
+    only those K x B rows are sorted. The k-th best entry lies in one of them: each of the K
+    chosen blocks holds an entry that ranks before every entry of an unchosen block.
+
+    :param keys: ``(G, N, M)`` codebook-major, no NaN; ``-inf`` marks rows that never count.
+    :param vertices: ``(G, M')`` the columns to search; ``None`` for all M.
+    :returns: ``(K, G, M')`` keys, padded with ``-inf`` below K rows, and ``(K, G, M')`` int64
+        rows (-1 where padded).
+    """
+    num_codebooks, num_rows, num_columns = keys.shape
+
+    width = num_columns if vertices is None else vertices.size(1)
+
+    if num_rows == 0:
+        return _padded(
+            keys.new_empty((0, num_codebooks, width)), keys.new_empty((0, num_codebooks, width), dtype=torch.int64), k
+        )
+
+    block = _block_size(num_rows, k)
+
+    num_full = num_rows // block
+
+    maxima = []
+
+    if num_full > 0:
+        maxima.append(keys[:, : num_full * block].reshape(num_codebooks, num_full, block, num_columns).amax(dim=2))
+
+    if num_full * block < num_rows:
+        maxima.append(keys[:, num_full * block :].amax(dim=1, keepdim=True))
+
+    # (G, blocks, M')
+    block_maxima = torch.cat(maxima, dim=1) if len(maxima) > 1 else maxima[0]
+
+    if vertices is None:
+        columns = torch.arange(num_columns, device=keys.device).expand(num_codebooks, 1, num_columns)
+    else:
+        columns = vertices.unsqueeze(1)
+
+        block_maxima = block_maxima.gather(2, columns.expand(-1, block_maxima.size(1), -1))
+
+    # The chosen blocks in row order, so that ties below go to the lower row.
+    blocks = first_k(block_maxima, min(k, block_maxima.size(1)), dim=1).sort(dim=1).values
+
+    offsets = torch.arange(block, device=keys.device).view(1, 1, block, 1)
+
+    rows = (blocks.unsqueeze(2) * block + offsets).flatten(1, 2)
+
+    beyond = rows >= num_rows
+
+    rows = rows.clamp_max(num_rows - 1)
+
+    values = take_entries(keys, rows, columns).masked_fill(beyond, -math.inf)
+
+    order = first_k(values, min(k, num_rows), dim=1)
+
+    top_values, top_rows = values.gather(1, order), rows.gather(1, order)
+
+    return _padded(top_values.transpose(0, 1), top_rows.transpose(0, 1), k)
+
+
+def first_k(values: Tensor, k: int, dim: int) -> Tensor:
+    """The indices of the k largest entries along ``dim``, largest first, equal values in
+    index order: the first k of a stable descending sort.
+
+    ``topk`` gives them unless equal values meet at or above the k-th, which a check of the
+    (few) values finds; only then does a stable sort run.
+    """
+    top = values.topk(k, dim=dim)
+
+    kth = top.values.narrow(dim, k - 1, 1)
+
+    distinct = bool((top.values.narrow(dim, 0, k - 1) > top.values.narrow(dim, 1, k - 1)).all())
+
+    if distinct and bool(((values >= kth).sum(dim) == k).all()):
+        return top.indices
+
+    return values.sort(dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
+
+
+def take_entries(values: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
+    """``values[g, rows[g, ...], columns[g, ...]]`` of a ``(G, N, M)`` tensor, by flat
+    index (advanced indexing with three index tensors is several times slower).
+
+    :param rows: ``(G, ...)`` or broadcastable. :param columns: broadcastable with ``rows``.
+    """
+    num_codebooks, num_rows, num_columns = values.shape
+
+    codebooks = torch.arange(num_codebooks, device=values.device).view(-1, *([1] * (rows.dim() - 1)))
+
+    return values.take((codebooks * num_rows + rows) * num_columns + columns)
+
+
+def _block_size(num_rows: int, k: int) -> int:
+    """About ``sqrt(N / K)`` rows, a power of two: as many blocks as rows to sort."""
+    return 1 << max(0, round(math.log2(max(1.0, math.sqrt(num_rows / k)))))
+
+
+def _padded(values: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(K', G, M')`` candidates padded to K with ``-inf`` and row -1."""
+    padding = k - values.size(0)
+
+    if padding <= 0:
+        return values, rows
+
+    values = torch.cat([values, values.new_full((padding, *values.shape[1:]), -math.inf)])
+
+    rows = torch.cat([rows, rows.new_full((padding, *rows.shape[1:]), -1)])
 
     return values, rows
 
 
-def column_maxima(scores: Tensor, k: int) -> Tensor | None:
-    """The top-K scores of each column by K column maxima.
+def merge_candidates(best: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Fold the candidates of later rows into running top-K candidates.
 
-    Reductions across rows are fast where a ``topk`` across rows is not (it is strided). The
-    rows that hold the maxima are not kept: :meth:`KnnSelection.loss_from_maxima` finds them
-    by comparison, which needs distinct scores, so equal scores at or above a column's K-th
-    maximum make this return ``None`` (the caller then takes :func:`local_candidates`).
-
-    :param scores: ``(N, G, M')``, no ``-inf``.
-    :returns: ``(K, G, M')`` detached scores, padded with ``-inf`` below N rows.
+    :param best: ``(K, G, M')`` scores and rows so far. :param new: the same of rows that all
+        come after them, so that a stable sort leaves ties to the earlier rows.
     """
-    num_samples = scores.size(0)
+    values = torch.cat([best[0], new[0]])
 
-    num_steps = min(k, num_samples)
+    order = first_k(values, best[0].size(0), dim=0)
 
-    remaining = scores.detach()
-
-    values = []
-
-    for step in range(num_steps):
-        maxima = remaining.amax(dim=0)
-
-        values.append(maxima)
-
-        if step + 1 < num_steps:
-            remaining = remaining.masked_fill(remaining == maxima, -math.inf)
-
-    if num_steps > 0:
-        # Ties that use up a column's rows leave -inf among its maxima.
-        if not bool(torch.isfinite(values[-1]).all()):
-            return None
-
-        # Without ties, exactly `num_steps` rows per column reach the last maximum.
-        if int((scores.detach() >= values[-1]).sum()) != num_steps * values[-1].numel():
-            return None
-
-    for _ in range(k - len(values)):
-        values.append(torch.full_like(scores[0], -math.inf))
-
-    return torch.stack(values)
-
-
-def merge_candidates(best: tuple[Tensor, Tensor], scores: Tensor, row_offset: int) -> tuple[Tensor, Tensor]:
-    """Fold a chunk of rows into running top-K candidates.
-
-    :param best: ``(K, G, M')`` scores and rows so far.
-    :param scores: ``(C, G, M')`` the scores of rows ``row_offset .. row_offset + C - 1``.
-    """
-    best_values, best_rows = best
-
-    k = best_values.size(0)
-
-    rows = torch.arange(row_offset, row_offset + scores.size(0), device=scores.device)
-
-    all_values = torch.cat([best_values, scores])
-
-    all_rows = torch.cat([best_rows, rows.view(-1, 1, 1).expand_as(scores)])
-
-    values, order = all_values.topk(k, dim=0)
-
-    return values, all_rows.gather(0, order)
+    return values.gather(0, order), torch.cat([best[1], new[1]]).gather(0, order)
 
 
 def select_neighbours(

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Linear, Module, Parameter
-from torch.nn.functional import normalize
+from torch.nn.functional import log_softmax, normalize
 
 from w2v_knnvq.quantizer.assign import gather_codes, nearest_codes
 from w2v_knnvq.quantizer.codebook import Codebook, SimVQCodebook
@@ -20,7 +21,7 @@ from w2v_knnvq.quantizer.estimators import rotation_trick, straight_through
 from w2v_knnvq.quantizer.knn import draw_vertex_subset
 from w2v_knnvq.quantizer.metrics import code_counts, code_perplexity, distribution_perplexity
 from w2v_knnvq.quantizer.regularizers import commitment_codebook_loss
-from w2v_knnvq.quantizer.smoothed import SmoothedSettings, quantize_chunked, quantize_dense
+from w2v_knnvq.quantizer.smoothed import SmoothedSettings, quantize_smoothed
 
 
 @dataclass
@@ -36,9 +37,6 @@ class QuantizerOutput:
     probs: Tensor | None
     """``(..., G, M)`` assignment probabilities ``pi`` of the smoothed methods; ``None`` for hard
     ones and with ``chunk_size`` set (no ``(N, G, M)`` tensor exists then)."""
-
-    log_probs: Tensor | None
-    """``(..., G, M)`` ``log pi``, computed by log-softmax; ``None`` where ``probs`` is."""
 
     loss: Tensor
     """Scalar regularization loss of the method, averaged over codebooks; not weighted. With a
@@ -64,6 +62,23 @@ class QuantizerOutput:
     num_loss_samples: int = 0
     """The number of vectors ``loss`` averages over: ``num_samples``, or all data-parallel
     ranks' vectors with a global KNN in training."""
+
+    recompute_logits: Callable[[], Tensor] | None = field(default=None, repr=False)
+    """Computes :attr:`logits` when asked for; ``None`` where ``probs`` is."""
+
+    @property
+    def logits(self) -> Tensor | None:
+        """``(..., G, M)`` the cosine logits whose softmax is ``probs``, with their gradient;
+        recomputed when asked for (one more matrix product); ``None`` where ``probs`` is."""
+        return None if self.recompute_logits is None else self.recompute_logits()
+
+    @property
+    def log_probs(self) -> Tensor | None:
+        """``(..., G, M)`` ``log pi``, by log-softmax of ``logits`` when asked for (finite where
+        ``pi`` underflows); ``None`` where ``probs`` is."""
+        logits = self.logits
+
+        return None if logits is None else log_softmax(logits, dim=-1)
 
     def loss_times(self, num_targets: float) -> Tensor:
         """``loss * num_targets`` for a sum-reduced training loss of ``num_targets`` targets
@@ -261,11 +276,15 @@ class VectorQuantizer(Module):
         if output.individual_perplexity is not None:
             output.individual_perplexity = output.individual_perplexity.reshape(*leading_shape, config.num_codebooks)
 
-        if output.probs is not None and output.log_probs is not None:
+        if output.probs is not None:
             probs_shape = (*leading_shape, config.num_codebooks, config.codebook_size)
 
             output.probs = output.probs.reshape(probs_shape)
-            output.log_probs = output.log_probs.reshape(probs_shape)
+
+        if output.recompute_logits is not None:
+            output.recompute_logits = _reshaped(
+                output.recompute_logits, (*leading_shape, config.num_codebooks, config.codebook_size)
+            )
 
         return output
 
@@ -276,16 +295,13 @@ class VectorQuantizer(Module):
 
         settings = self._smoothed_settings(z.device)
 
-        if config.chunk_size is None:
-            result = quantize_dense(z, codebook, temperature, mask, settings)
-        else:
-            result = quantize_chunked(z, codebook, temperature, mask, settings, config.chunk_size)
+        result = quantize_smoothed(z, codebook, temperature, mask, settings, config.chunk_size)
 
         return QuantizerOutput(
             quantized=result.quantized.flatten(1),
             codes=result.codes,
             probs=result.probs,
-            log_probs=result.log_probs,
+            recompute_logits=result.logits,
             loss=result.loss,
             hard_perplexity=self._hard_perplexity(result.codes, mask),
             soft_perplexity=distribution_perplexity(result.mean_probs),
@@ -379,7 +395,6 @@ class VectorQuantizer(Module):
             quantized=quantized.flatten(1),
             codes=codes,
             probs=None,
-            log_probs=None,
             loss=loss,
             hard_perplexity=self._hard_perplexity(codes, mask),
             soft_perplexity=None,
@@ -415,3 +430,7 @@ class VectorQuantizer(Module):
             f"method={config.method}, num_codebooks={config.num_codebooks}, "
             f"codebook_size={config.codebook_size}, codebook_dim={config.codebook_dim}"
         )
+
+
+def _reshaped(make: Callable[[], Tensor], shape: tuple[int, ...]) -> Callable[[], Tensor]:
+    return lambda: make().reshape(shape)

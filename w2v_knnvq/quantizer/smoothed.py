@@ -1,19 +1,29 @@
 """Smoothed quantization (softmax and Gumbel-softmax, eq. 5-8) with its regularizer
 (eq. 11-13), dense or in chunks of rows.
 
-The chunked pass never holds an ``(N, G, M)`` tensor: the forward pass computes the logits of
-``chunk_size`` rows at a time and keeps from them only what is ``(N, G, D)``, ``(N, G)`` or
-``(K, G, M)`` sized (quantized vectors, codes, individual perplexities, the running top-K
-candidates of every vertex, the sum of the assignment probabilities). The backward pass
-recomputes each chunk and back-propagates the chunk's share of the loss, which for the KNN
-cross-entropy of row i is ``(c_i p_i - 1_{S_i}) / (M K)`` with ``S_i`` the vertices that
-selected it. Gumbel noise is drawn from a generator seeded per chunk, so the recomputation
-sees the same samples.
+One autograd function does both, from the features' and the codebook's normalized factors of
+the cosine logits (:func:`~w2v_knnvq.quantizer.assign.scaled_unit_features`) to the quantized
+vectors and the regularizer, a block of rows at a time: the whole batch (dense), or
+``chunk_size`` rows. Each block goes through one softmax pass (:func:`softmax_rows`) that
+keeps what the rest needs of the ``(G, C, M)`` probabilities: codes, ``log Z``, individual
+perplexities, probability sums and the KNN candidates. The KNN cross-entropy needs no
+log-probabilities: the K nearest samples of vertex m are the K largest ``p_m`` of column m,
+and their scores ``log p_m = l_m - log Z`` are read off the logits.
+
+The backward pass differentiates the products by hand (the same four matrix products as
+autograd), and the regularizer's gradient is added to softmax's own fused backward: for the
+cross-entropy, row i gets ``(c_i p_i - 1_{S_i}) / (K M)`` with ``S_i`` the vertices that
+selected it and ``c_i = |S_i|``, which costs two scatters (:func:`logits_gradient`). The dense
+pass keeps the probabilities for backward. The chunked pass keeps only what is ``(N, G, D)``,
+``(N, G)`` or ``(K, G, M)`` sized and recomputes each chunk's logits in backward (one more
+matrix product); Gumbel noise is drawn from a generator seeded per chunk, so the
+recomputation sees the same samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,20 +31,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
-from torch.nn.functional import log_softmax
+from torch.nn.functional import normalize, softmax
 
-from w2v_knnvq.quantizer.assign import cosine_logits, gather_codes, gumbel_softmax
-from w2v_knnvq.quantizer.config import Assignment, KnnMetric
-from w2v_knnvq.quantizer.knn import (
-    KnnSelection,
-    column_maxima,
-    knn_scores,
-    local_candidates,
-    merge_candidates,
-    restrict_to_vertices,
-    select_neighbours,
+from w2v_knnvq.quantizer.assign import (
+    gather_codes,
+    gumbel_softmax,
+    scaled_unit_features,
+    similarity_logits,
 )
-from w2v_knnvq.quantizer.metrics import distribution_perplexity
+from w2v_knnvq.quantizer.config import Assignment, KnnMetric
+from w2v_knnvq.quantizer.knn import KnnSelection, column_top_k, merge_candidates, select_neighbours, take_entries
+from w2v_knnvq.quantizer.metrics import distribution_perplexity, softmax_individual_perplexity
+
+_SAFE_PROBABILITY = 2.0**-100
+"""Probabilities at or above it are normal float32 numbers with all their digits, so they rank
+samples as their logarithms do; a column whose K-th candidate falls below it is searched again
+on log-probabilities."""
 
 
 @dataclass(kw_only=True)
@@ -61,7 +73,7 @@ class SmoothedSettings:
     """``(G, M')`` the vertices the KNN regularizes; ``None`` for all."""
 
     noise_seed: int = 0
-    """Seeds the Gumbel noise of chunk c with ``noise_seed + c`` (chunked pass only)."""
+    """Seeds the Gumbel noise of chunk c with ``noise_seed + c``."""
 
 
 @dataclass(kw_only=True)
@@ -89,45 +101,227 @@ class SmoothedResult:
     num_loss_samples: int
     """The number of samples the loss averages: all ranks' for a global KNN."""
 
-    log_probs: Tensor | None = None
-    """``(N, G, M)``; dense pass only."""
-
     probs: Tensor | None = None
-    """``(N, G, M)`` ``exp(log_probs)``; dense pass only."""
+    """``(N, G, M)`` ``pi``, with their gradient; dense pass only."""
+
+    logits: Callable[[], Tensor] | None = None
+    """Recomputes the ``(N, G, M)`` logits with their graph (one more matrix product); dense
+    pass only."""
 
 
-def assign(
-    logits: Tensor, probs: Tensor, settings: SmoothedSettings, generator: torch.Generator | None
+# --- one block of rows ----------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class SoftmaxRows:
+    """The softmax of a block of C rows and what is read off it, codebook-major."""
+
+    probs: Tensor
+    """``(G, C, M)``."""
+
+    log_normalizer: Tensor
+    """``(G, C)`` ``log Z = logsumexp`` of each row's logits."""
+
+    codes: Tensor
+    """``(G, C)`` the argmax of each row."""
+
+    individual_perplexity: Tensor
+    """``(G, C)``."""
+
+
+def softmax_rows(logits: Tensor) -> SoftmaxRows:
+    """:param logits: ``(G, C, M)``, no gradient is recorded."""
+    probs = softmax(logits, dim=-1)
+
+    top, codes = logits.max(dim=-1)
+
+    # The probability at a row's maximum is at least 1/M, so its logarithm is as exact as a
+    # log-softmax: log Z = l_max - log p_max.
+    log_normalizer = top - probs.gather(-1, codes.unsqueeze(-1)).squeeze(-1).log()
+
+    return SoftmaxRows(
+        probs=probs,
+        log_normalizer=log_normalizer,
+        codes=codes,
+        individual_perplexity=softmax_individual_perplexity(logits, probs, log_normalizer),
+    )
+
+
+def probability_sum(probs: Tensor, keep: Tensor | None) -> Tensor:
+    """``(G, C, M) -> (G, M)`` the sum of the kept rows' probabilities."""
+    if keep is None:
+        return probs.sum(dim=1)
+
+    return torch.matmul(keep.to(probs.dtype), probs)
+
+
+def knn_candidates(
+    logits: Tensor, rows: SoftmaxRows, keep: Tensor | None, settings: SmoothedSettings
 ) -> tuple[Tensor, Tensor]:
-    """:returns: The smoothed assignment ``(N, G, M)`` (softmax or Gumbel sample) and the
-    ``(N, G)`` codes of a training step."""
-    if settings.assignment == "softmax":
-        return probs, logits.max(dim=-1).indices
+    """This block's K best candidates of every regularized vertex.
 
-    return gumbel_softmax(logits, settings.gumbel_tau, hard=settings.assignment == "gumbel-hard", generator=generator)
-
-
-def _quantize_rows(
-    logits: Tensor, probs: Tensor, codebook: Tensor, settings: SmoothedSettings, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """:returns: ``(C, G, D)`` quantized vectors and ``(C, G)`` codes of a block of rows."""
-    if not settings.training:
-        codes = logits.max(dim=-1).indices
-
-        return gather_codes(codebook, codes), codes
-
-    smoothed, codes = assign(logits, probs, settings, generator)
-
-    return torch.einsum("ngm,gmd->ngd", smoothed, codebook), codes
-
-
-def row_perplexity(probs: Tensor, log_probs: Tensor) -> Tensor:
-    """``exp(-sum_m p_m log p_m)`` of each row, ``(N, G, M) -> (N, G)``, as one contraction.
-
-    ``log_probs`` comes from log-softmax of bounded logits, so it is finite and an underflowed
-    ``p_m = 0`` adds ``0``.
+    :param logits: ``(G, C, M)``. :param keep: ``(C,)`` bool, ``False`` for rows that are
+        never neighbours.
+    :returns: ``(K, G, M')`` scores ``-D(e_m, p)`` (``-inf`` where fewer than K rows are
+        kept) and ``(K, G, M')`` their rows in the block.
     """
-    return torch.einsum("ngm,ngm->ng", probs.detach(), log_probs.detach()).neg().exp()
+    k, vertices = settings.knn_k, settings.vertex_subset
+
+    if settings.knn_metric == "l2":
+        # -|e_m - p|^2 = 2 p_m - |p|^2 - 1.
+        scores = 2.0 * rows.probs - torch.linalg.vecdot(rows.probs, rows.probs).unsqueeze(-1) - 1.0
+
+        return column_top_k(_never_kept(scores, keep), k, vertices)
+
+    keys, candidate_rows = column_top_k(_never_kept(rows.probs, keep), k, vertices)
+
+    if bool(((keys >= 0.0) & (keys < _SAFE_PROBABILITY)).any()):
+        # Underflowing probabilities tie where their logarithms do not.
+        log_probs = logits - rows.log_normalizer.unsqueeze(-1)
+
+        return column_top_k(_never_kept(log_probs, keep), k, vertices)
+
+    # (G, K, M') from here.
+    at = candidate_rows.clamp_min(0).transpose(0, 1)
+
+    columns = torch.arange(logits.size(2), device=logits.device) if vertices is None else vertices.unsqueeze(1)
+
+    log_normalizer = rows.log_normalizer.gather(1, at.flatten(1)).view_as(at)
+
+    scores = (take_entries(logits, at, columns) - log_normalizer).transpose(0, 1)
+
+    return scores.masked_fill(keys == -math.inf, -math.inf), candidate_rows
+
+
+def _never_kept(keys: Tensor, keep: Tensor | None) -> Tensor:
+    return keys if keep is None else keys.masked_fill(~keep.view(1, -1, 1), -math.inf)
+
+
+@dataclass(kw_only=True)
+class Neighbours:
+    """The (codebook, row, vertex) triples of this rank's selected neighbours."""
+
+    codebooks: Tensor
+
+    rows: Tensor
+
+    vertices: Tensor
+
+    num_terms: int
+    """K_eff x G x M': the loss is ``-(sum of all ranks' selected scores) / num_terms``."""
+
+    @staticmethod
+    def of(selection: KnnSelection, candidate_rows: Tensor, vertex_subset: Tensor | None) -> Neighbours:
+        """:param candidate_rows: ``(K, G, M')`` the row of each candidate of ``selection``."""
+        _, codebooks, columns = selection.selected.nonzero(as_tuple=True)
+
+        vertices = columns if vertex_subset is None else vertex_subset[codebooks, columns]
+
+        return Neighbours(
+            codebooks=codebooks,
+            rows=candidate_rows[selection.selected],
+            vertices=vertices,
+            num_terms=max(1, selection.num_neighbours) * selection.selected[0].numel(),
+        )
+
+    def within(self, start: int, end: int) -> Neighbours:
+        """The neighbours among rows ``start .. end - 1``, numbered from ``start``."""
+        inside = (self.rows >= start) & (self.rows < end)
+
+        return Neighbours(
+            codebooks=self.codebooks[inside],
+            rows=self.rows[inside] - start,
+            vertices=self.vertices[inside],
+            num_terms=self.num_terms,
+        )
+
+    def counts(self, num_codebooks: int, num_rows: int, dtype: torch.dtype) -> Tensor:
+        """``(G, C)`` how many vertices selected each row, c_i."""
+        counts = torch.zeros(num_codebooks * num_rows, dtype=dtype, device=self.rows.device)
+
+        counts.index_add_(0, self.codebooks * num_rows + self.rows, torch.ones_like(self.rows, dtype=dtype))
+
+        return counts.view(num_codebooks, num_rows)
+
+
+def logits_gradient(
+    probs: Tensor,
+    grad_probs: Tensor | None,
+    codes: Tensor,
+    *,
+    neighbours: Neighbours | None = None,
+    metric: KnnMetric | None = None,
+    grad_loss: Tensor | None = None,
+) -> Tensor:
+    """The gradient w.r.t. the logits of ``probs = softmax(logits)`` given the gradient
+    w.r.t. ``probs`` and that of the KNN loss of the selected ``neighbours``.
+
+    Per selected (row i, vertex m), the cross-entropy ``-log p_m / n`` adds ``(p_i - e_m) / n``
+    to the logits' gradient of row i: ``c_i p_i / n`` is ``p_i (g - sum(p_i g))`` for a
+    ``g`` that is ``-c_i / (n p_ij)`` at one entry j, taken at the row's argmax (``p_ij >= 1/M``)
+    and folded into softmax's backward kernel, plus ``c_i / n`` at that entry afterwards; the
+    ``-e_m / n`` are a scatter. The L2 ``|e_m - p_i|^2 / n`` adds ``2 (p_i - e_m) / n`` to the
+    probabilities' gradient.
+
+    :param probs: ``(G, C, M)``. :param grad_probs: ``(G, C, M)`` or ``None``; modified in place.
+    :param codes: ``(G, C)`` the argmax of each row of ``probs``.
+    """
+    knn = neighbours is not None and grad_loss is not None and neighbours.rows.numel() > 0
+
+    if not knn:
+        return _softmax_backward(probs, grad_probs)
+
+    assert neighbours is not None and grad_loss is not None
+
+    counts = neighbours.counts(probs.size(0), probs.size(1), probs.dtype)
+
+    if metric == "l2":
+        scale = 2.0 * grad_loss / neighbours.num_terms
+
+        scaled_counts = counts.unsqueeze(-1) * scale
+
+        grad_probs = probs * scaled_counts if grad_probs is None else grad_probs.addcmul_(probs, scaled_counts)
+
+        _scatter_add(grad_probs, neighbours, -scale)
+
+        return _softmax_backward(probs, grad_probs)
+
+    scale = grad_loss / neighbours.num_terms
+
+    if grad_probs is None:
+        grad = probs * (counts.unsqueeze(-1) * scale)
+    else:
+        codebooks, rows = counts.nonzero(as_tuple=True)
+
+        argmax = (codebooks, rows, codes[codebooks, rows])
+
+        row_terms = counts[codebooks, rows] * scale
+
+        grad_probs.index_put_(argmax, -row_terms / probs[argmax], accumulate=True)
+
+        grad = _softmax_backward(probs, grad_probs)
+
+        grad.index_put_(argmax, row_terms, accumulate=True)
+
+    _scatter_add(grad, neighbours, -scale)
+
+    return grad
+
+
+def _softmax_backward(probs: Tensor, grad_probs: Tensor | None) -> Tensor:
+    if grad_probs is None:
+        return torch.zeros_like(probs)
+
+    # The fused kernel of softmax's own backward pass: p * (g - sum(p * g)).
+    return torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+
+
+def _scatter_add(target: Tensor, neighbours: Neighbours, value: Tensor) -> None:
+    target.index_put_(
+        (neighbours.codebooks, neighbours.rows, neighbours.vertices),
+        value.to(target.dtype).expand(neighbours.rows.numel()),
+        accumulate=True,
+    )
 
 
 def perplexity_regularizer(mean_probs: Tensor) -> Tensor:
@@ -143,88 +337,30 @@ def mean_probabilities(prob_sum: Tensor, num_samples: int) -> Tensor:
     return prob_sum / num_samples
 
 
-def quantize_dense(
-    z: Tensor, codebook: Tensor, temperature: Tensor, mask: Tensor | None, settings: SmoothedSettings
-) -> SmoothedResult:
-    """The whole batch at once: ``(N, G, M)`` logits, probabilities and scores.
-
-    :param z: ``(N, G, D)`` features. :param codebook: ``(G, M, D)``. :param mask: ``(N,)``
-        bool, ``True`` for rows that count in the regularizer and perplexities.
-    """
-    logits = cosine_logits(z, codebook, temperature)
-
-    log_probs = log_softmax(logits, dim=-1)
-
-    probs = log_probs.exp()
-
-    quantized, codes = _quantize_rows(logits, probs, codebook, settings, None)
-
-    kept_probs = probs if mask is None else probs[mask]
-
-    num_samples = kept_probs.size(0)
-
-    mean_probs = mean_probabilities(kept_probs.sum(dim=0), num_samples)
-
-    # With Gumbel noise the regularizers see pi, not the noisy samples (section 3).
-    if settings.knn_metric is not None:
-        loss, num_loss_samples = _dense_knn_loss(log_probs, mask, num_samples, settings)
-    else:
-        loss = perplexity_regularizer(mean_probs)
-
-        num_loss_samples = num_samples
-
-    return SmoothedResult(
-        quantized=quantized,
-        codes=codes,
-        loss=loss,
-        individual_perplexity=row_perplexity(probs, log_probs),
-        mean_probs=mean_probs.detach(),
-        num_samples=num_samples,
-        num_loss_samples=num_loss_samples,
-        log_probs=log_probs,
-        probs=probs,
-    )
-
-
-def _dense_knn_loss(
-    log_probs: Tensor, mask: Tensor | None, num_samples: int, settings: SmoothedSettings
-) -> tuple[Tensor, int]:
-    """:returns: The KNN loss (eq. 13) and the number of samples it averages over all ranks."""
-    assert settings.knn_metric is not None
-
-    scores = restrict_to_vertices(knn_scores(log_probs, settings.knn_metric), settings.vertex_subset)
-
-    if mask is not None:
-        scores = scores[mask]
-
-    maxima = column_maxima(scores, settings.knn_k)
-
-    if maxima is not None:
-        selection = select_neighbours(maxima, num_samples, settings.knn_k, settings.process_group)
-
-        return selection.loss_from_maxima(scores, maxima), selection.num_samples
-
-    candidates, _ = local_candidates(scores, settings.knn_k)
-
-    selection = select_neighbours(candidates, num_samples, settings.knn_k, settings.process_group)
-
-    return selection.loss(candidates), selection.num_samples
-
-
-def quantize_chunked(
+def quantize_smoothed(
     z: Tensor,
     codebook: Tensor,
     temperature: Tensor,
     mask: Tensor | None,
     settings: SmoothedSettings,
-    chunk_size: int,
+    chunk_size: int | None = None,
 ) -> SmoothedResult:
-    """The same result as :func:`quantize_dense` (up to the order of the Gumbel noise),
-    ``chunk_size`` rows at a time, without ``log_probs``."""
-    # torch leaves `Function.apply` unannotated.
-    outputs = _ChunkedSmoothed.apply(z, codebook, temperature, mask, settings, chunk_size)  # type: ignore[no-untyped-call]
+    """Quantizes ``z`` densely (``chunk_size=None``: the probabilities are kept for backward
+    and returned) or ``chunk_size`` rows at a time (no ``(N, G, M)`` tensor is held).
 
-    quantized, loss, codes, individual_perplexity, mean_probs, num_loss_samples = outputs
+    :param z: ``(N, G, D)`` features. :param codebook: ``(G, M, D)``. :param mask: ``(N,)``
+        bool, ``True`` for rows that count in the regularizer and perplexities.
+    """
+    # The normalizations and the temperature are (N, G, D) and (G, M, D) sized: autograd
+    # takes them; the function starts at their product.
+    scaled_z, unit_codebook = scaled_unit_features(z, temperature), normalize(codebook, dim=-1)
+
+    # torch leaves `Function.apply` unannotated.
+    outputs = _SmoothedQuantization.apply(scaled_z, unit_codebook, codebook, mask, settings, chunk_size)  # type: ignore[no-untyped-call]
+
+    quantized, loss, codes, individual_perplexity, mean_probs, num_loss_samples, probs = outputs
+
+    dense = chunk_size is None
 
     return SmoothedResult(
         quantized=quantized,
@@ -234,13 +370,17 @@ def quantize_chunked(
         mean_probs=mean_probs,
         num_samples=z.size(0) if mask is None else int(mask.sum()),
         num_loss_samples=int(num_loss_samples),
+        probs=probs.transpose(0, 1) if dense else None,
+        logits=(lambda: similarity_logits(scaled_z, unit_codebook).transpose(0, 1)) if dense else None,
     )
 
 
-def _chunks(num_rows: int, chunk_size: int) -> Iterator[tuple[int, int, int]]:
-    """:returns: ``(index, start, end)`` of each chunk."""
-    for index, start in enumerate(range(0, num_rows, chunk_size)):
-        yield index, start, min(start + chunk_size, num_rows)
+def _chunks(num_rows: int, chunk_size: int | None) -> Iterator[tuple[int, int, int]]:
+    """:returns: ``(index, start, end)`` of each chunk; one for ``None``."""
+    step = max(1, num_rows if chunk_size is None else chunk_size)
+
+    for index, start in enumerate(range(0, max(1, num_rows), step)):
+        yield index, start, min(start + step, num_rows)
 
 
 def _generator(settings: SmoothedSettings, chunk_index: int, device: torch.device) -> torch.Generator | None:
@@ -252,12 +392,9 @@ def _generator(settings: SmoothedSettings, chunk_index: int, device: torch.devic
 
 @dataclass(kw_only=True)
 class _Forward:
-    """What the chunked forward pass keeps for backward."""
+    """What the forward pass keeps for backward besides its saved tensors."""
 
-    selection: KnnSelection | None
-
-    candidate_rows: Tensor | None
-    """``(K, G, M')`` the row of each candidate."""
+    neighbours: Neighbours | None
 
     mean_probs: Tensor
 
@@ -265,72 +402,74 @@ class _Forward:
     """The unmasked rows of this rank."""
 
 
-class _ChunkedSmoothed(torch.autograd.Function):
+class _SmoothedQuantization(torch.autograd.Function):
+    """``(N, G, D)`` scaled unit features, the ``(G, M, D)`` unit and plain codebooks ->
+    quantized vectors, the regularizer, codes, individual perplexities, the mean
+    probabilities, the loss's sample count and (dense) the ``(G, N, M)`` probabilities."""
+
     @staticmethod
     def forward(
         ctx: FunctionCtx,
-        z: Tensor,
+        scaled_z: Tensor,
+        unit_codebook: Tensor,
         codebook: Tensor,
-        temperature: Tensor,
         mask: Tensor | None,
         settings: SmoothedSettings,
-        chunk_size: int,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-        num_rows, num_codebooks, dim = z.shape
+        chunk_size: int | None,
+    ) -> tuple[Tensor, ...]:
+        # Outputs nothing depends on (probabilities, the codebook's in eval mode) send no gradient.
+        ctx.set_materialize_grads(False)
 
-        quantized = z.new_empty((num_rows, num_codebooks, dim))
-        codes = torch.empty((num_rows, num_codebooks), dtype=torch.int64, device=z.device)
-        individual_perplexity = z.new_empty((num_rows, num_codebooks))
+        num_rows, num_codebooks = scaled_z.shape[:2]
+
+        quantized = codebook.new_empty((num_rows, num_codebooks, codebook.size(2)))
+        codes = torch.empty((num_rows, num_codebooks), dtype=torch.int64, device=codebook.device)
+        individual_perplexity = codebook.new_empty((num_rows, num_codebooks))
 
         prob_sum = codebook.new_zeros(codebook.shape[:2])
 
         best: tuple[Tensor, Tensor] | None = None
 
+        kept: list[Tensor] = []
+
         for index, start, end in _chunks(num_rows, chunk_size):
-            logits = cosine_logits(z[start:end], codebook, temperature)
+            logits = similarity_logits(scaled_z[start:end], unit_codebook)
 
-            log_probs = log_softmax(logits, dim=-1)
-
-            probs = log_probs.exp()
-
-            chunk_quantized, chunk_codes = _quantize_rows(
-                logits, probs, codebook, settings, _generator(settings, index, z.device)
-            )
-
-            quantized[start:end] = chunk_quantized
-            codes[start:end] = chunk_codes
-
-            individual_perplexity[start:end] = row_perplexity(probs, log_probs)
+            rows = softmax_rows(logits)
 
             keep = None if mask is None else mask[start:end]
 
-            prob_sum += (probs if keep is None else probs[keep]).sum(dim=0)
+            quantized[start:end], codes[start:end] = _quantize_block(
+                logits, rows, codebook, settings, _generator(settings, index, codebook.device)
+            )
+
+            individual_perplexity[start:end] = rows.individual_perplexity.t()
+
+            prob_sum += probability_sum(rows.probs, keep)
 
             if settings.knn_metric is not None:
-                scores = restrict_to_vertices(knn_scores(log_probs, settings.knn_metric), settings.vertex_subset)
+                scores, candidate_rows = knn_candidates(logits, rows, keep, settings)
 
-                if keep is not None:
-                    # Masked rows are never candidates.
-                    scores = scores.masked_fill(~keep.view(-1, 1, 1), -torch.inf)
+                chunk_best = (scores, torch.where(candidate_rows >= 0, candidate_rows + start, -1))
 
-                if best is None:
-                    best = local_candidates(scores, settings.knn_k)
-                else:
-                    best = merge_candidates(best, scores, start)
+                best = chunk_best if best is None else merge_candidates(best, chunk_best)
+
+            if chunk_size is None:
+                # Dense: backward takes the probabilities (and the Gumbel methods' logits).
+                kept = [rows.probs] if settings.assignment == "softmax" else [rows.probs, logits]
 
         num_samples = num_rows if mask is None else int(mask.sum())
 
         mean_probs = mean_probabilities(prob_sum, num_samples)
 
-        selection = None
+        neighbours = None
 
         if settings.knn_metric is not None:
-            if best is None:
-                vertices = prob_sum.shape if settings.vertex_subset is None else settings.vertex_subset.shape
-
-                best = local_candidates(prob_sum.new_full((0, *vertices), -torch.inf), settings.knn_k)
+            assert best is not None
 
             selection = select_neighbours(best[0], num_samples, settings.knn_k, settings.process_group)
+
+            neighbours = Neighbours.of(selection, best[1], settings.vertex_subset)
 
             loss = selection.value
             num_loss_samples = selection.num_samples
@@ -338,148 +477,218 @@ class _ChunkedSmoothed(torch.autograd.Function):
             loss = perplexity_regularizer(mean_probs)
             num_loss_samples = num_samples
 
-        ctx.save_for_backward(z, codebook, temperature)
+        ctx.save_for_backward(scaled_z, unit_codebook, codebook, codes, *kept)
 
         ctx.mask = mask  # type: ignore[attr-defined]
-
         ctx.settings = settings  # type: ignore[attr-defined]
         ctx.chunk_size = chunk_size  # type: ignore[attr-defined]
-        ctx.saved = _Forward(  # type: ignore[attr-defined]
-            selection=selection,
-            candidate_rows=None if best is None else best[1],
-            mean_probs=mean_probs,
-            num_samples=num_samples,
-        )
+        ctx.saved = _Forward(neighbours=neighbours, mean_probs=mean_probs, num_samples=num_samples)  # type: ignore[attr-defined]
 
-        ctx.mark_non_differentiable(codes, individual_perplexity)
+        probs = kept[0] if kept else codebook.new_empty(0)
 
-        return (
-            quantized,
-            loss,
-            codes,
-            individual_perplexity,
-            mean_probs,
-            torch.tensor(num_loss_samples),
-        )
+        ctx.mark_non_differentiable(codes, individual_perplexity, mean_probs)
+
+        return quantized, loss, codes, individual_perplexity, mean_probs, torch.tensor(num_loss_samples), probs
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        grad_quantized, grad_loss = grads[0], grads[1]
+        grad_quantized, grad_loss, grad_probs = grads[0], grads[1], grads[6]
 
-        z, codebook, temperature = ctx.saved_tensors
+        scaled_z, unit_codebook, codebook, codes, *kept = ctx.saved_tensors
 
         mask: Tensor | None = ctx.mask
 
         settings: SmoothedSettings = ctx.settings
         saved: _Forward = ctx.saved
 
-        grad_z = torch.zeros_like(z)
+        grad_scaled_z = torch.zeros_like(scaled_z)
+        grad_unit_codebook = torch.zeros_like(unit_codebook)
         grad_codebook = torch.zeros_like(codebook)
-        grad_temperature = torch.zeros_like(temperature)
 
-        # The perplexity regularizer reaches each row through the batch mean pi.
-        grad_mean_probs = None
+        neighbours = saved.neighbours if grad_loss is not None else None
 
-        if grad_loss is not None and saved.selection is None and saved.num_samples > 0:
-            with torch.set_grad_enabled(True):
-                mean_probs = saved.mean_probs.detach().requires_grad_()
+        grad_prob_sum = _grad_prob_sum(saved, grad_loss)
 
-                (grad_mean_probs,) = torch.autograd.grad(perplexity_regularizer(mean_probs), mean_probs)
+        for index, start, end in _chunks(scaled_z.size(0), ctx.chunk_size):
+            block_z = scaled_z[start:end].transpose(0, 1)
 
-            grad_mean_probs = grad_mean_probs * grad_loss / saved.num_samples
+            if kept:
+                probs, logits = kept[0], (kept[1] if len(kept) > 1 else None)
+            else:
+                logits = torch.bmm(block_z, unit_codebook.transpose(1, 2))
 
-        for index, start, end in _chunks(z.size(0), ctx.chunk_size):
-            with torch.set_grad_enabled(True):
-                chunk_z = z[start:end].detach().requires_grad_()
-                chunk_codebook = codebook.detach().requires_grad_()
-                chunk_temperature = temperature.detach().requires_grad_()
+                probs = softmax(logits, dim=-1)
 
-                surrogate = _chunk_surrogate(
-                    chunk_z,
-                    chunk_codebook,
-                    chunk_temperature,
-                    None if mask is None else mask[start:end],
-                    start,
-                    index,
-                    settings,
-                    saved,
-                    grad_quantized,
-                    grad_loss,
-                    grad_mean_probs,
-                )
+            block = _Block(
+                probs=probs,
+                logits=logits,
+                codes=codes[start:end].t(),
+                keep=None if mask is None else mask[start:end],
+                generator=_generator(settings, index, codebook.device),
+            )
 
-                if surrogate is None:
-                    continue
+            # (G, C, D)
+            block_grad = None if grad_quantized is None else grad_quantized[start:end].transpose(0, 1)
 
-                dz, dcodebook, dtemperature = torch.autograd.grad(
-                    surrogate, (chunk_z, chunk_codebook, chunk_temperature), allow_unused=True
-                )
+            grad_logits = _block_logits_gradient(
+                block,
+                codebook,
+                grad_codebook,
+                settings,
+                block_grad,
+                grad_probs,
+                grad_prob_sum,
+                None if neighbours is None else neighbours.within(start, end),
+                grad_loss,
+            )
 
-            if dz is not None:
-                grad_z[start:end] = dz
-            if dcodebook is not None:
-                grad_codebook += dcodebook
-            if dtemperature is not None:
-                grad_temperature += dtemperature
+            if grad_logits is None:
+                continue
 
-        return grad_z, grad_codebook, grad_temperature, None, None, None
+            # logits = z_s Q_u^T per codebook.
+            grad_scaled_z[start:end] = torch.bmm(grad_logits, unit_codebook).transpose(0, 1)
+
+            grad_unit_codebook.baddbmm_(grad_logits.transpose(1, 2), block_z)
+
+        return grad_scaled_z, grad_unit_codebook, grad_codebook, None, None, None
 
 
-def _chunk_surrogate(
-    z: Tensor,
-    codebook: Tensor,
-    temperature: Tensor,
-    keep: Tensor | None,
-    start: int,
-    index: int,
-    settings: SmoothedSettings,
-    saved: _Forward,
-    grad_quantized: Tensor | None,
-    grad_loss: Tensor | None,
-    grad_mean_probs: Tensor | None,
-) -> Tensor | None:
-    """Recomputes one chunk and returns a scalar whose gradient is the chunk's share of the
-    gradient of ``grad_quantized . quantized + grad_loss * loss``; ``None`` if it has none."""
-    logits = cosine_logits(z, codebook, temperature)
-
-    log_probs = log_softmax(logits, dim=-1)
-
-    probs = log_probs.exp()
-
-    terms: list[Tensor] = []
-
-    if grad_quantized is not None:
-        quantized, _ = _quantize_rows(logits, probs, codebook, settings, _generator(settings, index, z.device))
-
-        terms.append((quantized * grad_quantized[start : start + z.size(0)]).sum())
-
-    if grad_loss is not None and saved.selection is not None and saved.candidate_rows is not None:
-        assert settings.knn_metric is not None
-
-        scores = restrict_to_vertices(knn_scores(log_probs, settings.knn_metric), settings.vertex_subset)
-
-        selected = _selected_in_chunk(saved.selection.selected, saved.candidate_rows, start, z.size(0))
-
-        terms.append(saved.selection.mean_distance(selected, scores) * grad_loss)
-
-    if grad_mean_probs is not None:
-        kept = probs if keep is None else probs[keep]
-
-        terms.append((kept.sum(dim=0) * grad_mean_probs).sum())
-
-    if not terms:
+def _grad_prob_sum(saved: _Forward, grad_loss: Tensor | None) -> Tensor | None:
+    """The perplexity regularizer's gradient w.r.t. the batch sum of pi ``(G, M)``."""
+    if grad_loss is None or saved.neighbours is not None or saved.num_samples == 0:
         return None
 
-    return torch.stack(terms).sum()
+    with torch.set_grad_enabled(True):
+        mean_probs = saved.mean_probs.detach().requires_grad_()
+
+        (grad_mean_probs,) = torch.autograd.grad(perplexity_regularizer(mean_probs), mean_probs)
+
+    return grad_mean_probs * grad_loss / saved.num_samples
 
 
-def _selected_in_chunk(selected: Tensor, rows: Tensor, start: int, num_rows: int) -> Tensor:
-    """:param selected: ``(K, G, M')`` bool. :param rows: ``(K, G, M')`` the candidates' rows.
-    :returns: ``(C, G, M')`` bool, ``True`` where row ``start + c`` is a selected neighbour."""
-    in_chunk = selected & (rows >= start) & (rows < start + num_rows)
+@dataclass(kw_only=True)
+class _Block:
+    """A block of C rows in backward."""
 
-    counts = torch.zeros((num_rows, *rows.shape[1:]), dtype=torch.int64, device=rows.device)
+    probs: Tensor
+    """``(G, C, M)``."""
 
-    counts.scatter_add_(0, (rows - start).clamp(0, num_rows - 1), in_chunk.long())
+    logits: Tensor | None
+    """``(G, C, M)``; ``None`` where only the softmax assignment needs them (dense)."""
 
-    return counts > 0
+    codes: Tensor
+    """``(G, C)`` the forward pass's codes."""
+
+    keep: Tensor | None
+
+    generator: torch.Generator | None
+
+
+def _quantize_block(
+    logits: Tensor, rows: SoftmaxRows, codebook: Tensor, settings: SmoothedSettings, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """:param logits: ``(G, C, M)``.
+    :returns: ``(C, G, D)`` quantized vectors and ``(C, G)`` codes of a block of rows."""
+    if not settings.training:
+        return gather_codes(codebook, rows.codes.t()), rows.codes.t()
+
+    if settings.assignment == "softmax":
+        return torch.bmm(rows.probs, codebook).transpose(0, 1), rows.codes.t()
+
+    # The noise is drawn in (C, G, M) order.
+    samples, codes = gumbel_softmax(
+        logits.transpose(0, 1), settings.gumbel_tau, hard=settings.assignment == "gumbel-hard", generator=generator
+    )
+
+    return torch.bmm(samples.transpose(0, 1), codebook).transpose(0, 1), codes
+
+
+def _block_logits_gradient(
+    block: _Block,
+    codebook: Tensor,
+    grad_codebook: Tensor,
+    settings: SmoothedSettings,
+    grad_quantized: Tensor | None,
+    grad_probs: Tensor | None,
+    grad_prob_sum: Tensor | None,
+    neighbours: Neighbours | None,
+    grad_loss: Tensor | None,
+) -> Tensor | None:
+    """The gradient w.r.t. one block's ``(G, C, M)`` logits; the quantized vectors' gradient
+    w.r.t. the codebook is added to ``grad_codebook``.
+
+    :param grad_quantized: ``(G, C, D)``. :param grad_probs: ``(G, C, M)`` (dense only).
+    """
+    probs = block.probs
+
+    # Gradient that reaches the logits other than through pi: the Gumbel samples'.
+    grad_sample_logits = None
+
+    # The gradient w.r.t. pi, built in a tensor of this function's own.
+    own_grad_probs = None
+
+    if grad_quantized is not None:
+        if not settings.training:
+            # quantized = Q[codes]: the codebook's rows take the gradient.
+            codebooks = torch.arange(block.codes.size(0), device=codebook.device).unsqueeze(1).expand_as(block.codes)
+
+            grad_codebook.index_put_((codebooks, block.codes), grad_quantized, accumulate=True)
+        elif settings.assignment == "softmax":
+            own_grad_probs = torch.bmm(grad_quantized, codebook.transpose(1, 2))
+
+            grad_codebook.baddbmm_(probs.transpose(1, 2), grad_quantized)
+        else:
+            assert block.logits is not None
+
+            grad_sample_logits = _gumbel_logits_gradient(block.logits, codebook, grad_codebook, block.generator, settings, grad_quantized)  # fmt: skip
+
+    if grad_probs is not None:
+        own_grad_probs = grad_probs.clone() if own_grad_probs is None else own_grad_probs.add_(grad_probs)
+
+    if grad_prob_sum is not None:
+        own_grad_probs = _add_row_gradient(own_grad_probs, grad_prob_sum, block.keep, probs)
+
+    if own_grad_probs is None and neighbours is None:
+        return grad_sample_logits
+
+    grad = logits_gradient(
+        probs, own_grad_probs, block.codes, neighbours=neighbours, metric=settings.knn_metric, grad_loss=grad_loss
+    )
+
+    return grad if grad_sample_logits is None else grad.add_(grad_sample_logits)
+
+
+def _add_row_gradient(grad_probs: Tensor | None, grad_prob_sum: Tensor, keep: Tensor | None, probs: Tensor) -> Tensor:
+    """Adds the gradient of ``probability_sum`` ``(G, M)`` to each kept row's."""
+    per_row = grad_prob_sum.unsqueeze(1).expand_as(probs)
+
+    if keep is not None:
+        per_row = per_row * keep.to(probs.dtype).view(1, -1, 1)
+
+    return per_row.clone() if grad_probs is None else grad_probs.add_(per_row)
+
+
+def _gumbel_logits_gradient(
+    logits: Tensor,
+    codebook: Tensor,
+    grad_codebook: Tensor,
+    generator: torch.Generator | None,
+    settings: SmoothedSettings,
+    grad_quantized: Tensor,
+) -> Tensor:
+    """The Gumbel samples' share of the ``(G, C, M)`` logits' gradient, with the noise that
+    the forward pass drew (the same generator seed, the same ``(C, G, M)`` order)."""
+    with torch.set_grad_enabled(True):
+        leaf = logits.transpose(0, 1).detach().requires_grad_()
+
+        samples, _ = gumbel_softmax(
+            leaf, settings.gumbel_tau, hard=settings.assignment == "gumbel-hard", generator=generator
+        )
+
+        by_codebook = samples.transpose(0, 1)
+
+        grad_codebook.baddbmm_(by_codebook.detach().transpose(1, 2), grad_quantized)
+
+        (grad,) = torch.autograd.grad(by_codebook, leaf, torch.bmm(grad_quantized, codebook.transpose(1, 2)))
+
+    return grad.transpose(0, 1)

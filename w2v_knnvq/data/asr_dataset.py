@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, final
 
+import torch
+import torchaudio.functional
 from torch import Tensor
 
 from fairseq2.data.data_pipeline import Collater
@@ -22,7 +24,7 @@ from fairseq2.datasets import DataReader, DatasetError, Seq2SeqBatch
 from fairseq2.gang import Gangs
 from fairseq2.logging import log
 
-from w2v_knnvq.data.audio_reading import AudioReadTracker, ReadEpoch
+from w2v_knnvq.data.audio_reading import AudioReadTracker, ReadEpoch, example_generator
 from w2v_knnvq.data.manifest import ManifestError, read_manifest_transcripts
 from w2v_knnvq.data.manifest_dataset import (
     ManifestReadOptions,
@@ -83,7 +85,16 @@ class AsrReadOptions(ManifestReadOptions):
     """Utterances with more samples are dropped (and counted in the log)."""
 
     max_num_elements: int = 3_200_000
-    """Upper bound on the number of audio samples in a batch, padding included."""
+    """Upper bound on the number of audio samples in a batch, padding included (before speed
+    perturbation, which lengthens an utterance by up to ``1 / min(speed_factors)``)."""
+
+    speed_factors: tuple[float, ...] = ()
+    """Speed perturbation: each utterance is played at a speed drawn uniformly from these
+    factors, afresh in every epoch (resampled by :func:`torchaudio.functional.speed`, which
+    changes tempo and pitch as Kaldi's speed perturbation does); empty leaves it as it is."""
+
+
+SAMPLE_RATE: Final = 16_000
 
 
 @final
@@ -132,6 +143,8 @@ class AsrManifestDataset:
         tokenizer's padding id. ``batch.example`` is a dict with the utterances' manifest
         ``indices``, ``ids`` and ``transcripts``.
         """
+        check_speed_factors(options.speed_factors)
+
         asr_split = self.read_split(split)
 
         utterances = _filter_by_length(asr_split, options)
@@ -158,13 +171,51 @@ class AsrManifestDataset:
         if pad_idx is None:
             raise ValueError("The tokenizer must have a padding id to pad target batches.")
 
+        epoch = ReadEpoch()
+
+        # Every rank draws its own speeds.
+        speed = _SpeedPerturbation(options.speed_factors, options.seed + 1 + gangs.dp.rank, epoch)
+
         builder.map(
             _AsrBatchCollater(
-                asr_split.manifest_file, tracker, tokenizer.create_encoder(), pad_idx, options.normalize_audio
+                asr_split.manifest_file, tracker, tokenizer.create_encoder(), pad_idx, options.normalize_audio, speed
             )
         )
 
-        return create_pipeline_reader(builder, gangs, options, ReadEpoch())
+        return create_pipeline_reader(builder, gangs, options, epoch)
+
+
+def check_speed_factors(factors: Sequence[float], name: str = "speed_factors") -> None:
+    """:raises ValueError: unless every factor lies in [0.5, 2]; ``name`` is the option's."""
+    for factor in factors:
+        if not 0.5 <= factor <= 2.0:
+            raise ValueError(f"Every factor of `{name}` must be in [0.5, 2], but one is {factor} instead.")
+
+
+@final
+class _SpeedPerturbation:
+    """Plays each utterance at a speed drawn from the seed, the data epoch and the
+    utterance's path, so that a resumed run draws what the uninterrupted one does."""
+
+    def __init__(self, factors: Sequence[float], seed: int, epoch: ReadEpoch) -> None:
+        self._factors = tuple(factors)
+        self._seed = seed
+        self._epoch = epoch
+
+    def __call__(self, waveform: Tensor, path: str) -> Tensor:
+        if not self._factors:
+            return waveform
+
+        generator = example_generator(self._seed, self._epoch, path)
+
+        factor = self._factors[int(torch.randint(len(self._factors), (), generator=generator))]
+
+        if factor == 1.0:
+            return waveform
+
+        perturbed, _ = torchaudio.functional.speed(waveform, SAMPLE_RATE, factor)
+
+        return perturbed
 
 
 def _filter_by_length(asr_split: AsrSplit, options: AsrReadOptions) -> list[dict[str, Any]]:
@@ -206,12 +257,19 @@ class _AsrBatchCollater:
     none of its utterances can be used."""
 
     def __init__(
-        self, manifest_file: Path, tracker: AudioReadTracker, encoder: TokenEncoder, pad_idx: int, normalize_audio: bool
+        self,
+        manifest_file: Path,
+        tracker: AudioReadTracker,
+        encoder: TokenEncoder,
+        pad_idx: int,
+        normalize_audio: bool,
+        speed: _SpeedPerturbation,
     ) -> None:
         self._manifest_file = manifest_file
         self._tracker = tracker
         self._encoder = encoder
         self._normalize_audio = normalize_audio
+        self._speed = speed
         self._audio_collater = Collater(pad_value=0)
         self._target_collater = Collater(pad_value=pad_idx)
 
@@ -221,6 +279,10 @@ class _AsrBatchCollater:
         if not bucket:
             return None
 
+        paths = [str(example["path"]["path"]) for example in bucket]
+
+        waveforms = [self._speed(waveform, path) for waveform, path in zip(waveforms, paths, strict=True)]
+
         targets = [self._encode(example) for example in bucket]
 
         sources = self._audio_collater(waveforms)
@@ -228,7 +290,7 @@ class _AsrBatchCollater:
 
         example = {
             "indices": [int(example["index"]) for example in bucket],
-            "ids": [Path(example["path"]["path"]).stem for example in bucket],
+            "ids": [Path(path).stem for path in paths],
             "transcripts": [str(example["transcript"]) for example in bucket],
             "num_skipped": self._tracker.take_num_skipped(),
         }

@@ -32,19 +32,26 @@ def individual_perplexity(log_probs: Tensor) -> Tensor:
     return distribution_perplexity(log_probs.float().exp())
 
 
-def softmax_individual_perplexity(logits: Tensor, probs: Tensor, log_normalizer: Tensor) -> Tensor:
+def softmax_individual_perplexity(
+    logits: Tensor, probs: Tensor, log_normalizer: Tensor, *, overwrite_logits: bool = False
+) -> Tensor:
     """:func:`individual_perplexity` of ``probs = softmax(logits)`` from what a softmax pass
     already holds: ``-sum_m p_m log p_m = log Z - sum_m p_m l_m``, one contraction over M
     instead of a logarithm per entry; an underflowed ``p_m = 0`` adds ``0``.
 
     :param logits: ``(..., M)``. :param probs: ``(..., M)`` their softmax.
     :param log_normalizer: ``(...)`` ``log Z = logsumexp(logits)``.
+    :param overwrite_logits: Multiply into ``logits`` in place (no ``(..., M)`` temporary);
+        for callers that no longer need them.
 
     :returns: ``(...)``, in ``[1, M]`` up to rounding.
     """
-    entropy = log_normalizer - torch.linalg.vecdot(probs, logits)
+    if overwrite_logits:
+        expected_logit = logits.mul_(probs).sum(dim=-1)
+    else:
+        expected_logit = torch.linalg.vecdot(probs, logits)
 
-    return entropy.clamp_min(0.0).exp()
+    return (log_normalizer - expected_logit).clamp_min(0.0).exp()
 
 
 def code_counts(codes: Tensor, codebook_size: int, padding_mask: Tensor | None = None) -> Tensor:

@@ -125,9 +125,6 @@ class SoftmaxRows:
     codes: Tensor
     """``(G, C)`` the argmax of each row."""
 
-    individual_perplexity: Tensor
-    """``(G, C)``."""
-
 
 def softmax_rows(logits: Tensor) -> SoftmaxRows:
     """:param logits: ``(G, C, M)``, no gradient is recorded."""
@@ -139,12 +136,7 @@ def softmax_rows(logits: Tensor) -> SoftmaxRows:
     # log-softmax: log Z = l_max - log p_max.
     log_normalizer = top - probs.gather(-1, codes.unsqueeze(-1)).squeeze(-1).log()
 
-    return SoftmaxRows(
-        probs=probs,
-        log_normalizer=log_normalizer,
-        codes=codes,
-        individual_perplexity=softmax_individual_perplexity(logits, probs, log_normalizer),
-    )
+    return SoftmaxRows(probs=probs, log_normalizer=log_normalizer, codes=codes)
 
 
 def probability_sum(probs: Tensor, keep: Tensor | None) -> Tensor:
@@ -443,8 +435,6 @@ class _SmoothedQuantization(torch.autograd.Function):
                 logits, rows, codebook, settings, _generator(settings, index, codebook.device)
             )
 
-            individual_perplexity[start:end] = rows.individual_perplexity.t()
-
             prob_sum += probability_sum(rows.probs, keep)
 
             if settings.knn_metric is not None:
@@ -457,6 +447,11 @@ class _SmoothedQuantization(torch.autograd.Function):
             if chunk_size is None:
                 # Dense: backward takes the probabilities (and the Gumbel methods' logits).
                 kept = [rows.probs] if settings.assignment == "softmax" else [rows.probs, logits]
+
+            # Last: this may overwrite the logits.
+            individual_perplexity[start:end] = softmax_individual_perplexity(
+                logits, rows.probs, rows.log_normalizer, overwrite_logits=not any(t is logits for t in kept)
+            ).t()
 
         num_samples = num_rows if mask is None else int(mask.sum())
 

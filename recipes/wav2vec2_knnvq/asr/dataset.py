@@ -15,12 +15,14 @@ from fairseq2.data.tokenizers import Tokenizer
 from fairseq2.datasets import DataReader, Seq2SeqBatch, SyncMode
 from fairseq2.gang import Gangs
 from fairseq2.runtime.dependency import DependencyContainer
+from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.data.asr_dataset import (
     ASR_MANIFEST_DATASET_FAMILY,
     AsrManifestDataset,
     AsrManifestDatasetConfig,
     AsrReadOptions,
+    check_speed_factors,
     open_asr_manifest_dataset,
 )
 from w2v_knnvq.data.manifest_dataset import ManifestDatasetSection, whole_split_options
@@ -54,6 +56,22 @@ class AsrDatasetSection(ManifestDatasetSection):
 
     max_num_elements: int = 3_200_000
 
+    speed_perturbation: list[float] | None = None
+    """Training utterances are played at a speed drawn from these factors, afresh each epoch
+    (e.g. ``[0.9, 1.0, 1.1]``, Kaldi's speed perturbation: tempo and pitch change together);
+    ``None`` leaves them as they are. Validation and evaluation read the audio unchanged. A
+    factor below 1 lengthens a batch beyond ``max_num_elements`` by up to its inverse."""
+
+    def validate(self) -> ValidationResult:
+        result = super().validate()
+
+        try:
+            check_speed_factors(self.speed_perturbation or (), "dataset.speed_perturbation")
+        except ValueError as ex:
+            result.add_error(str(ex))
+
+        return result
+
 
 def create_train_reader(
     dataset: AsrManifestDataset,
@@ -72,6 +90,7 @@ def create_train_reader(
         batch_shuffle_window=section.batch_shuffle_window,
         num_accumulate=num_accumulate,
         sync_mode=SyncMode.UNTIL_FIRST,
+        speed_factors=tuple(section.speed_perturbation or ()),
     )
 
     return dataset.create_reader(section.train_split, tokenizer, gangs, options)

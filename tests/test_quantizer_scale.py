@@ -535,6 +535,42 @@ def test_dense_loss_and_gradients_equal_autograd_through_top_k(
             assert error <= 1e-5 + 1e-6 * value.float().abs().max(), name
 
 
+@pytest.mark.parametrize("method", ["sg-knn-ce", "hg-knn-ce", "hg-knn-l2"])
+def test_gumbel_regularizer_and_probability_gradients_equal_autograd(method: str) -> None:
+    """With Gumbel samples, whose codes are not the argmax, the regularizer's and a loss on
+    ``output.probs``'s gradients still equal plain autograd's, at a cold temperature too."""
+    from w2v_knnvq.quantizer import knn_loss
+
+    x, mask = _inputs(37, seed=4)
+
+    for temperature in (0.1, 0.002):
+        quantizer = _quantizer(method, 2)
+
+        with torch.no_grad():
+            quantizer.log_temperature.fill_(math.log(temperature - quantizer.config.min_temperature))
+
+        fused = _step(quantizer, x, mask, loss_only=True, through_probs=True)
+
+        quantizer.zero_grad()
+
+        x_ref = x.clone().requires_grad_()
+
+        logits = cosine_logits(x_ref.view(37, 2, 6), quantizer.codebook(), quantizer.temperature())
+
+        log_probs = torch.log_softmax(logits, dim=-1)
+
+        loss = knn_loss(log_probs, 3, METHODS[method].knn_metric or "ce", mask=mask)
+
+        (3.0 * loss + _probability_terms(log_probs.exp(), log_probs)).backward()
+
+        assert x_ref.grad is not None and quantizer.codebook.weight.grad is not None
+
+        for name, expected in (("x_grad", x_ref.grad), ("codebook.weight_grad", quantizer.codebook.weight.grad)):
+            error = (fused[name] - expected).abs().max()
+
+            assert error <= 1e-5 + 1e-6 * expected.abs().max(), (name, temperature)
+
+
 def test_underflowing_probabilities_rank_neighbours_by_their_logarithm() -> None:
     """At a temperature near the floor most probabilities underflow to 0 and tie; the K nearest
     samples of such a vertex are still the K largest log-probabilities, as in eq. 13."""

@@ -14,7 +14,7 @@ Three tables, each of ratios measured in one run:
   x 64 x 64 = 65,536 latent pixels, M = 8196, D = 32). Each measurement runs in its own
   subprocess: the growth of the peak resident set size on the CPU, ``max_memory_allocated``
   on CUDA.
-- ``training``: training steps per second of the ``tiny`` and ``base`` archs with
+- ``training``: training steps per second of the ``tiny``, ``small`` and ``base`` archs with
   ``softmax-knn-ce`` against fairseq2's own ``wav2vec2`` (Gumbel, compiled) model of the same
   shape, interleaved in one process.
 
@@ -330,7 +330,7 @@ def training_table(args: argparse.Namespace, device: torch.device) -> None:
     )
     print("| arch | batch | wav2vec2_knnvq (steps/s) | wav2vec2 (steps/s) | ratio |\n|---|---|---:|---:|---:|")
 
-    for arch, batch in (("tiny", (8, 48_000)), ("base", args.base_batch)):
+    for arch, batch in (("tiny", (8, 48_000)), ("small", (8, 48_000)), ("base", args.base_batch)):
         torch.manual_seed(1)
 
         waveforms = torch.randn(*batch, device=device)

@@ -239,7 +239,7 @@ class Neighbours:
 def logits_gradient(
     probs: Tensor,
     grad_probs: Tensor | None,
-    codes: Tensor,
+    codes: Tensor | None,
     *,
     neighbours: Neighbours | None = None,
     metric: KnnMetric | None = None,
@@ -256,7 +256,7 @@ def logits_gradient(
     probabilities' gradient.
 
     :param probs: ``(G, C, M)``. :param grad_probs: ``(G, C, M)`` or ``None``; modified in place.
-    :param codes: ``(G, C)`` the argmax of each row of ``probs``.
+    :param codes: ``(G, C)`` the argmax of each row of ``probs``; ``None`` to find it.
     """
     knn = neighbours is not None and grad_loss is not None and neighbours.rows.numel() > 0
 
@@ -284,6 +284,9 @@ def logits_gradient(
         grad = probs * (counts.unsqueeze(-1) * scale)
     else:
         codebooks, rows = counts.nonzero(as_tuple=True)
+
+        if codes is None:
+            codes = probs.argmax(dim=-1)
 
         argmax = (codebooks, rows, codes[codebooks, rows])
 
@@ -646,8 +649,11 @@ def _block_logits_gradient(
     if own_grad_probs is None and neighbours is None:
         return grad_sample_logits
 
+    # The forward pass's codes are the rows' argmax unless they are Gumbel samples.
+    argmax = block.codes if not settings.training or settings.assignment == "softmax" else None
+
     grad = logits_gradient(
-        probs, own_grad_probs, block.codes, neighbours=neighbours, metric=settings.knn_metric, grad_loss=grad_loss
+        probs, own_grad_probs, argmax, neighbours=neighbours, metric=settings.knn_metric, grad_loss=grad_loss
     )
 
     return grad if grad_sample_logits is None else grad.add_(grad_sample_logits)

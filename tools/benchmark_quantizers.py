@@ -5,7 +5,9 @@ Three tables, each of ratios measured in one run:
 - ``speed``: forward+backward of one quantizer step on ``--frames`` 512-d features (about one
   wav2vec2-base batch of masked frames) at 1 x 1024 and 2 x 320 codebooks, 256-d quantized
   vectors. Every variant runs in the same process, in interleaved rounds (each round times
-  every variant once, in turn), and the table reports the median over rounds. Variants:
+  every variant once, in turn, starting one variant later each round), and the table reports
+  the median time over rounds and the median over rounds of each variant's time over the
+  baseline's in the same round. Variants:
   fairseq2's ``GumbelWav2Vec2VectorQuantizer`` as fairseq2 runs it (its compiled matmul+sum,
   warmed up before timing), a bare softmax quantizer (cosine softmax and ``Q^T p`` only),
   ``softmax-knn-ce`` dense and chunked, and any ``--methods``.
@@ -61,23 +63,35 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(steps: dict[str, Step], rounds: int, device: torch.device) -> dict[str, float]:
-    """Times every step once per round, in turn; :returns: the median seconds of each."""
+def interleaved_timings(steps: dict[str, Step], rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Times every step once per round, in turn, each round starting one step further down the
+    list (so that no variant always follows the same one); :returns: the seconds of each step,
+    round by round."""
     timings: dict[str, list[float]] = {name: [] for name in steps}
 
-    for _ in range(rounds):
-        for name, step in steps.items():
+    names = list(steps)
+
+    for round_index in range(rounds):
+        shift = round_index % len(names)
+
+        for name in names[shift:] + names[:shift]:
             synchronize(device)
 
             start = time.perf_counter()
 
-            step()
+            steps[name]()
 
             synchronize(device)
 
             timings[name].append(time.perf_counter() - start)
 
-    return {name: statistics.median(values) for name, values in timings.items()}
+    return timings
+
+
+def median_ratio(timings: dict[str, list[float]], name: str, reference: str) -> float:
+    """The median over rounds of ``name``'s time over ``reference``'s in the same round: paired, so a
+    slow phase of the machine slows both and cancels out."""
+    return statistics.median(t / r for t, r in zip(timings[name], timings[reference], strict=True))
 
 
 # --- quantizer speed ------------------------------------------------------------------------
@@ -184,14 +198,16 @@ def speed_table(args: argparse.Namespace, device: torch.device) -> None:
             step()
             step()
 
-        medians = interleaved_medians(steps, args.rounds, device)
-
-        gumbel, bare = medians[GUMBEL], medians[BARE]
+        timings = interleaved_timings(steps, args.rounds, device)
 
         print(f"### {layout}\n\n| variant | time (ms) | x Gumbel (compiled) | x bare softmax |\n|---|---:|---:|---:|")
 
-        for name, seconds in medians.items():
-            print(f"| {name} | {1000 * seconds:.1f} | {seconds / gumbel:.2f} | {seconds / bare:.2f} |", flush=True)
+        for name, seconds in timings.items():
+            print(
+                f"| {name} | {1000 * statistics.median(seconds):.1f} | {median_ratio(timings, name, GUMBEL):.2f} "
+                f"| {median_ratio(timings, name, BARE):.2f} |",
+                flush=True,
+            )
 
         print()
 
@@ -340,11 +356,13 @@ def training_table(args: argparse.Namespace, device: torch.device) -> None:
         for step in steps.values():
             step()
 
-        medians = interleaved_medians(steps, args.rounds, device)
+        timings = interleaved_timings(steps, args.rounds, device)
 
-        ours, stock = 1 / medians["wav2vec2_knnvq"], 1 / medians["wav2vec2"]
+        ours, stock = (1 / statistics.median(timings[family]) for family in ("wav2vec2_knnvq", "wav2vec2"))
 
-        print(f"| {arch} | {batch[0]} x {batch[1]} | {ours:.2f} | {stock:.2f} | {ours / stock:.2f} |", flush=True)
+        ratio = median_ratio(timings, "wav2vec2", "wav2vec2_knnvq")
+
+        print(f"| {arch} | {batch[0]} x {batch[1]} | {ours:.2f} | {stock:.2f} | {ratio:.2f} |", flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -24,7 +24,7 @@ from fairseq2.datasets import DataReader, DatasetError, Seq2SeqBatch
 from fairseq2.gang import Gangs
 from fairseq2.logging import log
 
-from w2v_knnvq.data.audio_reading import AudioReadTracker, ReadEpoch, example_generator
+from w2v_knnvq.data.audio_reading import SAMPLE_RATE, AudioReadTracker, ReadEpoch, example_generator
 from w2v_knnvq.data.manifest import ManifestError, read_manifest_transcripts
 from w2v_knnvq.data.manifest_dataset import (
     ManifestReadOptions,
@@ -92,9 +92,6 @@ class AsrReadOptions(ManifestReadOptions):
     """Speed perturbation: each utterance is played at a speed drawn uniformly from these
     factors, afresh in every epoch (resampled by :func:`torchaudio.functional.speed`, which
     changes tempo and pitch as Kaldi's speed perturbation does); empty leaves it as it is."""
-
-
-SAMPLE_RATE: Final = 16_000
 
 
 @final

@@ -350,8 +350,10 @@ def quantize_smoothed(
     # takes them; the function starts at their product.
     scaled_z, unit_codebook = scaled_unit_features(z, temperature), normalize(codebook, dim=-1)
 
+    num_samples = z.size(0) if mask is None else int(mask.sum())
+
     # torch leaves `Function.apply` unannotated.
-    outputs = _SmoothedQuantization.apply(scaled_z, unit_codebook, codebook, mask, settings, chunk_size)  # type: ignore[no-untyped-call]
+    outputs = _SmoothedQuantization.apply(scaled_z, unit_codebook, codebook, mask, num_samples, settings, chunk_size)  # type: ignore[no-untyped-call]
 
     quantized, loss, codes, individual_perplexity, mean_probs, num_loss_samples, probs = outputs
 
@@ -363,7 +365,7 @@ def quantize_smoothed(
         loss=loss,
         individual_perplexity=individual_perplexity,
         mean_probs=mean_probs,
-        num_samples=z.size(0) if mask is None else int(mask.sum()),
+        num_samples=num_samples,
         num_loss_samples=int(num_loss_samples),
         probs=probs.transpose(0, 1) if dense else None,
         logits=(lambda: similarity_logits(scaled_z, unit_codebook).transpose(0, 1)) if dense else None,
@@ -398,7 +400,8 @@ class _Forward:
 
 
 class _SmoothedQuantization(torch.autograd.Function):
-    """``(N, G, D)`` scaled unit features, the ``(G, M, D)`` unit and plain codebooks ->
+    """``(N, G, D)`` scaled unit features, the ``(G, M, D)`` unit and plain codebooks, the
+    ``(N,)`` mask and its count of rows ->
     quantized vectors, the regularizer, codes, individual perplexities, the mean
     probabilities, the loss's sample count and (dense) the ``(G, N, M)`` probabilities."""
 
@@ -409,6 +412,7 @@ class _SmoothedQuantization(torch.autograd.Function):
         unit_codebook: Tensor,
         codebook: Tensor,
         mask: Tensor | None,
+        num_samples: int,
         settings: SmoothedSettings,
         chunk_size: int | None,
     ) -> tuple[Tensor, ...]:
@@ -455,8 +459,6 @@ class _SmoothedQuantization(torch.autograd.Function):
             individual_perplexity[start:end] = softmax_individual_perplexity(
                 logits, rows.probs, rows.log_normalizer, overwrite_logits=not any(t is logits for t in kept)
             ).t()
-
-        num_samples = num_rows if mask is None else int(mask.sum())
 
         mean_probs = mean_probabilities(prob_sum, num_samples)
 
@@ -548,7 +550,7 @@ class _SmoothedQuantization(torch.autograd.Function):
 
             grad_unit_codebook.baddbmm_(grad_logits.transpose(1, 2), block_z)
 
-        return grad_scaled_z, grad_unit_codebook, grad_codebook, None, None, None
+        return grad_scaled_z, grad_unit_codebook, grad_codebook, None, None, None, None
 
 
 def _grad_prob_sum(saved: _Forward, grad_loss: Tensor | None) -> Tensor | None:

@@ -461,6 +461,66 @@ def test_column_top_k_is_exact_with_ties_and_masked_rows(num_rows: int) -> None:
         assert torch.equal(subset_rows, rows.gather(2, subset.expand(k, -1, -1)))
 
 
+def test_row_max_is_max_with_the_first_index() -> None:
+    """The block search gives ``max(dim=-1)``'s values and first indices: ties within and across
+    blocks, rows of ``-inf``, widths that are and are not multiples of the block."""
+    from w2v_knnvq.quantizer.assign import row_max
+
+    generator = torch.Generator().manual_seed(5)
+
+    for width in (32, 64, 320, 1024, 100):
+        values = torch.randint(0, 4, (3, 50, width), generator=generator).float()
+
+        values[0, 7] = -math.inf
+        values[1, 3, width // 2] = 9.0
+        values[1, 4, width - 1] = 9.0
+
+        top, indices = row_max(values)
+
+        expected = values.max(dim=-1)
+
+        assert torch.equal(top, expected.values) and torch.equal(indices, expected.indices)
+
+        assert torch.equal(indices, (values == top.unsqueeze(-1)).int().argmax(dim=-1))
+
+
+def test_unit_scaling_backward_equals_autograd_through_normalize() -> None:
+    """The hand-written gradient of ``z / (max(|z|, eps) t)`` w.r.t. ``z`` and ``t`` is that of
+    ``normalize(z) / t``, also for rows whose norm is 0 or under ``normalize``'s floor."""
+    from w2v_knnvq.quantizer.assign import UnitScaling
+
+    generator = torch.Generator().manual_seed(3)
+
+    z = torch.randn(9, 2, 5, generator=generator, dtype=torch.float64)
+
+    z[0, 1] = 0.0
+    z[3, 0] = 1e-14
+
+    log_temperature = torch.tensor(-1.7, dtype=torch.float64, requires_grad=True)
+
+    grad = torch.randn(9, 2, 5, generator=generator, dtype=torch.float64)
+
+    z_ref = z.clone().requires_grad_()
+
+    reference = torch.nn.functional.normalize(z_ref, dim=-1) / log_temperature.exp()
+
+    expected_z, expected_t = torch.autograd.grad(reference, [z_ref, log_temperature], grad)
+
+    scaling = UnitScaling.of(z, log_temperature.exp())
+
+    assert torch.allclose(scaling.scaled, reference, rtol=1e-12, atol=0.0)
+
+    grad_z, grad_temperature = scaling.backward(grad.clone())
+
+    (grad_log_temperature,) = torch.autograd.grad(log_temperature.exp(), log_temperature, grad_temperature)
+
+    assert torch.allclose(grad_z, expected_z, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(grad_log_temperature, expected_t, rtol=1e-10)
+
+    # Below the floor the norm is a constant: the gradient is g / (eps t), no radial term.
+    assert torch.allclose(grad_z[0, 1], grad[0, 1] / (1e-12 * log_temperature.exp().detach()))
+
+
 @pytest.mark.parametrize("method", ["softmax-knn-ce", "softmax-knn-l2"])
 @pytest.mark.parametrize("num_codebooks", [1, 2])
 @pytest.mark.parametrize("num_rows", [2, 37])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.nn.functional import normalize, one_hot, softmax
@@ -24,13 +26,67 @@ def cosine_logits(z: Tensor, codebook: Tensor, temperature: Tensor) -> Tensor:
     return similarity_logits(scaled_unit_features(z, temperature), normalize(codebook, dim=-1)).transpose(0, 1)
 
 
+_NORM_EPS = 1e-12
+"""``normalize``'s floor under the norm."""
+
+
 def scaled_unit_features(z: Tensor, temperature: Tensor) -> Tensor:
-    """``z / (|z| t)`` ``(N, G, D)``: the features' factor of :func:`cosine_logits`.
+    """``z / (max(|z|, eps) t)`` ``(N, G, D)``: the features' factor of :func:`cosine_logits`.
 
     Scaling the (N, G, D) features rather than the (N, G, M) similarities saves a pass over the
     larger tensor in both directions.
     """
-    return normalize(z, dim=-1) / temperature
+    return z * _inverse_scale(_norm(z), temperature)
+
+
+def _norm(z: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+
+
+def _inverse_scale(norm: Tensor, temperature: Tensor) -> Tensor:
+    """``(N, G, 1)`` ``1 / (max(|z|, eps) t)`` of the ``(N, G, 1)`` norms."""
+    return norm.clamp_min(_NORM_EPS).mul(temperature).reciprocal()
+
+
+@dataclass(kw_only=True)
+class UnitScaling:
+    """:func:`scaled_unit_features` computed without a graph, and what its backward pass needs."""
+
+    scaled: Tensor
+    """``(N, G, D)`` ``z / (max(|z|, eps) t)``."""
+
+    inverse: Tensor
+    """``(N, G, 1)`` ``1 / (max(|z|, eps) t)``."""
+
+    radial: Tensor
+    """``(N, G, 1)`` ``t^2 / (|z| t)`` where ``|z| > eps`` (the norm's own gradient), else 0."""
+
+    temperature: Tensor
+
+    @staticmethod
+    def of(z: Tensor, temperature: Tensor) -> UnitScaling:
+        with torch.no_grad():
+            norm = _norm(z)
+
+            inverse = _inverse_scale(norm, temperature)
+
+            radial = torch.where(norm > _NORM_EPS, inverse * temperature.square(), 0.0)
+
+            return UnitScaling(scaled=z * inverse, inverse=inverse, radial=radial, temperature=temperature.detach())
+
+    def backward(self, grad: Tensor) -> tuple[Tensor, Tensor]:
+        """The gradients w.r.t. ``z`` and ``t`` of ``scaled`` given ``grad`` ``(N, G, D)``, which
+        becomes the former.
+
+        With ``u = z / |z| = t s`` for ``s = scaled``: ``d s / d z`` takes ``g`` to
+        ``(g - u (u . g)) / (|z| t) = g / (|z| t) - s (t^2 (s . g)) / (|z| t)``, and
+        ``d s / d t = -s / t``.
+        """
+        dot = torch.linalg.vecdot(self.scaled, grad).unsqueeze(-1)
+
+        grad_temperature = (-dot.sum() / self.temperature).reshape(self.temperature.shape)
+
+        return grad.mul_(self.inverse).addcmul_(self.scaled, dot.mul_(self.radial), value=-1.0), grad_temperature
 
 
 def similarity_logits(scaled_z: Tensor, unit_codebook: Tensor) -> Tensor:
@@ -38,6 +94,35 @@ def similarity_logits(scaled_z: Tensor, unit_codebook: Tensor) -> Tensor:
     :param unit_codebook: ``(G, M, D)`` L2-normalized.
     :returns: ``(G, C, M)`` logits, one matrix product per codebook."""
     return torch.bmm(scaled_z.transpose(0, 1), unit_codebook.transpose(1, 2))
+
+
+_ARGMAX_BLOCK = 32
+
+
+def row_max(values: Tensor) -> tuple[Tensor, Tensor]:
+    """``values.max(dim=-1)``: the maximum of each row and the first index that holds it.
+
+    On a CPU, a maximum with its index is several times slower than one without, so the
+    search goes by blocks of 32 columns: the maxima of every block (``amax``), the first block
+    that holds the row's maximum, and the first index in it.
+
+    :param values: ``(..., M)``, no NaN.
+    :returns: ``(...)`` maxima and ``(...)`` int64 indices.
+    """
+    num_columns = values.size(-1)
+
+    if values.device.type != "cpu" or num_columns % _ARGMAX_BLOCK != 0 or num_columns == _ARGMAX_BLOCK:
+        top, indices = values.max(dim=-1)
+
+        return top, indices
+
+    blocks = values.reshape(*values.shape[:-1], num_columns // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
+
+    top, block = blocks.amax(dim=-1).max(dim=-1)
+
+    within = blocks.gather(-2, block[..., None, None].expand(*block.shape, 1, _ARGMAX_BLOCK)).squeeze(-2)
+
+    return top, block * _ARGMAX_BLOCK + within.argmax(dim=-1)
 
 
 def nearest_codes(z: Tensor, codebook: Tensor, distance: Distance) -> Tensor:

@@ -183,7 +183,10 @@ def column_top_k(keys: Tensor, k: int, vertices: Tensor | None = None) -> tuple[
 
     rows = rows.clamp_max(num_rows - 1)
 
-    values = take_entries(keys, rows, columns).masked_fill(beyond, -math.inf)
+    # All columns: one gather along the rows, faster than the flat-index take of a subset.
+    values = keys.gather(1, rows) if vertices is None else take_entries(keys, rows, columns)
+
+    values = values.masked_fill(beyond, -math.inf)
 
     order = first_k(values, min(k, num_rows), dim=1)
 

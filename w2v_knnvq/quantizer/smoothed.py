@@ -1,9 +1,10 @@
 """Smoothed quantization (softmax and Gumbel-softmax, eq. 5-8) with its regularizer
 (eq. 11-13), dense or in chunks of rows.
 
-One autograd function does both, from the features' and the codebook's normalized factors of
-the cosine logits (:func:`~w2v_knnvq.quantizer.assign.scaled_unit_features`) to the quantized
-vectors and the regularizer, a block of rows at a time: the whole batch (dense), or
+One autograd function does both, from the features (whose normalization and temperature,
+:class:`~w2v_knnvq.quantizer.assign.UnitScaling`, it differentiates itself) and the unit
+codebook to the quantized vectors and the regularizer, a block of rows at a time: the whole
+batch (dense), or
 ``chunk_size`` rows. Each block goes through one softmax pass (:func:`softmax_rows`) that
 keeps what the rest needs of the ``(G, C, M)`` probabilities: codes, ``log Z``, individual
 perplexities, probability sums and the KNN candidates. The KNN cross-entropy needs no
@@ -34,9 +35,11 @@ from torch.autograd.function import FunctionCtx
 from torch.nn.functional import normalize, softmax
 
 from w2v_knnvq.quantizer.assign import (
+    UnitScaling,
+    cosine_logits,
     gather_codes,
     gumbel_softmax,
-    scaled_unit_features,
+    row_max,
     similarity_logits,
 )
 from w2v_knnvq.quantizer.config import Assignment, KnnMetric
@@ -130,7 +133,7 @@ def softmax_rows(logits: Tensor) -> SoftmaxRows:
     """:param logits: ``(G, C, M)``, no gradient is recorded."""
     probs = softmax(logits, dim=-1)
 
-    top, codes = logits.max(dim=-1)
+    top, codes = row_max(logits)
 
     # The probability at a row's maximum is at least 1/M, so its logarithm is as exact as a
     # log-softmax: log Z = l_max - log p_max.
@@ -346,14 +349,17 @@ def quantize_smoothed(
     :param z: ``(N, G, D)`` features. :param codebook: ``(G, M, D)``. :param mask: ``(N,)``
         bool, ``True`` for rows that count in the regularizer and perplexities.
     """
-    # The normalizations and the temperature are (N, G, D) and (G, M, D) sized: autograd
-    # takes them; the function starts at their product.
-    scaled_z, unit_codebook = scaled_unit_features(z, temperature), normalize(codebook, dim=-1)
+    # The codebook's normalization is (G, M, D) sized: autograd takes it. The function
+    # differentiates the features' (N, G, D) normalization and temperature itself, in two
+    # passes where autograd takes six.
+    unit_codebook = normalize(codebook, dim=-1)
 
     num_samples = z.size(0) if mask is None else int(mask.sum())
 
     # torch leaves `Function.apply` unannotated.
-    outputs = _SmoothedQuantization.apply(scaled_z, unit_codebook, codebook, mask, num_samples, settings, chunk_size)  # type: ignore[no-untyped-call]
+    outputs = _SmoothedQuantization.apply(  # type: ignore[no-untyped-call]
+        z, temperature, unit_codebook, codebook, mask, num_samples, settings, chunk_size
+    )
 
     quantized, loss, codes, individual_perplexity, mean_probs, num_loss_samples, probs = outputs
 
@@ -368,7 +374,7 @@ def quantize_smoothed(
         num_samples=num_samples,
         num_loss_samples=int(num_loss_samples),
         probs=probs.transpose(0, 1) if dense else None,
-        logits=(lambda: similarity_logits(scaled_z, unit_codebook).transpose(0, 1)) if dense else None,
+        logits=(lambda: cosine_logits(z, codebook, temperature)) if dense else None,
     )
 
 
@@ -400,15 +406,16 @@ class _Forward:
 
 
 class _SmoothedQuantization(torch.autograd.Function):
-    """``(N, G, D)`` scaled unit features, the ``(G, M, D)`` unit and plain codebooks, the
-    ``(N,)`` mask and its count of rows ->
+    """``(N, G, D)`` features, the temperature, the ``(G, M, D)`` unit and plain codebooks,
+    the ``(N,)`` mask and its count of rows ->
     quantized vectors, the regularizer, codes, individual perplexities, the mean
     probabilities, the loss's sample count and (dense) the ``(G, N, M)`` probabilities."""
 
     @staticmethod
     def forward(
         ctx: FunctionCtx,
-        scaled_z: Tensor,
+        z: Tensor,
+        temperature: Tensor,
         unit_codebook: Tensor,
         codebook: Tensor,
         mask: Tensor | None,
@@ -418,6 +425,10 @@ class _SmoothedQuantization(torch.autograd.Function):
     ) -> tuple[Tensor, ...]:
         # Outputs nothing depends on (probabilities, the codebook's in eval mode) send no gradient.
         ctx.set_materialize_grads(False)
+
+        scaling = UnitScaling.of(z, temperature)
+
+        scaled_z = scaling.scaled
 
         num_rows, num_codebooks = scaled_z.shape[:2]
 
@@ -477,7 +488,7 @@ class _SmoothedQuantization(torch.autograd.Function):
             loss = perplexity_regularizer(mean_probs)
             num_loss_samples = num_samples
 
-        ctx.save_for_backward(scaled_z, unit_codebook, codebook, codes, *kept)
+        ctx.save_for_backward(scaled_z, scaling.inverse, scaling.radial, scaling.temperature, unit_codebook, codebook, codes, *kept)  # fmt: skip
 
         ctx.mask = mask  # type: ignore[attr-defined]
         ctx.settings = settings  # type: ignore[attr-defined]
@@ -494,7 +505,7 @@ class _SmoothedQuantization(torch.autograd.Function):
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         grad_quantized, grad_loss, grad_probs = grads[0], grads[1], grads[6]
 
-        scaled_z, unit_codebook, codebook, codes, *kept = ctx.saved_tensors
+        scaled_z, inverse, radial, temperature, unit_codebook, codebook, codes, *kept = ctx.saved_tensors
 
         mask: Tensor | None = ctx.mask
 
@@ -550,7 +561,11 @@ class _SmoothedQuantization(torch.autograd.Function):
 
             grad_unit_codebook.baddbmm_(grad_logits.transpose(1, 2), block_z)
 
-        return grad_scaled_z, grad_unit_codebook, grad_codebook, None, None, None, None
+        scaling = UnitScaling(scaled=scaled_z, inverse=inverse, radial=radial, temperature=temperature)
+
+        grad_z, grad_temperature = scaling.backward(grad_scaled_z)
+
+        return grad_z, grad_temperature, grad_unit_codebook, grad_codebook, None, None, None, None
 
 
 def _grad_prob_sum(saved: _Forward, grad_loss: Tensor | None) -> Tensor | None:

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from w2v_knnvq.data.audio_check import SAMPLE_RATE
 from w2v_knnvq.data.manifest import (
     LIBRISPEECH_SPLITS,
     BadFilesError,
@@ -51,7 +52,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="with --unlabeled: seeds the validation draw")
     parser.add_argument("--name", help="manifest base name (default: the split name if only one split)")
     parser.add_argument("--output-dir", type=Path, required=True)
-    parser.add_argument("--sample-rate", type=int, default=16_000, help="required rate in Hz")
+    parser.add_argument("--sample-rate", type=int, default=SAMPLE_RATE, help="required rate in Hz")
     parser.add_argument(
         "--skip-bad",
         action="store_true",

@@ -39,9 +39,8 @@ import soundfile
 import torch
 import torchaudio.functional
 
+from w2v_knnvq.data.audio_check import SAMPLE_RATE
 from w2v_knnvq.data.progress import ProgressLine
-
-SAMPLE_RATE = 16_000
 
 LM_TEXT_FILE = "lm_text.txt"
 """The text for a language model, next to ``SPEAKERS.txt``."""

@@ -24,7 +24,8 @@ from fairseq2.datasets import DataReader, DatasetError, Seq2SeqBatch
 from fairseq2.gang import Gangs
 from fairseq2.logging import log
 
-from w2v_knnvq.data.audio_reading import SAMPLE_RATE, AudioReadTracker, ReadEpoch, example_generator
+from w2v_knnvq.data.audio_check import SAMPLE_RATE
+from w2v_knnvq.data.audio_reading import AudioReadTracker, ReadEpoch, example_generator
 from w2v_knnvq.data.manifest import ManifestError, read_manifest_transcripts
 from w2v_knnvq.data.manifest_dataset import (
     ManifestReadOptions,

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import soundfile
+
+SAMPLE_RATE: Final = 16_000
+"""The sample rate in Hz of every wav2vec 2.0 model of this project, and so of its audio."""
 
 # Frames decoded at the end of a file: enough to hit the last FLAC frame, cheap enough
 # to run on every file of a 960-hour corpus.
@@ -40,7 +44,7 @@ class AudioInfo:
     num_channels: int
 
 
-def inspect_audio(path: Path, *, sample_rate: int = 16_000, full_decode: bool = False) -> AudioInfo:
+def inspect_audio(path: Path, *, sample_rate: int = SAMPLE_RATE, full_decode: bool = False) -> AudioInfo:
     """Reads the header of ``path`` and decodes its tail (or all of it) to prove it is usable.
 
     :param sample_rate: The required sample rate in Hz.

@@ -23,7 +23,7 @@ from fairseq2.data.audio import AudioDecoder, AudioDecoderOutput
 from fairseq2.data.data_pipeline import FileMapper
 from fairseq2.logging import log
 
-SAMPLE_RATE: Final = 16_000
+from w2v_knnvq.data.audio_check import SAMPLE_RATE
 
 DEFAULT_MAX_BAD_AUDIO_FRACTION: Final = 0.001
 

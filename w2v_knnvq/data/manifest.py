@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from w2v_knnvq.data.audio_check import AudioFileError, inspect_audio
+from w2v_knnvq.data.audio_check import SAMPLE_RATE, AudioFileError, inspect_audio
 from w2v_knnvq.data.progress import ProgressLine
 from w2v_knnvq.files import write_lines_atomically
 
@@ -115,7 +115,7 @@ class ManifestConfig:
     name: str | None = None
     """Base name of the ``.tsv``/``.wrd`` pair; defaults to the split name if there is only one."""
 
-    sample_rate: int = 16_000
+    sample_rate: int = SAMPLE_RATE
 
     skip_bad: bool = False
     """Leave bad files out with a warning instead of refusing to write the manifest."""
@@ -186,7 +186,7 @@ def scan_corpus(
     corpus_dir: Path,
     splits: Sequence[str],
     *,
-    sample_rate: int = 16_000,
+    sample_rate: int = SAMPLE_RATE,
     full_decode: bool = False,
     num_workers: int = 4,
     show_progress: bool = True,

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from w2v_knnvq.data.audio_check import AudioFileError, inspect_audio
+from w2v_knnvq.data.audio_check import SAMPLE_RATE, AudioFileError, inspect_audio
 from w2v_knnvq.data.manifest import BadFile, BadFilesError, ManifestError
 from w2v_knnvq.data.progress import ProgressLine
 from w2v_knnvq.files import write_lines_atomically
@@ -43,7 +43,7 @@ class UnlabeledManifestConfig:
 
     valid_name: str = "valid"
 
-    sample_rate: int = 16_000
+    sample_rate: int = SAMPLE_RATE
 
     skip_bad: bool = False
     """Leave bad files out with a warning instead of refusing to write."""

@@ -13,6 +13,7 @@ from torch.nn import Module
 
 from fairseq2.models.wav2vec2 import Wav2Vec2Config
 
+from w2v_knnvq.data.audio_check import SAMPLE_RATE
 from w2v_knnvq.export.encoder import (
     EncoderModelConfig,
     ExportError,
@@ -108,7 +109,7 @@ def huggingface_feature_extractor(
 
     return transformers.Wav2Vec2FeatureExtractor(
         feature_size=1,
-        sampling_rate=16_000,
+        sampling_rate=SAMPLE_RATE,
         padding_value=0.0,
         do_normalize=normalize_audio,
         # As in transformers' own wav2vec2 checkpoints: group-norm CNNs take zero-padded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Final
 
 import numpy as np
 import soundfile
@@ -11,7 +12,9 @@ import torch
 import torchaudio.functional
 from torch import Tensor
 
-MODEL_SAMPLE_RATE = 16_000
+from w2v_knnvq.data.audio_check import SAMPLE_RATE
+
+MODEL_SAMPLE_RATE: Final = SAMPLE_RATE
 """The sample rate every wav2vec 2.0 model of this project is trained on."""
 
 log = logging.getLogger(__name__)

@@ -351,6 +351,31 @@ def test_missing_manifest_and_empty_split_name_the_file(manifest_dir: Path, tmp_
         SpeechManifestDataset(tmp_path).read_split("empty")
 
 
+def test_invalid_mask_settings_stop_the_run_before_it_starts(manifest_dir: Path, tmp_path: Path) -> None:
+    """Mask settings that fairseq2's masker would reject mid-run are a configuration error
+    naming the setting."""
+    overrides = [
+        f"dataset.config_overrides.manifest_dir={manifest_dir}",
+        f"model.arch={ARCH}",
+        "model.config_overrides.max_temporal_mask_prob=0.0",
+        "regime.num_steps=2",
+        "lr_scheduler.config.num_warmup_steps=1",
+    ]
+
+    command = recipe_command("recipes.wav2vec2_knnvq.ssl", tmp_path / "run", overrides, config_file=TINY_CPU_CONFIG)
+
+    result = subprocess.run(command, cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=120)
+
+    output = result.stdout + result.stderr
+
+    assert result.returncode != 0
+    expected = "`max_temporal_mask_prob` must be greater than 0 and at most 1, but is 0.0 instead."
+
+    assert expected in output, output[-3000:]
+    assert "unexpected error" not in output.lower(), output[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_stock_wav2vec2_adapter_reports_per_codebook_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     """fairseq2's Gumbel wav2vec 2.0 runs through the same criterion as a baseline."""
     # The Gumbel quantizer compiles a matmul on first use, which takes long on a CPU.

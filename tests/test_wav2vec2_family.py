@@ -213,6 +213,30 @@ def test_config_rejects_a_quantizer_that_does_not_fit_the_features() -> None:
     assert "`num_distractors` must be at least 1" in message
 
 
+def test_config_rejects_mask_settings_that_the_masker_cannot_take() -> None:
+    config = _tiny("tiny_1x1024")
+
+    config.max_temporal_mask_prob = 1.5
+    config.max_spatial_mask_prob = 0.1
+    config.spatial_mask_span_len = config.encoder_config.model_dim
+    config.temporal_mask_span_len = 0
+    config.min_num_temporal_mask_spans = -1
+
+    with pytest.raises(ValidationError) as error:
+        StandardObjectValidator().validate(config)
+
+    message = str(error.value)
+
+    assert "`max_temporal_mask_prob` must be greater than 0 and at most 1, but is 1.5 instead." in message
+    assert "`spatial_mask_span_len` must be less than `encoder_config.model_dim`" in message
+    assert "`temporal_mask_span_len` must be at least 1, but is 0 instead." in message
+    assert "`min_num_temporal_mask_spans` must be non-negative, but is -1 instead." in message
+
+    config = _tiny("tiny_1x1024")
+
+    StandardObjectValidator().validate(config)
+
+
 def test_codebook_shape_has_one_source_of_truth(hub) -> None:
     # Overriding the codebook size alone is enough; nothing mirrors it.
     config = _tiny("tiny_2x320")

@@ -106,7 +106,41 @@ class Wav2Vec2KnnVqConfig:
         if self.num_distractors < 1:
             result.add_error(f"`num_distractors` must be at least 1, but is {self.num_distractors} instead.")
 
+        for error in self._mask_errors():
+            result.add_error(error)
+
         return result
+
+    def _mask_errors(self) -> list[str]:
+        """What fairseq2's masker would otherwise reject mid-run."""
+        errors = []
+
+        if not 0.0 < self.max_temporal_mask_prob <= 1.0:
+            errors.append(
+                f"`max_temporal_mask_prob` must be greater than 0 and at most 1, but is {self.max_temporal_mask_prob} instead."
+            )
+
+        if not 0.0 <= self.max_spatial_mask_prob <= 1.0:
+            errors.append(
+                f"`max_spatial_mask_prob` must be between 0 and 1, but is {self.max_spatial_mask_prob} instead."
+            )
+
+        for name in ("temporal_mask_span_len", "spatial_mask_span_len"):
+            if getattr(self, name) < 1:
+                errors.append(f"`{name}` must be at least 1, but is {getattr(self, name)} instead.")
+
+        for name in ("min_num_temporal_mask_spans", "min_num_spatial_mask_spans"):
+            if getattr(self, name) < 0:
+                errors.append(f"`{name}` must be non-negative, but is {getattr(self, name)} instead.")
+
+        model_dim = self.encoder_config.model_dim
+
+        if self.max_spatial_mask_prob > 0.0 and self.spatial_mask_span_len >= model_dim:
+            errors.append(
+                f"`spatial_mask_span_len` must be less than `encoder_config.model_dim` ({model_dim}) when features are masked, but is {self.spatial_mask_span_len} instead."
+            )
+
+        return errors
 
 
 def _make_config(

@@ -59,7 +59,7 @@ class UnitScaling:
     """``(N, G, 1)`` ``1 / (max(|z|, eps) t)``."""
 
     radial: Tensor
-    """``(N, G, 1)`` ``t^2 / (|z| t)`` where ``|z| > eps`` (the norm's own gradient), else 0."""
+    """``(N, G, 1)`` ``t / |z|`` where ``|z| > eps`` (the norm's own gradient), else 0."""
 
     temperature: Tensor
 
@@ -79,7 +79,7 @@ class UnitScaling:
         becomes the former.
 
         With ``u = z / |z| = t s`` for ``s = scaled``: ``d s / d z`` takes ``g`` to
-        ``(g - u (u . g)) / (|z| t) = g / (|z| t) - s (t^2 (s . g)) / (|z| t)``, and
+        ``(g - u (u . g)) / (|z| t) = g / (|z| t) - s (s . g) t / |z|``, and
         ``d s / d t = -s / t``.
         """
         dot = torch.linalg.vecdot(self.scaled, grad).unsqueeze(-1)

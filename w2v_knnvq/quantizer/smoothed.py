@@ -4,10 +4,9 @@
 One autograd function does both, from the features (whose normalization and temperature,
 :class:`~w2v_knnvq.quantizer.assign.UnitScaling`, it differentiates itself) and the unit
 codebook to the quantized vectors and the regularizer, a block of rows at a time: the whole
-batch (dense), or
-``chunk_size`` rows. Each block goes through one softmax pass (:func:`softmax_rows`) that
-keeps what the rest needs of the ``(G, C, M)`` probabilities: codes, ``log Z``, individual
-perplexities, probability sums and the KNN candidates. The KNN cross-entropy needs no
+batch (dense), or ``chunk_size`` rows. Each block goes through one softmax pass
+(:func:`softmax_rows`) that keeps what the rest needs of the ``(G, C, M)`` probabilities:
+codes, ``log Z``, individual perplexities, probability sums and the KNN candidates. The KNN cross-entropy needs no
 log-probabilities: the K nearest samples of vertex m are the K largest ``p_m`` of column m,
 and their scores ``log p_m = l_m - log Z`` are read off the logits.
 

@@ -139,7 +139,7 @@ def nearest_codes(z: Tensor, codebook: Tensor, distance: Distance) -> Tensor:
         # -|z - q|^2 up to the constant |z|^2.
         scores = 2.0 * torch.einsum("ngd,gmd->ngm", z, codebook) - codebook.square().sum(-1)
 
-    return scores.argmax(dim=-1)
+    return row_max(scores)[1]
 
 
 def gather_codes(codebook: Tensor, codes: Tensor) -> Tensor:
@@ -176,7 +176,7 @@ def gumbel_softmax(
 
     samples = softmax((logits + gumbels) / tau, dim=-1)
 
-    codes = samples.argmax(dim=-1)
+    codes = row_max(samples)[1]
 
     if hard:
         onehot = one_hot(codes, logits.size(-1)).to(samples.dtype)

@@ -288,7 +288,7 @@ def logits_gradient(
         codebooks, rows = counts.nonzero(as_tuple=True)
 
         if codes is None:
-            codes = probs.argmax(dim=-1)
+            codes = row_max(probs)[1]
 
         argmax = (codebooks, rows, codes[codebooks, rows])
 

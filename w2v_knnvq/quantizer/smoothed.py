@@ -6,9 +6,9 @@ One autograd function does both, from the features (whose normalization and temp
 codebook to the quantized vectors and the regularizer, a block of rows at a time: the whole
 batch (dense), or ``chunk_size`` rows. Each block goes through one softmax pass
 (:func:`softmax_rows`) that keeps what the rest needs of the ``(G, C, M)`` probabilities:
-codes, ``log Z``, individual perplexities, probability sums and the KNN candidates. The KNN cross-entropy needs no
-log-probabilities: the K nearest samples of vertex m are the K largest ``p_m`` of column m,
-and their scores ``log p_m = l_m - log Z`` are read off the logits.
+codes, ``log Z``, individual perplexities, probability sums and the KNN candidates. The KNN
+cross-entropy needs no log-probabilities: the K nearest samples of vertex m are the K largest
+``p_m`` of column m, and their scores ``log p_m = l_m - log Z`` are read off the logits.
 
 The backward pass differentiates the products by hand (the same four matrix products as
 autograd), and the regularizer's gradient is added to softmax's own fused backward: for the

@@ -22,8 +22,8 @@ PROBS = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]], dtype=torch.float64)
 
 def test_knn_ce_takes_largest_probability_per_vertex() -> None:
     # Vertex e_0: nearest by -log p_0 are rows 0 (0.9), 1 (0.6); vertex e_1: rows 2 (0.8), 1 (0.4).
-    k1 = knn_loss(PROBS.log(), 1, "ce")
-    k2 = knn_loss(PROBS.log(), 2, "ce")
+    k1 = knn_loss(PROBS.log(), 1, "ce").loss
+    k2 = knn_loss(PROBS.log(), 2, "ce").loss
 
     assert k1.item() == pytest.approx(-(math.log(0.9) + math.log(0.8)) / 2)
     assert k2.item() == pytest.approx(-(math.log(0.9) + math.log(0.6) + math.log(0.8) + math.log(0.4)) / 4)
@@ -31,8 +31,8 @@ def test_knn_ce_takes_largest_probability_per_vertex() -> None:
 
 def test_knn_l2_takes_smallest_squared_distance_per_vertex() -> None:
     # |e_0 - p|^2 per row: 0.02, 0.32, 1.28; |e_1 - p|^2: 1.62, 0.72, 0.08.
-    assert knn_loss(PROBS.log(), 1, "l2").item() == pytest.approx((0.02 + 0.08) / 2)
-    assert knn_loss(PROBS.log(), 2, "l2").item() == pytest.approx((0.02 + 0.32 + 0.08 + 0.72) / 4)
+    assert knn_loss(PROBS.log(), 1, "l2").loss.item() == pytest.approx((0.02 + 0.08) / 2)
+    assert knn_loss(PROBS.log(), 2, "l2").loss.item() == pytest.approx((0.02 + 0.32 + 0.08 + 0.72) / 4)
 
 
 def test_knn_l2_counts_the_whole_vector_not_only_p_m() -> None:
@@ -43,20 +43,20 @@ def test_knn_l2_counts_the_whole_vector_not_only_p_m() -> None:
 
     # Vertex e_0 picks row 0 (0.38 < 0.50); e_1 picks row 1 (0.25 + 0.25 = 0.5 < 0.25 + 0.49 + 0.04);
     # e_2 picks row 0 (0.25 + 0.09 + 0.64 = 0.98 < 0.25 + 0.25 + 1.0).
-    assert knn_loss(log_probs, 1, "l2").item() == pytest.approx((0.38 + 0.50 + 0.98) / 3)
+    assert knn_loss(log_probs, 1, "l2").loss.item() == pytest.approx((0.38 + 0.50 + 0.98) / 3)
 
 
 def test_knn_mask_excludes_samples_and_k_is_capped() -> None:
     mask = torch.tensor([False, True, True])
 
     # Without row 0, vertex e_0's nearest is row 1 (0.6).
-    loss = knn_loss(PROBS.log(), 1, "ce", mask=mask)
+    loss = knn_loss(PROBS.log(), 1, "ce", mask=mask).loss
     assert loss.item() == pytest.approx(-(math.log(0.6) + math.log(0.8)) / 2)
 
     # K larger than the batch uses every sample.
-    assert knn_loss(PROBS.log(), 10, "ce").item() == pytest.approx(-PROBS.log().mean().item())
+    assert knn_loss(PROBS.log(), 10, "ce").loss.item() == pytest.approx(-PROBS.log().mean().item())
 
-    empty = knn_loss(PROBS.log(), 1, "ce", mask=torch.zeros(3, dtype=torch.bool))
+    empty = knn_loss(PROBS.log(), 1, "ce", mask=torch.zeros(3, dtype=torch.bool)).loss
     assert empty.item() == 0.0
 
 
@@ -65,7 +65,7 @@ def test_knn_stays_finite_when_probabilities_underflow() -> None:
     log_probs = torch.log_softmax(logits, dim=-1)
 
     for metric in ("ce", "l2"):
-        loss = knn_loss(log_probs, 1, metric)
+        loss = knn_loss(log_probs, 1, metric).loss
         (grad,) = torch.autograd.grad(loss, logits, retain_graph=True)
 
         assert torch.isfinite(loss)
@@ -75,7 +75,7 @@ def test_knn_stays_finite_when_probabilities_underflow() -> None:
 def test_knn_gradient_moves_each_neighbour_toward_its_vertex() -> None:
     logits = torch.zeros(4, 3, requires_grad=True)
 
-    knn_loss(torch.log_softmax(logits, dim=-1), 1, "ce").backward()
+    knn_loss(torch.log_softmax(logits, dim=-1), 1, "ce").loss.backward()
 
     assert logits.grad is not None
     # Ties pick one row per vertex; each picked row is pushed toward its own vertex.
@@ -203,13 +203,13 @@ def test_nearest_codes_euclidean_and_cosine_disagree_where_they_should() -> None
 
 def test_gumbel_softmax_soft_and_hard() -> None:
     logits = torch.randn(1000, 4, requires_grad=True)
-    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
 
-    soft, soft_codes = gumbel_softmax(logits, 1.0, hard=False, generator=generator)
+    soft, soft_codes = gumbel_softmax(logits, 1.0, hard=False)
     torch.testing.assert_close(soft.sum(-1), torch.ones(1000))
     assert (soft.argmax(-1) == soft_codes).all()
 
-    hard, hard_codes = gumbel_softmax(logits, 1.0, hard=True, generator=generator)
+    hard, hard_codes = gumbel_softmax(logits, 1.0, hard=True)
     assert set(hard.detach().unique().tolist()) == {0.0, 1.0}
     assert (hard.argmax(-1) == hard_codes).all()
 
@@ -222,7 +222,9 @@ def test_gumbel_samples_follow_the_assignment_probabilities() -> None:
     pi = torch.tensor([0.5, 0.3, 0.2])
     logits = pi.log().expand(20000, 3)
 
-    _, codes = gumbel_softmax(logits, 1.0, hard=True, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(1)
+
+    _, codes = gumbel_softmax(logits, 1.0, hard=True)
 
     frequencies = torch.bincount(codes, minlength=3).float() / codes.numel()
     torch.testing.assert_close(frequencies, pi, atol=0.015, rtol=0.0)

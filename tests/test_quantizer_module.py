@@ -126,7 +126,7 @@ def test_softmax_knn_loss_is_eq13_averaged_over_codebooks() -> None:
     output = quantizer(torch.randn(40, 12))
 
     assert output.log_probs is not None
-    expected = (knn_loss(output.log_probs[:, 0], 3, "l2") + knn_loss(output.log_probs[:, 1], 3, "l2")) / 2
+    expected = (knn_loss(output.log_probs[:, 0], 3, "l2").loss + knn_loss(output.log_probs[:, 1], 3, "l2").loss) / 2
     torch.testing.assert_close(output.loss, expected)
 
 
@@ -261,7 +261,7 @@ def test_figure_1_on_the_2_simplex() -> None:
 
     for metric in ("ce", "l2"):
         knn = {
-            name: knn_loss(p.log(), 8, metric).item()
+            name: knn_loss(p.log(), 8, metric).loss.item()
             for name, p in [("vertex", vertex), ("uniform", uniform), ("centred", centred), ("collapsed", collapsed)]
         }
 

@@ -1,8 +1,13 @@
-"""Assignment of features to codes: nearest neighbours, softmax and Gumbel-softmax (eq. 5-8)."""
+"""Assignment of features to codes: nearest neighbours, softmax and Gumbel-softmax (eq. 5-8).
+
+Everything here is plain autograd; the quantizer's matrix products run in IEEE float32 under
+:func:`ieee_float32`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -12,121 +17,66 @@ from w2v_knnvq.quantizer.config import Distance
 from w2v_knnvq.quantizer.estimators import straight_through
 
 
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Runs the float32 matrix products inside it in IEEE float32, not TF32, whatever the
+    process-wide setting (fairseq2 turns TF32 on for CUDA by default; its 10-bit mantissa moves
+    cosine logits at ``t = 0.01`` by ``3e-2`` and flips argmaxes). No effect on a CPU."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def cosine_logits(z: Tensor, codebook: Tensor, temperature: Tensor) -> Tensor:
-    """Return ``Q^T z / t`` with L2-normalized features and codebook (Appendix A.1).
+    """Return ``cos(q_m, z) / t``: L2-normalized features and codebook (Appendix A.1).
 
     :param z: ``(N, G, D)`` features, one group per codebook.
     :param codebook: ``(G, M, D)`` codebook vectors.
-    :param temperature: scalar temperature t shared across the codebook.
+    :param temperature: scalar (or ``(1,)``) temperature t shared across the codebook.
 
-    :returns: ``(N, G, M)`` logits, bounded by ``1 / t`` in magnitude, laid out codebook-major:
-        ``logits.transpose(0, 1)`` is a contiguous ``(G, N, M)`` tensor (one matrix product
-        per codebook), whose columns the KNN search reduces over.
+    :returns: ``(N, G, M)`` logits, bounded by ``1 / t`` in magnitude.
     """
-    return similarity_logits(scaled_unit_features(z, temperature), normalize(codebook, dim=-1)).transpose(0, 1)
+    # Dividing the (N, G, D) features rather than the (N, G, M) similarities by t is one
+    # pass over the smaller tensor.
+    scaled = normalize(z, dim=-1) / temperature.reshape(())
+
+    return torch.einsum("ngd,gmd->ngm", scaled, normalize(codebook, dim=-1))
 
 
-_NORM_EPS = 1e-12
-"""``normalize``'s floor under the norm."""
+def accurate_log_softmax(logits: Tensor) -> Tensor:
+    """``log softmax(logits)`` over the last dimension, exact also where ``p_m`` is within
+    float32's epsilon of 1 (the vertices the KNN regularizer pulls samples onto).
 
+    With ``l*`` a row's maximum and ``s = sum_{j != argmax} exp(l_j - l*)``,
+    ``log p_m = (l_m - l*) - log1p(s)``. A log-sum-exp that adds the maximum's ``1`` to ``s``
+    loses ``s`` below ``2^-24``, so ``log p_max`` would read 0 and ``1 - p_max`` would vanish;
+    here ``log p_max = -log1p(s)`` keeps it (and ``1 - p_m = -expm1(log p_m)``).
 
-def scaled_unit_features(z: Tensor, temperature: Tensor) -> Tensor:
-    """``z / (max(|z|, eps) t)`` ``(N, G, D)``: the features' factor of :func:`cosine_logits`.
-
-    Scaling the (N, G, D) features rather than the (N, G, M) similarities saves a pass over the
-    larger tensor in both directions.
+    :param logits: ``(..., M)`` finite.
+    :returns: ``(..., M)`` finite log-probabilities.
     """
-    return z * _inverse_scale(_norm(z), temperature)
+    with torch.no_grad():
+        argmax = logits.argmax(dim=-1, keepdim=True)
 
+    is_max = torch.arange(logits.size(-1), device=logits.device) == argmax
 
-def _norm(z: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(z, dim=-1, keepdim=True)
+    # 0 at the maximum without a gradient of its own there: l* - l* would send +g and -g to
+    # l*, whose sum loses the row's tiny 1 - p_max in float32 (a cancellation in backward).
+    shifted = (logits - logits.gather(-1, argmax)).masked_fill(is_max, 0.0)
 
+    others = shifted.exp().masked_fill(is_max, 0.0).sum(dim=-1, keepdim=True)
 
-def _inverse_scale(norm: Tensor, temperature: Tensor) -> Tensor:
-    """``(N, G, 1)`` ``1 / (max(|z|, eps) t)`` of the ``(N, G, 1)`` norms."""
-    return norm.clamp_min(_NORM_EPS).mul(temperature).reciprocal()
-
-
-@dataclass(kw_only=True)
-class UnitScaling:
-    """:func:`scaled_unit_features` computed without a graph, and what its backward pass needs."""
-
-    scaled: Tensor
-    """``(N, G, D)`` ``z / (max(|z|, eps) t)``."""
-
-    inverse: Tensor
-    """``(N, G, 1)`` ``1 / (max(|z|, eps) t)``."""
-
-    radial: Tensor
-    """``(N, G, 1)`` ``t / |z|`` where ``|z| > eps`` (the norm's own gradient), else 0."""
-
-    temperature: Tensor
-
-    @staticmethod
-    def of(z: Tensor, temperature: Tensor) -> UnitScaling:
-        with torch.no_grad():
-            norm = _norm(z)
-
-            inverse = _inverse_scale(norm, temperature)
-
-            radial = torch.where(norm > _NORM_EPS, inverse * temperature.square(), 0.0)
-
-            return UnitScaling(scaled=z * inverse, inverse=inverse, radial=radial, temperature=temperature.detach())
-
-    def backward(self, grad: Tensor) -> tuple[Tensor, Tensor]:
-        """The gradients w.r.t. ``z`` and ``t`` of ``scaled`` given ``grad`` ``(N, G, D)``, which
-        becomes the former.
-
-        With ``u = z / |z| = t s`` for ``s = scaled``: ``d s / d z`` takes ``g`` to
-        ``(g - u (u . g)) / (|z| t) = g / (|z| t) - s (s . g) t / |z|``, and
-        ``d s / d t = -s / t``.
-        """
-        dot = torch.linalg.vecdot(self.scaled, grad).unsqueeze(-1)
-
-        grad_temperature = (-dot.sum() / self.temperature).reshape(self.temperature.shape)
-
-        return grad.mul_(self.inverse).addcmul_(self.scaled, dot.mul_(self.radial), value=-1.0), grad_temperature
-
-
-def similarity_logits(scaled_z: Tensor, unit_codebook: Tensor) -> Tensor:
-    """:param scaled_z: ``(C, G, D)`` from :func:`scaled_unit_features`.
-    :param unit_codebook: ``(G, M, D)`` L2-normalized.
-    :returns: ``(G, C, M)`` logits, one matrix product per codebook."""
-    return torch.bmm(scaled_z.transpose(0, 1), unit_codebook.transpose(1, 2))
-
-
-_ARGMAX_BLOCK = 32
-
-
-def row_max(values: Tensor) -> tuple[Tensor, Tensor]:
-    """``values.max(dim=-1)``: the maximum of each row and the first index that holds it.
-
-    On a CPU, a maximum with its index is about twice as slow as one without, so the
-    search goes by blocks of 32 columns: the maxima of every block (``amax``), the first block
-    that holds the row's maximum, and the first index in it.
-
-    :param values: ``(..., M)``, no NaN.
-    :returns: ``(...)`` maxima and ``(...)`` int64 indices.
-    """
-    num_columns = values.size(-1)
-
-    if values.device.type != "cpu" or num_columns % _ARGMAX_BLOCK != 0 or num_columns == _ARGMAX_BLOCK:
-        top, indices = values.max(dim=-1)
-
-        return top, indices
-
-    blocks = values.reshape(*values.shape[:-1], num_columns // _ARGMAX_BLOCK, _ARGMAX_BLOCK)
-
-    top, block = blocks.amax(dim=-1).max(dim=-1)
-
-    within = blocks.gather(-2, block[..., None, None].expand(*block.shape, 1, _ARGMAX_BLOCK)).squeeze(-2)
-
-    return top, block * _ARGMAX_BLOCK + within.argmax(dim=-1)
+    return shifted - torch.log1p(others)
 
 
 def nearest_codes(z: Tensor, codebook: Tensor, distance: Distance) -> Tensor:
-    """Return the index of the nearest codebook entry of each feature, ``argmin_m D(z, q_m)``.
+    """Return the index of the nearest codebook entry of each feature, ``argmin_m D(z, q_m)``
+    (the first one on ties).
 
     :param z: ``(N, G, D)`` features.
     :param codebook: ``(G, M, D)`` codebook vectors.
@@ -139,7 +89,7 @@ def nearest_codes(z: Tensor, codebook: Tensor, distance: Distance) -> Tensor:
         # -|z - q|^2 up to the constant |z|^2.
         scores = 2.0 * torch.einsum("ngd,gmd->ngm", z, codebook) - codebook.square().sum(-1)
 
-    return row_max(scores)[1]
+    return scores.argmax(dim=-1)
 
 
 def gather_codes(codebook: Tensor, codes: Tensor) -> Tensor:
@@ -155,20 +105,19 @@ def gather_codes(codebook: Tensor, codes: Tensor) -> Tensor:
     return codebook[group_index, codes]
 
 
-def gumbel_softmax(
-    logits: Tensor, tau: float, *, hard: bool, generator: torch.Generator | None = None
-) -> tuple[Tensor, Tensor]:
+def gumbel_softmax(logits: Tensor, tau: Tensor | float, *, hard: bool) -> tuple[Tensor, Tensor]:
     """Sample a smoothed quantizer with Gumbel noise (eq. 6-8).
 
     ``p = softmax((g + log pi) / tau)``; ``log pi`` differs from the logits by a per-row
     constant, which softmax ignores. With ``hard`` the forward value is the onehot vector of
-    ``argmax p`` and the gradient is that of ``p`` (eq. 8).
+    ``argmax p`` and the gradient is that of ``p`` (eq. 8). The noise comes from torch's
+    random generator of the logits' device (``torch.utils.checkpoint`` replays it).
 
     :param logits: ``(..., M)`` unnormalized log assignment probabilities.
 
     :returns: ``(..., M)`` samples and ``(...)`` the sampled codes.
     """
-    uniform = torch.rand(logits.shape, device=logits.device, dtype=logits.dtype, generator=generator)
+    uniform = torch.rand_like(logits)
 
     # u in (0, 1) exactly: both logs stay finite.
     tiny = torch.finfo(logits.dtype).tiny
@@ -176,7 +125,7 @@ def gumbel_softmax(
 
     samples = softmax((logits + gumbels) / tau, dim=-1)
 
-    codes = row_max(samples)[1]
+    codes = samples.detach().argmax(dim=-1)
 
     if hard:
         onehot = one_hot(codes, logits.size(-1)).to(samples.dtype)

@@ -1,10 +1,11 @@
-"""The neighbours of eq. 13: per-vertex top-K candidates, their exact selection across
-data-parallel ranks, and random vertex subsets (section 5.3).
+"""The neighbours of eq. 13: distances to the simplex vertices, per-vertex top-K candidates,
+their exact selection across data-parallel ranks, and random vertex subsets (section 5.3).
 
 A sample's *score* for vertex ``e_m`` is its negated distance ``-D(e_m, p)``, so the K nearest
-samples are the K largest scores of column m. Every rank first keeps its own top-K candidates
-per (codebook, vertex); the global K nearest are the top-K of the union of those candidates,
-which is exactly the top-K over the union of the ranks' samples.
+samples are the K largest scores of column m. Every rank keeps its own top-K candidates per
+(codebook, vertex); the global K nearest are the top-K of the union of those candidates, which
+is exactly the top-K over the union of the ranks' samples. Everything stays on the device: no
+count or index is read back by the host.
 """
 
 from __future__ import annotations
@@ -19,24 +20,43 @@ from torch import Tensor
 from w2v_knnvq.quantizer.config import KnnMetric
 
 
-def knn_scores(log_probs: Tensor, metric: KnnMetric) -> Tensor:
-    """Return ``-D(e_m, p)`` for every sample and vertex, larger meaning nearer.
+def knn_distances(log_probs: Tensor, metric: KnnMetric) -> Tensor:
+    """Return ``D(e_m, p)`` of every sample to every vertex (eq. 13), without cancellation.
 
-    - ``"ce"``: ``D(e_m, p) = -log p_m``, so the score is ``log p_m``;
-    - ``"l2"``: ``D(e_m, p) = |e_m - p|^2 = 1 - 2 p_m + |p|^2``.
+    - ``"ce"``: ``D(e_m, p) = -log p_m``;
+    - ``"l2"``: ``D(e_m, p) = |e_m - p|^2 = (1 - p_m)^2 + sum_{j != m} p_j^2``, with
+      ``1 - p_m = -expm1(log p_m)`` and the sum over the other entries taken without the
+      row's largest one (``|p|^2 - p_m^2`` and ``1 - 2 p_m + |p|^2`` cancel to 0 in float32
+      once ``p`` is within ``2^-12`` of ``e_m``, the regime the paper's KNN-L2 reaches).
 
-    :param log_probs: ``(..., M)`` log-probabilities (log-softmax output).
-    :returns: ``(..., M)``.
+    :param log_probs: ``(..., M)`` from :func:`~w2v_knnvq.quantizer.assign.accurate_log_softmax`.
+    :returns: ``(..., M)``, non-negative.
     """
     if metric == "ce":
-        return log_probs
+        return -log_probs
 
-    if metric == "l2":
-        probs = log_probs.exp()
+    if metric != "l2":
+        raise ValueError(f"`metric` must be 'ce' or 'l2', but is {metric!r} instead.")
 
-        return 2.0 * probs - probs.square().sum(dim=-1, keepdim=True) - 1.0
+    probs = log_probs.exp()
 
-    raise ValueError(f"`metric` must be 'ce' or 'l2', but is {metric!r} instead.")
+    with torch.no_grad():
+        argmax = log_probs.argmax(dim=-1, keepdim=True)
+
+    is_max = torch.arange(log_probs.size(-1), device=log_probs.device) == argmax
+
+    squares = probs.square()
+
+    top_square = squares.gather(-1, argmax)
+
+    # sum_{j != argmax} p_j^2
+    others = squares.masked_fill(is_max, 0.0).sum(dim=-1, keepdim=True)
+
+    # sum_{j != m} p_j^2: the others' sum for the largest entry; for any other m (p_m <= 1/2,
+    # so the result is at least p_max^2 >= p_m^2) the largest entry's square joins it.
+    rest = others + torch.where(is_max, 0.0, top_square - squares)
+
+    return torch.expm1(log_probs).square() + rest
 
 
 def draw_vertex_subset(
@@ -52,7 +72,8 @@ def draw_vertex_subset(
     With a process group, rank 0's draw is broadcast so that every rank regularizes the same
     vertices (required for an exact global KNN).
 
-    :returns: ``(G, M')`` vertex indices, or ``None`` when ``fraction`` is 1 (every vertex).
+    :returns: ``(G, M')`` vertex indices in increasing order, or ``None`` when ``fraction`` is
+        1 (every vertex).
     """
     if fraction >= 1.0:
         return None
@@ -67,13 +88,103 @@ def draw_vertex_subset(
     return subset.sort(dim=-1).values
 
 
-def restrict_to_vertices(scores: Tensor, subset: Tensor | None) -> Tensor:
-    """:param scores: ``(N, G, M)``. :param subset: ``(G, M')`` or ``None``.
-    :returns: ``(N, G, M')`` the scores of the subset's vertices."""
-    if subset is None:
+def restrict_to_vertices(scores: Tensor, vertices: Tensor | None) -> Tensor:
+    """:param scores: ``(N, G, M)``. :param vertices: ``(G, M')`` or ``None``.
+    :returns: ``(N, G, M')`` the columns of the subset's vertices."""
+    if vertices is None:
         return scores
 
-    return scores.gather(2, subset.unsqueeze(0).expand(scores.size(0), -1, -1))
+    return scores.gather(2, vertices.unsqueeze(0).expand(scores.size(0), -1, -1))
+
+
+def first_k(values: Tensor, k: int, dim: int) -> Tensor:
+    """The indices of the k largest entries along ``dim``, largest first, equal values in index
+    order (the first k of a stable descending sort), deterministic on every device.
+
+    A float32 value and its position make one int64 key (the value's bits in an order that
+    compares as the numbers do, then the position reversed), so that ``topk`` sees no ties.
+    Other dtypes take a stable sort.
+    """
+    if values.dtype != torch.float32:
+        return values.sort(dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
+
+    # + 0.0 turns -0.0 into 0.0; negative floats' bits count down as the numbers go down.
+    bits = (values + 0.0).view(torch.int32)
+
+    ordered = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(torch.int64)
+
+    size = values.size(dim)
+
+    shape = [1] * values.dim()
+    shape[dim] = size
+
+    reversed_position = (size - 1 - torch.arange(size, device=values.device)).view(shape)
+
+    keys = ordered * (1 << 32) + reversed_position
+
+    return keys.topk(k, dim=dim).indices
+
+
+_BLOCK = 32
+"""Rows per block of :func:`column_top_k`'s search (fixed, so that a compiled graph does not
+depend on the number of rows)."""
+
+
+def column_top_k(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The K largest scores of every column and their rows, exactly, ties going to the lower row.
+
+    A top-K across the rows of every column reads the whole ``(N, G, M')`` tensor in a strided
+    order; a column maximum reads it once, fast. So the rows go in blocks of 32: the K blocks
+    with the largest maxima (ties to the earlier block) hold the column's top K (each of them
+    holds an entry that ranks before every entry of an unchosen block), and only their
+    ``K x 32`` rows are ranked.
+
+    :param scores: ``(N, G, M')``, no NaN; ``-inf`` marks rows that are never neighbours.
+    :returns: ``(K, G, M')`` scores, ``-inf`` below K rows (and where rows are masked), and
+        ``(K, G, M')`` int64 rows (``N`` and beyond where padded).
+    """
+    num_rows = scores.size(0)
+
+    if num_rows < k:
+        padding = scores.new_full((k - num_rows, *scores.shape[1:]), -math.inf)
+
+        scores, num_rows = torch.cat([scores, padding]), k
+
+    num_full = num_rows // _BLOCK
+
+    maxima = [scores[: num_full * _BLOCK].view(num_full, _BLOCK, *scores.shape[1:]).amax(dim=1)]
+
+    if num_full * _BLOCK < num_rows:
+        maxima.append(scores[num_full * _BLOCK :].amax(dim=0, keepdim=True))
+
+    # (blocks, G, M')
+    block_maxima = torch.cat(maxima)
+
+    # The chosen blocks in row order, so that ties below go to the lower row.
+    blocks = first_k(block_maxima, min(k, block_maxima.size(0)), dim=0).sort(dim=0).values
+
+    offsets = torch.arange(_BLOCK, device=scores.device).view(1, _BLOCK, 1, 1)
+
+    rows = (blocks.unsqueeze(1) * _BLOCK + offsets).flatten(0, 1)
+
+    values = scores.gather(0, rows.clamp_max(num_rows - 1)).masked_fill(rows >= num_rows, -math.inf)
+
+    order = first_k(values, k, dim=0)
+
+    return values.gather(0, order), rows.gather(0, order)
+
+
+def merge_candidates(best: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """Fold the candidates of later rows into running top-K candidates.
+
+    :param best: ``(K, G, M')`` scores and rows so far. :param new: the same of rows that all
+        come after them, so that ties go to the earlier rows.
+    """
+    values = torch.cat([best[0], new[0]])
+
+    order = first_k(values, best[0].size(0), dim=0)
+
+    return values.gather(0, order), torch.cat([best[1], new[1]]).gather(0, order)
 
 
 @dataclass(kw_only=True)
@@ -86,242 +197,105 @@ class KnnSelection:
     selected: Tensor
     """``(K, G, M')`` bool, ``True`` at this rank's candidates that count."""
 
-    num_neighbours: int
-    """K_eff = min(K, total number of samples): the neighbours per vertex that count."""
+    num_terms: Tensor
+    """``K_eff x G x M'`` (at least 1), with ``K_eff = min(K, all ranks' samples)``: the loss
+    is ``-(sum of all ranks' selected scores) / num_terms``."""
 
-    num_samples: int
-    """The number of (unmasked) samples over all ranks."""
+    num_samples: Tensor
+    """The number of unmasked samples of all ranks (int64 scalar)."""
 
-    def local_part(self, candidate_scores: Tensor) -> Tensor:
-        """This rank's share of the loss, ``-(sum of its selected scores) / (G M' K_eff)``,
-        whose gradient is this rank's slice of the gradient of the global loss.
+    def local_part(self, scores: Tensor) -> Tensor:
+        """``-(sum of this rank's selected scores) / num_terms``, whose gradient is this
+        rank's slice of the gradient of the global loss.
 
-        :param candidate_scores: ``(K, G, M')`` the scores of this rank's candidates, padded
-            as in :func:`select_neighbours`.
+        :param scores: ``(K, G, M')`` the scores of this rank's candidates, with their graph.
         """
-        return self.mean_distance(self.selected, candidate_scores)
+        return -torch.where(self.selected, scores, 0.0).sum() / self.num_terms
 
-    def mean_distance(self, selected: Tensor, scores: Tensor) -> Tensor:
-        """``-(sum of the selected scores) / (G M' K_eff)``: eq. 13 over the selected entries
-        of ``scores`` (candidates, all rows, or one chunk of rows)."""
-        num_terms = max(1, self.num_neighbours) * self.selected[0].numel()
-
-        return -torch.where(selected, scores, 0.0).sum() / num_terms
-
-    def loss(self, candidate_scores: Tensor) -> Tensor:
+    def loss(self, scores: Tensor) -> Tensor:
         """The loss value of all ranks with the gradient of this rank's samples."""
-        local_part = self.local_part(candidate_scores)
+        local_part = self.local_part(scores)
 
         return self.value + (local_part - local_part.detach())
 
 
-def local_candidates(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """Return the top-K scores of each column of ``scores`` and their rows, padded to K rows
-    with ``-inf`` (and row -1) when there are fewer than K samples.
-
-    :param scores: ``(N, G, M')``.
-    :returns: ``(K, G, M')`` scores (with their gradient) and ``(K, G, M')`` int64 rows.
-    """
-    values, rows = scores.topk(min(k, scores.size(0)), dim=0)
-
-    return _padded(values, rows, k)
-
-
-def column_top_k(keys: Tensor, k: int, vertices: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """The K largest keys of every column and their rows, exactly, ties going to the lower row.
-
-    A top-K across rows is slow where it is strided, and a column maximum is fast, so the
-    search goes through blocks of B rows: one pass takes every block's column maxima, the K
-    blocks with the largest maxima (ties to the earlier block) hold the column's top K, and
-    only those K x B rows are sorted. The k-th best entry lies in one of them: each of the K
-    chosen blocks holds an entry that ranks before every entry of an unchosen block.
-
-    :param keys: ``(G, N, M)`` codebook-major, no NaN; ``-inf`` marks rows that never count.
-    :param vertices: ``(G, M')`` the columns to search; ``None`` for all M.
-    :returns: ``(K, G, M')`` keys, padded with ``-inf`` below K rows, and ``(K, G, M')`` int64
-        rows (-1 where padded).
-    """
-    num_codebooks, num_rows, num_columns = keys.shape
-
-    width = num_columns if vertices is None else vertices.size(1)
-
-    if num_rows == 0:
-        return _padded(
-            keys.new_empty((0, num_codebooks, width)), keys.new_empty((0, num_codebooks, width), dtype=torch.int64), k
-        )
-
-    block = _block_size(num_rows, k)
-
-    num_full = num_rows // block
-
-    maxima = []
-
-    if num_full > 0:
-        maxima.append(keys[:, : num_full * block].reshape(num_codebooks, num_full, block, num_columns).amax(dim=2))
-
-    if num_full * block < num_rows:
-        maxima.append(keys[:, num_full * block :].amax(dim=1, keepdim=True))
-
-    # (G, blocks, M')
-    block_maxima = torch.cat(maxima, dim=1) if len(maxima) > 1 else maxima[0]
-
-    if vertices is None:
-        columns = torch.arange(num_columns, device=keys.device).expand(num_codebooks, 1, num_columns)
-    else:
-        columns = vertices.unsqueeze(1)
-
-        block_maxima = block_maxima.gather(2, columns.expand(-1, block_maxima.size(1), -1))
-
-    # The chosen blocks in row order, so that ties below go to the lower row.
-    blocks = first_k(block_maxima, min(k, block_maxima.size(1)), dim=1).sort(dim=1).values
-
-    offsets = torch.arange(block, device=keys.device).view(1, 1, block, 1)
-
-    rows = (blocks.unsqueeze(2) * block + offsets).flatten(1, 2)
-
-    beyond = rows >= num_rows
-
-    rows = rows.clamp_max(num_rows - 1)
-
-    # All columns: one gather along the rows, faster than the flat-index take of a subset.
-    values = keys.gather(1, rows) if vertices is None else take_entries(keys, rows, columns)
-
-    values = values.masked_fill(beyond, -math.inf)
-
-    order = first_k(values, min(k, num_rows), dim=1)
-
-    top_values, top_rows = values.gather(1, order), rows.gather(1, order)
-
-    return _padded(top_values.transpose(0, 1), top_rows.transpose(0, 1), k)
-
-
-def first_k(values: Tensor, k: int, dim: int) -> Tensor:
-    """The indices of the k largest entries along ``dim``, largest first, equal values in
-    index order: the first k of a stable descending sort.
-
-    ``topk`` gives them unless equal values meet at or above the k-th, which a check of the
-    (few) values finds; only then does a stable sort run.
-    """
-    top = values.topk(k, dim=dim)
-
-    kth = top.values.narrow(dim, k - 1, 1)
-
-    distinct = bool((top.values.narrow(dim, 0, k - 1) > top.values.narrow(dim, 1, k - 1)).all())
-
-    if distinct and bool(((values >= kth).sum(dim) == k).all()):
-        return top.indices
-
-    return values.sort(dim=dim, descending=True, stable=True).indices.narrow(dim, 0, k)
-
-
-def take_entries(values: Tensor, rows: Tensor, columns: Tensor) -> Tensor:
-    """``values[g, rows[g, ...], columns[g, ...]]`` of a ``(G, N, M)`` tensor, by flat
-    index (advanced indexing with three index tensors is several times slower).
-
-    :param rows: ``(G, ...)`` or broadcastable. :param columns: broadcastable with ``rows``.
-    """
-    num_codebooks, num_rows, num_columns = values.shape
-
-    codebooks = torch.arange(num_codebooks, device=values.device).view(-1, *([1] * (rows.dim() - 1)))
-
-    return values.take((codebooks * num_rows + rows) * num_columns + columns)
-
-
-def _block_size(num_rows: int, k: int) -> int:
-    """About ``sqrt(N / K)`` rows, a power of two: as many blocks as rows to sort."""
-    return 1 << max(0, round(math.log2(max(1.0, math.sqrt(num_rows / k)))))
-
-
-def _padded(values: Tensor, rows: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``(K', G, M')`` candidates padded to K with ``-inf`` and row -1."""
-    padding = k - values.size(0)
-
-    if padding <= 0:
-        return values, rows
-
-    values = torch.cat([values, values.new_full((padding, *values.shape[1:]), -math.inf)])
-
-    rows = torch.cat([rows, rows.new_full((padding, *rows.shape[1:]), -1)])
-
-    return values, rows
-
-
-def merge_candidates(best: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-    """Fold the candidates of later rows into running top-K candidates.
-
-    :param best: ``(K, G, M')`` scores and rows so far. :param new: the same of rows that all
-        come after them, so that a stable sort leaves ties to the earlier rows.
-    """
-    values = torch.cat([best[0], new[0]])
-
-    order = first_k(values, best[0].size(0), dim=0)
-
-    return values.gather(0, order), torch.cat([best[1], new[1]]).gather(0, order)
-
-
 def select_neighbours(
-    candidate_scores: Tensor, num_samples: int, k: int, process_group: dist.ProcessGroup | None
+    candidate_scores: Tensor, num_samples: Tensor, k: int, process_group: dist.ProcessGroup | None
 ) -> KnnSelection:
     """Select the K nearest samples of every vertex among the candidates of all ranks.
 
-    Each rank all-gathers the detached candidate scores (R x K x G x M' values) and the
-    number of its samples. The candidates are ordered by rank, then by their order on the
-    rank; equal scores go to the earlier one, so exactly K_eff candidates count per vertex on
-    all ranks together.
+    Each rank all-gathers its detached candidate scores (K x G x M' values) and the number of
+    its samples in one message. The candidates are ordered by rank, then by their order on the
+    rank; equal scores go to the earlier one, so exactly ``K_eff`` candidates count per vertex
+    on all ranks together. A rank without samples takes part with ``-inf`` candidates.
 
     :param candidate_scores: ``(K, G, M')`` this rank's top-K scores, ``-inf`` where it has
         fewer than K samples.
-    :param num_samples: The number of this rank's (unmasked) samples.
+    :param num_samples: The number of this rank's (unmasked) samples, an integer scalar tensor.
     :param process_group: ``None`` selects among this rank's samples only.
     """
     scores = candidate_scores.detach()
 
     k, num_codebooks, num_vertices = scores.shape
 
+    offset: int | None
+
     if process_group is None or dist.get_world_size(process_group) == 1:
-        num_neighbours = min(k, num_samples)
+        all_scores, total, offset = scores, num_samples, None
+    else:
+        world_size = dist.get_world_size(process_group)
 
-        selected = torch.zeros_like(scores, dtype=torch.bool)
+        # One message per rank: the candidate scores, then the sample count (exact in float32
+        # up to 2^24 samples per rank).
+        message = torch.cat([scores.flatten(), num_samples.to(scores.dtype).reshape(1)])
 
-        selected[:num_neighbours] = True
+        gathered = message.new_empty(world_size * message.numel())
 
-        value = -scores[:num_neighbours].sum() / max(1, num_neighbours * num_codebooks * num_vertices)
+        dist.all_gather_into_tensor(gathered, message, group=process_group)
 
-        return KnnSelection(value=value, selected=selected, num_neighbours=num_neighbours, num_samples=num_samples)
+        gathered = gathered.view(world_size, message.numel())
 
-    world_size = dist.get_world_size(process_group)
+        total = gathered[:, -1].round().to(torch.int64).sum()
 
-    rank = dist.get_rank(process_group)
+        # (R x K, G, M') in rank order.
+        all_scores = gathered[:, :-1].reshape(world_size * k, num_codebooks, num_vertices)
 
-    # One message per rank: the candidate scores, then the sample count.
-    message = torch.cat([scores.flatten(), scores.new_tensor([float(num_samples)])])
+        offset = dist.get_rank(process_group) * k
 
-    gathered = [torch.empty_like(message) for _ in range(world_size)]
-
-    dist.all_gather(gathered, message, group=process_group)
-
-    counts = [int(m[-1].item()) for m in gathered]
-
-    total = sum(counts)
-
-    num_neighbours = min(k, total)
-
-    # (R x K, G, M') in rank order.
-    all_scores = torch.cat([m[:-1].view(k, num_codebooks, num_vertices) for m in gathered])
-
-    order = all_scores.sort(dim=0, descending=True, stable=True).indices[:num_neighbours]
+    order = first_k(all_scores, k, dim=0)
 
     top_scores = all_scores.gather(0, order)
 
-    value = -top_scores.sum() / max(1, num_neighbours * num_codebooks * num_vertices)
+    # -inf marks padding and masked rows; every real score is finite.
+    counts = top_scores > -math.inf
 
-    selected = torch.zeros((world_size * k, num_codebooks, num_vertices), dtype=torch.bool, device=scores.device)
+    if offset is None:
+        selected = counts
+    else:
+        chosen = torch.zeros_like(all_scores, dtype=torch.bool).scatter_(0, order, counts)
 
-    selected.scatter_(0, order, True)
+        selected = chosen[offset : offset + k]
 
-    return KnnSelection(
-        value=value,
-        selected=selected[rank * k : (rank + 1) * k],
-        num_neighbours=num_neighbours,
-        num_samples=total,
-    )
+    num_terms = (total.clamp(max=k).clamp(min=1) * (num_codebooks * num_vertices)).to(scores.dtype)
+
+    value = -torch.where(counts, top_scores, 0.0).sum() / num_terms
+
+    return KnnSelection(value=value, selected=selected, num_terms=num_terms, num_samples=total)
+
+
+def candidate_entries(distances: Tensor, rows: Tensor, vertices: Tensor | None) -> Tensor:
+    """``-distances`` at the candidates: entry ``[k, g, m]`` is ``-distances[rows[k, g, m], g,
+    vertex m]``, with its graph; rows beyond ``distances`` read row 0 (their candidates never
+    count).
+
+    :param distances: ``(C, G, M)``. :param rows: ``(K, G, M')`` rows of ``distances``.
+    """
+    num_rows = distances.size(0)
+
+    restricted = restrict_to_vertices(distances, vertices)
+
+    if num_rows == 0:
+        # Zeros that stay in the graph: an empty rank still sends (zero) gradients.
+        return restricted.sum() + restricted.new_zeros(rows.shape)
+
+    return -restricted.gather(0, rows.clamp(0, num_rows - 1))

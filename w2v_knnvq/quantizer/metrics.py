@@ -17,7 +17,9 @@ def distribution_perplexity(probs: Tensor) -> Tensor:
 
     :returns: ``(...)``, in ``[1, M]``: 1 for a onehot vector, M for the uniform distribution.
     """
-    entropy = -torch.special.xlogy(probs, probs).sum(dim=-1)
+    # p log p -> 0 as p -> 0; the floor inside the logarithm keeps its gradient finite there
+    # (xlogy's is -inf at 0, and 0 x -inf is NaN further back).
+    entropy = -(probs * probs.clamp_min(torch.finfo(probs.dtype).tiny).log()).sum(dim=-1)
 
     return entropy.exp()
 
@@ -29,29 +31,12 @@ def individual_perplexity(log_probs: Tensor) -> Tensor:
 
     :returns: ``(...)``, in ``[1, M]``: 1 for a onehot vector, M for the simplex centre.
     """
-    return distribution_perplexity(log_probs.float().exp())
+    log_probs = log_probs.float()
 
+    # p_m = 0 where log p_m = -inf: the floor keeps 0 x log p_m at 0.
+    entropy = -(log_probs.exp() * log_probs.clamp_min(torch.finfo(log_probs.dtype).min)).sum(dim=-1)
 
-def softmax_individual_perplexity(
-    logits: Tensor, probs: Tensor, log_normalizer: Tensor, *, overwrite_logits: bool = False
-) -> Tensor:
-    """:func:`individual_perplexity` of ``probs = softmax(logits)`` from what a softmax pass
-    already holds: ``-sum_m p_m log p_m = log Z - sum_m p_m l_m``, one contraction over M
-    instead of a logarithm per entry; an underflowed ``p_m = 0`` adds ``0``.
-
-    :param logits: ``(..., M)``. :param probs: ``(..., M)`` their softmax.
-    :param log_normalizer: ``(...)`` ``log Z = logsumexp(logits)``.
-    :param overwrite_logits: Multiply into ``logits`` in place (no ``(..., M)`` temporary);
-        for callers that no longer need them.
-
-    :returns: ``(...)``, in ``[1, M]`` up to rounding.
-    """
-    if overwrite_logits:
-        expected_logit = logits.mul_(probs).sum(dim=-1)
-    else:
-        expected_logit = torch.linalg.vecdot(probs, logits)
-
-    return (log_normalizer - expected_logit).clamp_min(0.0).exp()
+    return entropy.clamp_min(0.0).exp()
 
 
 def code_counts(codes: Tensor, codebook_size: int, padding_mask: Tensor | None = None) -> Tensor:

@@ -3,24 +3,22 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Linear, Module, Parameter
-from torch.nn.functional import log_softmax, normalize
+from torch.nn.functional import normalize
 
-from w2v_knnvq.quantizer.assign import gather_codes, nearest_codes
+from w2v_knnvq.quantizer.assign import gather_codes, ieee_float32, nearest_codes
 from w2v_knnvq.quantizer.codebook import Codebook, SimVQCodebook
 from w2v_knnvq.quantizer.config import QuantizerConfig
 from w2v_knnvq.quantizer.estimators import rotation_trick, straight_through
 from w2v_knnvq.quantizer.knn import draw_vertex_subset
 from w2v_knnvq.quantizer.metrics import code_counts, code_perplexity, distribution_perplexity
-from w2v_knnvq.quantizer.regularizers import commitment_codebook_loss
+from w2v_knnvq.quantizer.regularizers import commitment_codebook_loss, count_rows
 from w2v_knnvq.quantizer.smoothed import SmoothedSettings, quantize_smoothed
 
 
@@ -35,8 +33,8 @@ class QuantizerOutput:
     """``(..., G)`` the code of each vector in each codebook."""
 
     probs: Tensor | None
-    """``(..., G, M)`` assignment probabilities ``pi`` of the smoothed methods; ``None`` for hard
-    ones and with ``chunk_size`` set (no ``(N, G, M)`` tensor exists then)."""
+    """``(..., G, M)`` assignment probabilities ``pi`` of the smoothed methods, with their graph;
+    ``None`` for hard ones and with ``chunk_size`` set (no ``(N, G, M)`` tensor exists then)."""
 
     loss: Tensor
     """Scalar regularization loss of the method, averaged over codebooks; not weighted. With a
@@ -52,51 +50,44 @@ class QuantizerOutput:
     temperature: Tensor | None
     """Scalar learned temperature t of the cosine logits (detached); ``None`` for hard methods."""
 
+    num_samples: Tensor
+    """This rank's unmasked vectors (int64 scalar)."""
+
+    num_loss_samples: Tensor
+    """The number of vectors ``loss`` averages over (int64 scalar): ``num_samples``, or all
+    data-parallel ranks' vectors with a global KNN in training."""
+
     individual_perplexity: Tensor | None = None
     """``(..., G)`` ``exp(-sum_m p_m log p_m)`` of each vector's smoothed quantizer (Table 2's
     tightness), also in chunked mode; ``None`` for hard methods."""
 
-    num_samples: int = 0
-    """This rank's unmasked vectors."""
+    logits: Tensor | None = None
+    """``(..., G, M)`` the cosine logits whose softmax is ``probs``, with their graph; ``None``
+    where ``probs`` is."""
 
-    num_loss_samples: int = 0
-    """The number of vectors ``loss`` averages over: ``num_samples``, or all data-parallel
-    ranks' vectors with a global KNN in training."""
+    log_probs: Tensor | None = None
+    """``(..., G, M)`` ``log pi``, finite and exact near the simplex vertices, with their graph;
+    ``None`` where ``probs`` is."""
 
-    recompute_logits: Callable[[], Tensor] | None = field(default=None, repr=False)
-    """Computes :attr:`logits` when asked for; ``None`` where ``probs`` is."""
-
-    @property
-    def logits(self) -> Tensor | None:
-        """``(..., G, M)`` the cosine logits whose softmax is ``probs``, with their gradient;
-        recomputed when asked for (one more matrix product); ``None`` where ``probs`` is."""
-        return None if self.recompute_logits is None else self.recompute_logits()
-
-    @property
-    def log_probs(self) -> Tensor | None:
-        """``(..., G, M)`` ``log pi``, by log-softmax of ``logits`` when asked for (finite where
-        ``pi`` underflows); ``None`` where ``probs`` is."""
-        logits = self.logits
-
-        return None if logits is None else log_softmax(logits, dim=-1)
-
-    def loss_times(self, num_targets: float) -> Tensor:
+    def loss_times(self, num_targets: float | Tensor) -> Tensor:
         """``loss * num_targets`` for a sum-reduced training loss of ``num_targets`` targets
         (frames, images) on this rank.
 
         With a global KNN the gradient of ``loss`` reaches this rank's vectors only; it is
         scaled here by the ranks' vectors per own vector, so that dividing the gradients summed
         over ranks by all ranks' targets (fairseq2's normalization under DDP) gives the update
-        of one process on the whole batch.
+        of one process on the whole batch. The ratio stays on the device.
         """
         loss = self.loss.detach()
 
-        if self.num_samples == 0 or self.num_loss_samples <= self.num_samples:
-            return self.loss * num_targets
+        ratio = self.num_loss_samples.to(loss.dtype) / self.num_samples.clamp_min(1).to(loss.dtype)
 
-        scale = num_targets * self.num_loss_samples / self.num_samples
+        return loss * num_targets + (self.loss - loss) * (ratio * num_targets)
 
-        return loss * num_targets + (self.loss - loss) * scale
+
+KnnGroup = dist.ProcessGroup | None | Literal["default"]
+"""The ranks of a global KNN: a process group, ``None`` for this rank alone, or ``"default"``
+for torch's default group when one is initialized."""
 
 
 class VectorQuantizer(Module):
@@ -120,14 +111,15 @@ class VectorQuantizer(Module):
         self,
         config: QuantizerConfig,
         *,
-        process_group: dist.ProcessGroup | None = None,
+        process_group: KnnGroup = "default",
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         """
-        :param process_group: The data-parallel ranks of a global KNN (e.g. fairseq2's
-            data-parallel gang as a process group); ``None`` takes the default group of
-            :mod:`torch.distributed` when one is initialized.
+        :param process_group: The data-parallel ranks of a global KNN (fairseq2's
+            data-parallel gang as a process group); ``None`` for this rank alone (a
+            data-parallel gang of one process in a larger world of tensor or pipeline
+            parallelism); ``"default"`` for torch's default group when one is initialized.
         """
         super().__init__()
 
@@ -197,14 +189,17 @@ class VectorQuantizer(Module):
         # A differentiable floor: the temperature stays learnable however close it gets.
         return self.config.min_temperature + self.log_temperature.float().exp().reshape(())
 
-    def gumbel_tau(self) -> float:
-        """:returns: The current Gumbel-softmax temperature tau."""
+    def gumbel_tau(self) -> Tensor | float:
+        """:returns: The current Gumbel-softmax temperature tau: a float32 scalar tensor on the
+        device of the step counter when annealed (never read back by the host)."""
         if self.gumbel_step is None or self.config.gumbel_tau_anneal is None:
             return self.config.gumbel_tau
 
         max_tau, min_tau, decay = self.config.gumbel_tau_anneal
 
-        return max(max_tau * decay ** int(self.gumbel_step), min_tau)
+        tau = max_tau * torch.exp(self.gumbel_step.double() * math.log(decay))
+
+        return tau.clamp_min(min_tau).float()
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # Checkpoints written before the temperature had shape (1,) hold a scalar.
@@ -244,13 +239,8 @@ class VectorQuantizer(Module):
 
         num_vectors = leading_shape.numel()
 
-        # Autocast off: quantizer math in float32 (meta tensors know no autocast).
-        if torch.amp.autocast_mode.is_autocast_available(x.device.type):
-            float32_math: AbstractContextManager[object] = torch.autocast(device_type=x.device.type, enabled=False)
-        else:
-            float32_math = nullcontext()
-
-        with float32_math:
+        # Autocast off and no TF32: quantizer math in IEEE float32.
+        with torch.autocast(device_type=x.device.type, enabled=False), ieee_float32():
             # The projection too runs in float32 (in the weights' own dtype if the module
             # is kept in half precision), whatever the autocast dtype of `x`.
             x = x.float()
@@ -276,15 +266,13 @@ class VectorQuantizer(Module):
         if output.individual_perplexity is not None:
             output.individual_perplexity = output.individual_perplexity.reshape(*leading_shape, config.num_codebooks)
 
-        if output.probs is not None:
-            probs_shape = (*leading_shape, config.num_codebooks, config.codebook_size)
+        probs_shape = (*leading_shape, config.num_codebooks, config.codebook_size)
 
-            output.probs = output.probs.reshape(probs_shape)
+        for name in ("probs", "logits", "log_probs"):
+            value = getattr(output, name)
 
-        if output.recompute_logits is not None:
-            output.recompute_logits = _reshaped(
-                output.recompute_logits, (*leading_shape, config.num_codebooks, config.codebook_size)
-            )
+            if value is not None:
+                setattr(output, name, value.reshape(probs_shape))
 
         return output
 
@@ -293,15 +281,14 @@ class VectorQuantizer(Module):
 
         temperature = self.temperature()
 
-        settings = self._smoothed_settings(z.device)
-
-        result = quantize_smoothed(z, codebook, temperature, mask, settings, config.chunk_size)
+        result = quantize_smoothed(z, codebook, temperature, mask, self._smoothed_settings(z.device), config.chunk_size)
 
         return QuantizerOutput(
             quantized=result.quantized.flatten(1),
             codes=result.codes,
             probs=result.probs,
-            recompute_logits=result.logits,
+            logits=result.logits,
+            log_probs=result.log_probs,
             loss=result.loss,
             hard_perplexity=self._hard_perplexity(result.codes, mask),
             soft_perplexity=distribution_perplexity(result.mean_probs),
@@ -314,11 +301,13 @@ class VectorQuantizer(Module):
     def _smoothed_settings(self, device: torch.device) -> SmoothedSettings:
         config, spec = self.config, self.config.spec
 
+        knn = self.training and spec.regularizer == "knn"
+
         # The ranks select neighbours together only in training: a validation reader may
         # leave a rank without a batch, and a collective would then hang.
-        process_group = self._knn_process_group() if self.training and spec.regularizer == "knn" else None
+        process_group = self._knn_process_group() if knn else None
 
-        if self.training and spec.regularizer == "knn":
+        if knn:
             vertex_subset = draw_vertex_subset(
                 config.num_codebooks,
                 config.codebook_size,
@@ -329,8 +318,6 @@ class VectorQuantizer(Module):
         else:
             vertex_subset = None
 
-        noise_seed = int(torch.randint(0, 2**62, ())) if self.training and spec.assignment != "softmax" else 0
-
         return SmoothedSettings(
             assignment=spec.assignment,
             knn_metric=spec.knn_metric if spec.regularizer == "knn" else None,
@@ -339,7 +326,6 @@ class VectorQuantizer(Module):
             training=self.training,
             process_group=process_group,
             vertex_subset=vertex_subset,
-            noise_seed=noise_seed,
         )
 
     def _knn_process_group(self) -> dist.ProcessGroup | None:
@@ -349,7 +335,7 @@ class VectorQuantizer(Module):
 
         group = self.process_group
 
-        if group is None:
+        if group == "default":
             if not (dist.is_available() and dist.is_initialized()):
                 return None
 
@@ -389,7 +375,7 @@ class VectorQuantizer(Module):
         # each codebook's loss.
         loss = commitment_codebook_loss(z.flatten(0, 1), q.flatten(0, 1), config.commitment_beta, mask=row_mask)
 
-        num_samples = z.size(0) if mask is None else int(mask.sum())
+        num_samples = count_rows(z, mask)
 
         return QuantizerOutput(
             quantized=quantized.flatten(1),
@@ -430,7 +416,3 @@ class VectorQuantizer(Module):
             f"method={config.method}, num_codebooks={config.num_codebooks}, "
             f"codebook_size={config.codebook_size}, codebook_dim={config.codebook_dim}"
         )
-
-
-def _reshaped(make: Callable[[], Tensor], shape: tuple[int, ...]) -> Callable[[], Tensor]:
-    return lambda: make().reshape(shape)

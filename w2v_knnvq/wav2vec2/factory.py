@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from torch.distributed import ProcessGroup
-
 from fairseq2.error import NotSupportedError
 from fairseq2.gang import get_current_gangs
 from fairseq2.models.transformer import TransformerEncoder
@@ -15,7 +13,7 @@ from fairseq2.models.wav2vec2 import (
 )
 from fairseq2.utils.validation import ValidationError
 
-from w2v_knnvq.quantizer import VectorQuantizer
+from w2v_knnvq.quantizer import KnnGroup, VectorQuantizer
 from w2v_knnvq.wav2vec2.config import Wav2Vec2KnnVqConfig
 from w2v_knnvq.wav2vec2.model import Wav2Vec2KnnVqModel
 
@@ -80,10 +78,14 @@ class Wav2Vec2KnnVqFactory:
         return VectorQuantizer(self._config.quantizer_config(), process_group=_data_parallel_process_group())
 
 
-def _data_parallel_process_group() -> ProcessGroup | None:
+def _data_parallel_process_group() -> KnnGroup:
     """The data-parallel gang that fairseq2 builds the model under, as the process group of a
-    global KNN; ``None`` (the quantizer then takes torch's default group, if any) in one process."""
+    global KNN: ``None`` (this rank alone) when the gang has one process in a larger world of
+    tensor or pipeline parallelism; torch's default group when fairseq2 set up no gangs."""
     gangs = get_current_gangs()
+
+    if gangs.root.size == 1:
+        return "default"
 
     if gangs.dp.size == 1:
         return None

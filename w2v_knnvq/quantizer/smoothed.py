@@ -196,6 +196,9 @@ def _mean(prob_sum: Tensor, num_samples: Tensor) -> Tensor:
     return prob_sum / num_samples.clamp_min(1).to(prob_sum.dtype)
 
 
+# The loop's trip count depends on N, which a compiled graph would specialize on (a recompilation
+# per batch size); the chunked pass is for memory, so it stays eager.
+@torch.compiler.disable  # type: ignore[untyped-decorator]
 def _quantize_chunked(
     z: Tensor,
     codebook: Tensor,

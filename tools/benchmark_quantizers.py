@@ -9,8 +9,9 @@ Three tables, each of ratios measured in one run:
   the median time over rounds and the median over rounds of each variant's time over the
   baseline's in the same round. Variants:
   fairseq2's ``GumbelWav2Vec2VectorQuantizer`` as fairseq2 runs it (its compiled matmul+sum,
-  warmed up before timing), a bare softmax quantizer (cosine softmax and ``Q^T p`` only),
-  ``softmax-knn-ce`` dense and chunked, and any ``--methods``.
+  warmed up before timing), a bare softmax quantizer (cosine softmax and ``Q^T p`` only) eager
+  and compiled, ``softmax-knn-ce`` dense eager and compiled (``torch.compile(dynamic=True)``)
+  and chunked, and any ``--methods``.
 - ``memory``: peak memory of one ``softmax-knn-ce`` forward+backward, dense against chunked,
   at N = 32,768, M = 8196, D = 32 and at the image autoencoder's f64 per-rank shape (16 images
   x 64 x 64 = 65,536 latent pixels, M = 8196, D = 32). Each measurement runs in its own
@@ -18,7 +19,8 @@ Three tables, each of ratios measured in one run:
   on CUDA.
 - ``training``: training steps per second of the ``tiny``, ``small`` and ``base`` archs with
   ``softmax-knn-ce`` against fairseq2's own ``wav2vec2`` (Gumbel, compiled) model of the same
-  shape, interleaved in one process.
+  shape, interleaved in one process, without and with ``model.compile`` (each family's layers,
+  and our quantizer).
 
     python tools/benchmark_quantizers.py [--device cuda] [--tables speed memory training] [--rounds 7]
 """
@@ -48,7 +50,7 @@ QUANTIZED_DIM = 256
 DEFAULT_CHUNK = 1024
 
 GUMBEL = "fairseq2-gumbel (compiled)"
-BARE = "bare-softmax"
+BARE = "bare-softmax (compiled)"
 
 MEMORY_SHAPES = {"N=32768": 32_768, "f64 per rank (N=65536)": 65_536}
 MEMORY_CODES = 8196
@@ -118,7 +120,14 @@ def gumbel_step(layout: str, x: Tensor) -> Step:
     return step
 
 
-def quantizer_step(layout: str, method: str, x: Tensor, *, chunk_size: int | None = None) -> Step:
+def compiled(step: Step) -> Step:
+    """``step`` under ``torch.compile`` with dynamic shapes, as the family's ``model.compile`` runs."""
+    return torch.compile(step, dynamic=True)
+
+
+def quantizer_step(
+    layout: str, method: str, x: Tensor, *, chunk_size: int | None = None, compile: bool = False
+) -> Step:
     from w2v_knnvq.quantizer import QuantizerConfig, VectorQuantizer
 
     num_codebooks, codebook_size = LAYOUTS[layout]
@@ -134,6 +143,9 @@ def quantizer_step(layout: str, method: str, x: Tensor, *, chunk_size: int | Non
     )
 
     quantizer = VectorQuantizer(config, device=x.device).train()
+
+    if compile:
+        quantizer.compile(dynamic=True)  # type: ignore[no-untyped-call]
 
     def step() -> None:
         output = quantizer(x)
@@ -182,25 +194,30 @@ def speed_table(args: argparse.Namespace, device: torch.device) -> None:
         # (N, S, F), as fairseq2's quantizer takes it: 4 utterances of masked frames.
         x = torch.randn(4, args.frames // 4, INPUT_DIM, device=device, requires_grad=True)
 
-        steps: dict[str, Step] = {GUMBEL: gumbel_step(layout, x), BARE: bare_softmax_step(layout, x)}
+        bare = bare_softmax_step(layout, x)
 
-        steps["softmax-knn-ce"] = quantizer_step(layout, "softmax-knn-ce", x)
+        steps: dict[str, Step] = {
+            GUMBEL: gumbel_step(layout, x),
+            "bare-softmax (eager)": bare,
+            BARE: compiled(bare),
+            "softmax-knn-ce (eager)": quantizer_step(layout, "softmax-knn-ce", x),
+            "softmax-knn-ce (compiled)": quantizer_step(layout, "softmax-knn-ce", x, compile=True),
+            f"softmax-knn-ce chunked ({args.chunk_size}, eager)": quantizer_step(
+                layout, "softmax-knn-ce", x, chunk_size=args.chunk_size
+            ),
+        }
 
-        steps[f"softmax-knn-ce chunked ({args.chunk_size})"] = quantizer_step(
-            layout, "softmax-knn-ce", x, chunk_size=args.chunk_size
-        )
-
-        for method in args.methods:
-            steps[method] = quantizer_step(layout, method, x)
-
-        # Warm-up: compiles fairseq2's Gumbel matmul and fills the allocator caches.
+        # Warm-up: compiles (fairseq2's Gumbel matmul, our variants) and fills the allocator caches.
         for step in steps.values():
+            step()
             step()
             step()
 
         timings = interleaved_timings(steps, args.rounds, device)
 
-        print(f"### {layout}\n\n| variant | time (ms) | x Gumbel (compiled) | x bare softmax |\n|---|---:|---:|---:|")
+        print(
+            f"### {layout}\n\n| variant | time (ms) | x Gumbel (compiled) | x bare softmax (compiled) |\n|---|---:|---:|---:|"
+        )
 
         for name, seconds in timings.items():
             print(
@@ -294,11 +311,13 @@ def memory_table(args: argparse.Namespace, device: torch.device) -> None:
 # --- training steps -------------------------------------------------------------------------
 
 
-def training_step(family: str, arch: str, waveforms: Tensor) -> Step:
+def training_step(family: str, arch: str, waveforms: Tensor, *, compile: bool = False) -> Step:
+    """One optimizer step; ``compile``: ``model.compile`` as the recipes run it (our family's
+    layers and quantizer; fairseq2's layers, its quantizer compiling its own product always)."""
     from fairseq2.models.wav2vec2 import Wav2Vec2Config, create_wav2vec2_model
     from fairseq2.nn import BatchLayout
 
-    from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
+    from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, Wav2Vec2KnnVqModel, create_wav2vec2_knnvq_model
 
     config = WAV2VEC2_KNNVQ_ARCHS[f"{arch}_2x320"]()
 
@@ -323,6 +342,15 @@ def training_step(family: str, arch: str, waveforms: Tensor) -> Step:
 
     model = model.to(waveforms.device).train()
 
+    if compile:
+        from w2v_knnvq.wav2vec2.fsdp import compile_wav2vec2_knnvq
+
+        if isinstance(model, Wav2Vec2KnnVqModel):
+            compile_wav2vec2_knnvq(model, dynamic=True)
+        else:
+            for layer in model.encoder.layers:
+                layer.compile(dynamic=True)  # type: ignore[no-untyped-call]
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     layout = BatchLayout.of(waveforms)
@@ -344,32 +372,90 @@ def training_table(args: argparse.Namespace, device: torch.device) -> None:
         f"\n## Training steps per second, wav2vec 2.0 with softmax-knn-ce against fairseq2's wav2vec2 "
         f"(Gumbel, compiled), 2 x 320 codebooks, device {device}, median of {args.rounds} interleaved rounds\n"
     )
-    print("| arch | batch | wav2vec2_knnvq (steps/s) | wav2vec2 (steps/s) | ratio |\n|---|---|---:|---:|---:|")
+    print(
+        "| arch | model.compile | batch | wav2vec2_knnvq (steps/s) | wav2vec2 (steps/s) | ratio |\n"
+        "|---|---|---|---:|---:|---:|"
+    )
 
     for arch, batch in (("tiny", (8, 48_000)), ("small", (8, 48_000)), ("base", args.base_batch)):
-        torch.manual_seed(1)
+        for compile in (False, True):
+            torch.manual_seed(1)
 
-        waveforms = torch.randn(*batch, device=device)
+            waveforms = torch.randn(*batch, device=device)
 
-        steps = {family: training_step(family, arch, waveforms) for family in ("wav2vec2_knnvq", "wav2vec2")}
+            steps = {
+                family: training_step(family, arch, waveforms, compile=compile)
+                for family in ("wav2vec2_knnvq", "wav2vec2")
+            }
 
-        for step in steps.values():
-            step()
+            for step in steps.values():
+                step()
+                step()
 
-        timings = interleaved_timings(steps, args.rounds, device)
+            timings = interleaved_timings(steps, args.rounds, device)
 
-        ours, stock = (1 / statistics.median(timings[family]) for family in ("wav2vec2_knnvq", "wav2vec2"))
+            ours, stock = (1 / statistics.median(timings[family]) for family in ("wav2vec2_knnvq", "wav2vec2"))
 
-        ratio = median_ratio(timings, "wav2vec2", "wav2vec2_knnvq")
+            ratio = median_ratio(timings, "wav2vec2", "wav2vec2_knnvq")
 
-        print(f"| {arch} | {batch[0]} x {batch[1]} | {ours:.2f} | {stock:.2f} | {ratio:.2f} |", flush=True)
+            print(
+                f"| {arch} | {'yes' if compile else 'no'} | {batch[0]} x {batch[1]} | {ours:.2f} | {stock:.2f} "
+                f"| {ratio:.2f} |",
+                flush=True,
+            )
+
+
+# --- cost model of the global KNN ------------------------------------------------------------
+
+# (preset, G, M, K): global K over all ranks (the paper's 4 ranks x 2 per rank = 8 for speech).
+KNN_PRESETS = (("speech 1 x 1024", 1, 1024, 8), ("speech 2 x 320", 2, 320, 8), ("image f64, M = 8196", 1, 8196, 2))
+
+
+def cost_table(args: argparse.Namespace, device: torch.device) -> None:
+    """Bytes per rank and step of the global KNN's all-gather (``select_neighbours``: K x G x M
+    float32 scores and a count per rank) against the ring all-reduce of the base model's
+    gradients (2 (R - 1) / R x 4 bytes x parameters sent and received per rank)."""
+    from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
+
+    with torch.device("meta"):
+        base = create_wav2vec2_knnvq_model(WAV2VEC2_KNNVQ_ARCHS["base_2x320"]())
+
+    num_parameters = sum(p.numel() for p in base.parameters())
+
+    print(
+        f"\n## Global KNN traffic per rank and step (received; a ring all-gather sends as much) against the "
+        f"gradient all-reduce of the base model ({num_parameters / 1e6:.1f} M float32 parameters)\n"
+    )
+
+    ranks = (8, 64, 256, 1024)
+
+    header = " | ".join(f"R = {r}" for r in ranks)
+
+    print(f"| preset (K global) | message | {header} |\n|---|---:|{'---:|' * len(ranks)}")
+
+    def mib(num_bytes: float) -> str:
+        return f"{num_bytes / 2**20:.2f} MiB"
+
+    for name, num_codebooks, codebook_size, k in KNN_PRESETS:
+        message = 4 * (k * num_codebooks * codebook_size + 1)
+
+        cells = " | ".join(mib((r - 1) * message) for r in ranks)
+
+        print(f"| {name} (K = {k}) | {message / 1024:.0f} KiB | {cells} |")
+
+    cells = " | ".join(mib(2 * (r - 1) / r * 4 * num_parameters) for r in ranks)
+
+    print(f"| gradient all-reduce, base | | {cells} |")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
-        "--tables", nargs="+", choices=["speed", "memory", "training"], default=["speed", "memory", "training"]
+        "--tables",
+        nargs="+",
+        choices=["speed", "memory", "training", "cost"],
+        default=["speed", "memory", "training", "cost"],
     )
     parser.add_argument("--frames", type=int, default=3000, help="quantized frames per step (default: 3000)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (default: 7)")
@@ -397,7 +483,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
 
     for table in args.tables:
-        {"speed": speed_table, "memory": memory_table, "training": training_table}[table](args, device)
+        {"speed": speed_table, "memory": memory_table, "training": training_table, "cost": cost_table}[table](
+            args, device
+        )
 
 
 if __name__ == "__main__":

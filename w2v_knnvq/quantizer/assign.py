@@ -105,6 +105,13 @@ def gather_codes(codebook: Tensor, codes: Tensor) -> Tensor:
     return codebook[group_index, codes]
 
 
+def uniform_noise(like: Tensor) -> Tensor:
+    """Uniform samples in ``[0, 1)`` of the shape, dtype and device of ``like``: the one place
+    the quantizer draws noise (torch's generator of the device; a check that compares devices
+    replaces it with the CPU's)."""
+    return torch.rand_like(like)
+
+
 def gumbel_softmax(logits: Tensor, tau: Tensor | float, *, hard: bool) -> tuple[Tensor, Tensor]:
     """Sample a smoothed quantizer with Gumbel noise (eq. 6-8).
 
@@ -117,7 +124,7 @@ def gumbel_softmax(logits: Tensor, tau: Tensor | float, *, hard: bool) -> tuple[
 
     :returns: ``(..., M)`` samples and ``(...)`` the sampled codes.
     """
-    uniform = torch.rand_like(logits)
+    uniform = uniform_noise(logits)
 
     # u in (0, 1) exactly: both logs stay finite.
     tiny = torch.finfo(logits.dtype).tiny

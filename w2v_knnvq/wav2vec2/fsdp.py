@@ -1,63 +1,39 @@
 """FSDP, activation checkpointing and ``torch.compile`` of the ``wav2vec2_knnvq`` family:
-the Transformer layers are wrapped as in fairseq2's ``wav2vec2`` family, the quantizer is a
-float32 unit of its own, and the CNN stays in the root unit."""
+the Transformer layers are wrapped as in fairseq2's ``wav2vec2`` family; the CNN and the
+quantizer stay in the root unit.
+
+fairseq2 gives every unit one mixed-precision policy: with ``trainer.mixed_precision.mode=static``
+the quantizer's stored codebook and temperature take the trainer's dtype (its math still runs
+in float32); ``mode=auto`` (autocast, which the quantizer switches off) keeps them float32. A
+unit of its own with a float32 policy breaks fairseq2 0.8.1's broadcast of the root module on
+a fresh start, which skips only the units that fairseq2's wrapper sharded."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.distributed.tensor import DTensor
 from torch.nn import Module
 
-from fairseq2.gang import get_current_gangs
 from fairseq2.models.utils.ac import apply_layerwise_ac
 from fairseq2.models.utils.fsdp import apply_layerwise_fsdp
-from fairseq2.nn.fsdp import FSDPParameterInitializer, FSDPWrapper
-from fairseq2.nn.utils.module import broadcast_module
+from fairseq2.nn.fsdp import FSDPWrapper
 
 from w2v_knnvq.wav2vec2.model import Wav2Vec2KnnVqModel
 
 
 def apply_fsdp_to_wav2vec2_knnvq(model: Wav2Vec2KnnVqModel, granularity: str, wrapper: FSDPWrapper) -> Module:
-    """:param granularity: ``layer`` wraps each Transformer layer, ``stack`` the whole encoder.
-
-    With FSDP2 the quantizer is a unit of its own that keeps its parameters in float32 under
-    any mixed precision (:func:`shard_in_float32`); the rest of the model follows the trainer's
-    policy."""
+    """:param granularity: ``layer`` wraps each Transformer layer, ``stack`` the whole encoder."""
     if granularity == "layer":
         apply_layerwise_fsdp(model.encoder.layers, wrapper)
-    elif granularity == "stack":
+
+        return model
+
+    if granularity == "stack":
         model.register_module("encoder", wrapper(model.encoder))
-    else:
-        raise ValueError(f"`granularity` must be `layer` or `stack`, but is `{granularity}` instead.")
 
-    shard_in_float32(model.quantizer, like=model.encoder)
+        return model
 
-    return model
-
-
-def shard_in_float32(module: Module, *, like: Module) -> None:
-    """Shards ``module`` with FSDP2 over the device mesh of the already sharded ``like``, with a
-    policy that casts nothing: its parameters stay float32 (a bf16 codebook and temperature
-    would move ``t`` in 1.5% steps and the cosine logits by ``1/(128 t)``).
-
-    A module still on the meta device is materialized and, as every rank's must be equal,
-    broadcast from rank 0 first (FSDP1 shards no DTensor: nothing is done then).
-    """
-    reference = next(like.parameters(), None)
-
-    if not isinstance(reference, DTensor):
-        return
-
-    gangs = get_current_gangs()
-
-    if any(tensor.is_meta for tensor in (*module.parameters(), *module.buffers())):
-        FSDPParameterInitializer(gangs.dp.device, skip_init=False)(module)
-
-    broadcast_module(module, gangs.dp)
-
-    fully_shard(module, mesh=reference.device_mesh, mp_policy=MixedPrecisionPolicy(), reshard_after_forward=False)
+    raise ValueError(f"`granularity` must be `layer` or `stack`, but is `{granularity}` instead.")
 
 
 def apply_ac_to_wav2vec2_knnvq(model: Wav2Vec2KnnVqModel, every_nth_layer: int) -> Module:

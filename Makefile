@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo asr-demo test lint benchmark clean-venv
+.PHONY: demo asr-demo test lint benchmark gpu-check clean-venv
 
 $(STAMP): pyproject.toml tools/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash tools/bootstrap.sh
@@ -30,6 +30,10 @@ lint: $(STAMP)
 
 benchmark: $(STAMP)
 	$(VENV)/bin/python tools/benchmark_quantizers.py
+
+# The checks of a CUDA machine (CUDA against CPU, compile, bf16, FSDP2, memory, speed).
+gpu-check: $(STAMP)
+	$(VENV)/bin/python tools/gpu_check.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -119,10 +119,15 @@ COMPILE_CASES = [
 
 
 @pytest.mark.parametrize(("method", "num_codebooks", "chunk_size"), COMPILE_CASES)
-def test_compiled_equals_eager_over_three_batch_sizes(method: str, num_codebooks: int, chunk_size: int | None) -> None:
+def test_compiled_equals_eager_over_three_batch_sizes(
+    method: str, num_codebooks: int, chunk_size: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``torch.compile(dynamic=True)`` of the quantizer: outputs and gradients equal eager ones
     at N = 37, 50 and 61 (padding included), compiled once. Gumbel noise is drawn as eager draws
     it (inductor's ``fallback_random``). Chunked mode runs its loop eagerly."""
+    # Other test modules switch dynamo off for fairseq2's own compiled quantizer.
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+
     # Each test counts its own compilations.
     torch._dynamo.reset()
 

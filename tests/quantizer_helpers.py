@@ -58,7 +58,7 @@ def training_step(
 
     x = x.clone().requires_grad_()
 
-    output = quantizer(x, mask)
+    output = quantizer(x, mask, return_probs=through_probs)
 
     weights = torch.linspace(-1.0, 1.0, output.quantized.numel()).view_as(output.quantized)
 

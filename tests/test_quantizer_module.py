@@ -63,7 +63,7 @@ def test_input_projection_only_when_dimensions_differ() -> None:
 def test_output_shapes(method: str, groups: int) -> None:
     quantizer = make_quantizer(method, groups=groups)
 
-    output = quantizer(torch.randn(3, 7, 12))
+    output = quantizer(torch.randn(3, 7, 12), return_probs=True)
 
     assert output.quantized.shape == (3, 7, groups * 6)
     assert output.quantized.dtype == torch.float32
@@ -105,7 +105,7 @@ def test_smoothed_codes_are_argmax_of_cosine_logits() -> None:
     quantizer = make_quantizer("softmax-knn-ce", groups=1)
 
     x = torch.randn(20, 12)
-    output = quantizer(x)
+    output = quantizer(x, return_probs=True)
 
     assert quantizer.input_proj is not None
     z = quantizer.input_proj(x)
@@ -123,7 +123,7 @@ def test_smoothed_codes_are_argmax_of_cosine_logits() -> None:
 def test_softmax_knn_loss_is_eq13_averaged_over_codebooks() -> None:
     quantizer = make_quantizer("softmax-knn-l2", groups=2, knn_k=3)
 
-    output = quantizer(torch.randn(40, 12))
+    output = quantizer(torch.randn(40, 12), return_probs=True)
 
     assert output.log_probs is not None
     expected = (knn_loss(output.log_probs[:, 0], 3, "l2").loss + knn_loss(output.log_probs[:, 1], 3, "l2").loss) / 2
@@ -314,7 +314,7 @@ def test_autocast_keeps_quantizer_math_in_float32(dtype: torch.dtype, method: st
     x = torch.randn(50, 12, requires_grad=True)
 
     with torch.autocast("cpu", dtype=dtype):
-        output = quantizer(x)
+        output = quantizer(x, return_probs=True)
 
     assert output.quantized.dtype == torch.float32
     assert torch.isfinite(output.loss)

@@ -238,7 +238,7 @@ def test_knn_is_exact_next_to_the_vertices(metric: str) -> None:
 
     # The selected neighbours are the float64 ones.
     with torch.no_grad():
-        output = quantizer(x)
+        output = quantizer(x, return_probs=True)
 
         assert output.log_probs is not None and output.logits is not None
 

@@ -256,7 +256,7 @@ def test_validation_usage_matches_independent_count(trained_run: tuple[Path, str
 
             features, _, _ = model.encoder_frontend.extract_features(seqs, BatchLayout.of(seqs))
 
-            output = model.quantizer(features)
+            output = model.quantizer(features, return_probs=True)
 
             usage.update(output.codes)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -33,8 +34,9 @@ class QuantizerOutput:
     """``(..., G)`` the code of each vector in each codebook."""
 
     probs: Tensor | None
-    """``(..., G, M)`` assignment probabilities ``pi`` of the smoothed methods, with their graph;
-    ``None`` for hard ones and with ``chunk_size`` set (no ``(N, G, M)`` tensor exists then)."""
+    """``(..., G, M)`` assignment probabilities ``pi`` of the smoothed methods, with their graph,
+    when asked for (``return_probs=True``); ``None`` for hard ones and with ``chunk_size`` set
+    (no ``(N, G, M)`` tensor exists then)."""
 
     loss: Tensor
     """Scalar regularization loss of the method, averaged over codebooks; not weighted. With a
@@ -212,11 +214,14 @@ class VectorQuantizer(Module):
 
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(self, x: Tensor, padding_mask: Tensor | None = None) -> QuantizerOutput:
+    def forward(self, x: Tensor, padding_mask: Tensor | None = None, *, return_probs: bool = False) -> QuantizerOutput:
         """
         :param x: ``(..., input_dim)`` vectors to quantize.
         :param padding_mask: ``(...)`` bool, ``True`` for real vectors and ``False`` for
             padding, which is excluded from neighbours, losses and perplexities.
+        :param return_probs: Also return the ``(..., G, M)`` ``probs``, ``logits`` and
+            ``log_probs`` of a dense smoothed pass, with their graph. Off, a compiled step
+            never writes them out whole.
         """
         config = self.config
 
@@ -239,8 +244,15 @@ class VectorQuantizer(Module):
 
         num_vectors = leading_shape.numel()
 
-        # Autocast off and no TF32: quantizer math in IEEE float32.
-        with torch.autocast(device_type=x.device.type, enabled=False), ieee_float32():
+        # Autocast off and no TF32: quantizer math in IEEE float32. (An autocast region that
+        # switches nothing off still splits a compiled graph's fusions: it is entered only when
+        # autocast is on.)
+        if torch.is_autocast_enabled(x.device.type):
+            float32_math: AbstractContextManager[object] = torch.autocast(device_type=x.device.type, enabled=False)
+        else:
+            float32_math = nullcontext()
+
+        with float32_math, ieee_float32():
             # The projection too runs in float32 (in the weights' own dtype if the module
             # is kept in half precision), whatever the autocast dtype of `x`.
             x = x.float()
@@ -253,7 +265,7 @@ class VectorQuantizer(Module):
             codebook = self.codebook().float()
 
             if config.spec.smoothed:
-                output = self._quantize_smoothed(z, codebook, mask)
+                output = self._quantize_smoothed(z, codebook, mask, return_probs)
             else:
                 output = self._quantize_hard(z, codebook, mask)
 
@@ -276,12 +288,18 @@ class VectorQuantizer(Module):
 
         return output
 
-    def _quantize_smoothed(self, z: Tensor, codebook: Tensor, mask: Tensor | None) -> QuantizerOutput:
+    def _quantize_smoothed(
+        self, z: Tensor, codebook: Tensor, mask: Tensor | None, return_probs: bool
+    ) -> QuantizerOutput:
         config = self.config
 
         temperature = self.temperature()
 
-        result = quantize_smoothed(z, codebook, temperature, mask, self._smoothed_settings(z.device), config.chunk_size)
+        settings = self._smoothed_settings(z.device)
+
+        result = quantize_smoothed(
+            z, codebook, temperature, mask, settings, config.chunk_size, return_probs=return_probs
+        )
 
         return QuantizerOutput(
             quantized=result.quantized.flatten(1),

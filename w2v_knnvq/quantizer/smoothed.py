@@ -132,22 +132,31 @@ def quantize_smoothed(
     mask: Tensor | None,
     settings: SmoothedSettings,
     chunk_size: int | None = None,
+    *,
+    return_probs: bool = False,
 ) -> SmoothedResult:
     """Quantizes ``z`` densely (``chunk_size=None``, or no more rows than it) or ``chunk_size``
     rows at a time (no ``(N, G, M)`` tensor is held).
+
+    :param return_probs: The dense pass returns its probabilities, logits and log-probabilities.
 
     :param z: ``(N, G, D)`` features. :param codebook: ``(G, M, D)``. :param temperature: ``()``
         or ``(1,)``. :param mask: ``(N,)`` bool, ``True`` for rows that count in the
         regularizer and perplexities.
     """
     if chunk_size is None or z.size(0) <= chunk_size:
-        return _quantize_dense(z, codebook, temperature, mask, settings)
+        return _quantize_dense(z, codebook, temperature, mask, settings, return_probs)
 
     return _quantize_chunked(z, codebook, temperature, mask, settings, chunk_size)
 
 
 def _quantize_dense(
-    z: Tensor, codebook: Tensor, temperature: Tensor, mask: Tensor | None, settings: SmoothedSettings
+    z: Tensor,
+    codebook: Tensor,
+    temperature: Tensor,
+    mask: Tensor | None,
+    settings: SmoothedSettings,
+    return_probs: bool,
 ) -> SmoothedResult:
     num_samples = count_rows(z, mask)
 
@@ -186,9 +195,9 @@ def _quantize_dense(
         mean_probs=_mean(prob_sum.detach(), num_samples),
         num_samples=num_samples,
         num_loss_samples=num_loss_samples,
-        probs=probs,
-        logits=logits,
-        log_probs=log_probs,
+        probs=probs if return_probs else None,
+        logits=logits if return_probs else None,
+        log_probs=log_probs if return_probs else None,
     )
 
 

@@ -232,8 +232,9 @@ def speed_table(args: argparse.Namespace, device: torch.device) -> None:
 # --- memory ---------------------------------------------------------------------------------
 
 
-def memory_worker(num_rows: int, chunk_size: int | None, device: torch.device) -> float:
-    """:returns: The peak memory growth (MiB) of one softmax-knn-ce step of ``num_rows`` rows."""
+def memory_worker(num_rows: int, chunk_size: int | None, device: torch.device, *, compile: bool = False) -> float:
+    """:returns: The peak memory growth (MiB) of one softmax-knn-ce step of ``num_rows`` rows
+    (``compile``: the second step of the compiled quantizer, after its compilation)."""
     from w2v_knnvq.quantizer import QuantizerConfig, VectorQuantizer
 
     config = QuantizerConfig.from_method(
@@ -249,6 +250,18 @@ def memory_worker(num_rows: int, chunk_size: int | None, device: torch.device) -
     quantizer = VectorQuantizer(config, device=device).train()
 
     x = torch.randn(num_rows, MEMORY_DIM, device=device, requires_grad=True)
+
+    if compile:
+        quantizer.compile(dynamic=True)  # type: ignore[no-untyped-call]
+
+        # Compiled on a small batch, so that the compiler's own peak stays below the step's.
+        small = x[:4096].detach().requires_grad_()
+
+        warm = quantizer(small)
+
+        torch.autograd.backward(warm.quantized.sum() + warm.loss)
+
+        del warm, small
 
     synchronize(device)
 
@@ -280,32 +293,41 @@ def memory_table(args: argparse.Namespace, device: torch.device) -> None:
         f"\n## Peak memory of one softmax-knn-ce forward+backward ({kind}, one subprocess each), "
         f"M = {MEMORY_CODES}, D = {MEMORY_DIM}, device {device}\n"
     )
-    print(f"| shape | dense (MiB) | chunked {args.memory_chunk} (MiB) | chunked / dense |\n|---|---:|---:|---:|")
+    print(
+        f"| shape | dense (MiB) | dense, compiled (MiB) | chunked {args.memory_chunk} (MiB) | chunked / dense |\n"
+        "|---|---:|---:|---:|---:|"
+    )
 
     for label, num_rows in MEMORY_SHAPES.items():
-        results = []
+        results = [
+            memory_subprocess(num_rows, chunk_size, device, compile=compile)
+            for chunk_size, compile in ((None, False), (None, True), (args.memory_chunk, False))
+        ]
 
-        for chunk_size in (None, args.memory_chunk):
-            command = [
-                sys.executable,
-                __file__,
-                "--memory-worker",
-                str(num_rows),
-                str(chunk_size or 0),
-                "--device",
-                str(device),
-            ]
+        dense, compiled_dense, chunked = results
 
-            completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        print(f"| {label} | {dense:.0f} | {compiled_dense:.0f} | {chunked:.0f} | {chunked / dense:.2f} |", flush=True)
 
-            if completed.returncode != 0:
-                raise RuntimeError(f"The memory measurement {command} failed:\n{completed.stderr[-2000:]}")
 
-            results.append(float(completed.stdout.strip().splitlines()[-1]))
+def memory_subprocess(num_rows: int, chunk_size: int | None, device: torch.device, *, compile: bool = False) -> float:
+    """:func:`memory_worker` in a process of its own (a CPU's peak resident set size only grows)."""
+    command = [
+        sys.executable,
+        __file__,
+        "--memory-worker",
+        str(num_rows),
+        str(chunk_size or 0),
+        str(int(compile)),
+        "--device",
+        str(device),
+    ]
 
-        dense, chunked = results
+    completed = subprocess.run(command, capture_output=True, text=True, check=False)
 
-        print(f"| {label} | {dense:.0f} | {chunked:.0f} | {chunked / dense:.2f} |", flush=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"The memory measurement {command} failed:\n{completed.stderr[-2000:]}")
+
+    return float(completed.stdout.strip().splitlines()[-1])
 
 
 # --- training steps -------------------------------------------------------------------------
@@ -470,15 +492,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         metavar=("N", "SAMPLES"),
         help="waveforms of the base arch",
     )
-    parser.add_argument("--memory-worker", nargs=2, type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-worker", nargs=3, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
 
     if args.memory_worker:
-        num_rows, chunk_size = args.memory_worker
+        num_rows, chunk_size, compile = args.memory_worker
 
-        print(json.dumps(memory_worker(num_rows, chunk_size or None, device)))
+        print(json.dumps(memory_worker(num_rows, chunk_size or None, device, compile=bool(compile))))
 
         return
 

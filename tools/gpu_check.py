@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -382,30 +381,14 @@ def check_fsdp(device: torch.device) -> None:
     report("family", f"FSDP2 with bf16 autocast (mixed_precision.mode=auto) step: loss {result['loss'].item():.3f}, quantizer codebook {result['codebook']}", bool(torch.isfinite(result["loss"])) and result["codebook"] == "torch.float32")  # fmt: skip
 
 
-def _peak_memory(num_rows: int, chunk_size: int | None, device: torch.device) -> float:
-    """The benchmark's memory measurement, in a process of its own (a CPU's peak resident set
-    size only grows)."""
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "tools/benchmark_quantizers.py"),
-        "--memory-worker",
-        str(num_rows),
-        str(chunk_size or 0),
-        "--device",
-        str(device),
-    ]
-
-    completed = subprocess.run(command, capture_output=True, text=True, check=True)
-
-    return float(completed.stdout.strip().splitlines()[-1])
-
-
 def check_memory(device: torch.device, args: argparse.Namespace) -> None:
     num_rows = 65_536 if device.type == "cuda" else 8_192
 
-    dense = _peak_memory(num_rows, None, device)
+    from benchmark_quantizers import memory_subprocess
 
-    chunked = _peak_memory(num_rows, 4096 if device.type == "cuda" else 1024, device)
+    dense = memory_subprocess(num_rows, None, device)
+
+    chunked = memory_subprocess(num_rows, 4096 if device.type == "cuda" else 1024, device)
 
     ratio = chunked / max(dense, 1e-6)
 

@@ -121,6 +121,11 @@ def masked_probability_sum(probs: Tensor, mask: Tensor | None) -> Tensor:
     return (probs * weights).sum(dim=0)
 
 
+def mean_of_sum(prob_sum: Tensor, num_samples: Tensor) -> Tensor:
+    """The batch-mean ``pi = prob_sum / num_samples``; 0 when no sample is left."""
+    return prob_sum / num_samples.clamp_min(1).to(prob_sum.dtype)
+
+
 def perplexity_of_sum(prob_sum: Tensor, num_samples: Tensor) -> Tensor:
     """The perplexity ``exp(-sum_m pi_m log pi_m)`` of the batch-mean ``pi = prob_sum /
     num_samples`` (eq. 11-12); 1 when no sample is left.
@@ -128,7 +133,7 @@ def perplexity_of_sum(prob_sum: Tensor, num_samples: Tensor) -> Tensor:
     :param prob_sum: ``(..., M)``. :returns: ``(...)``, each in ``[1, M]``.
     """
     # 0 log 0 = 0 for codes that no sample visits.
-    return distribution_perplexity(prob_sum / num_samples.clamp_min(1).to(prob_sum.dtype))
+    return distribution_perplexity(mean_of_sum(prob_sum, num_samples))
 
 
 def perplexity(probs: Tensor, *, mask: Tensor | None = None) -> Tensor:

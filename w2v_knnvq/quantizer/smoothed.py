@@ -34,6 +34,7 @@ from w2v_knnvq.quantizer.regularizers import (
     knn_candidates,
     knn_loss,
     masked_probability_sum,
+    mean_of_sum,
     perplexity_of_sum,
 )
 
@@ -192,17 +193,13 @@ def _quantize_dense(
         codes=codes,
         loss=loss,
         individual_perplexity=individual_perplexity(log_probs.detach()),
-        mean_probs=_mean(prob_sum.detach(), num_samples),
+        mean_probs=mean_of_sum(prob_sum.detach(), num_samples),
         num_samples=num_samples,
         num_loss_samples=num_loss_samples,
         probs=probs if return_probs else None,
         logits=logits if return_probs else None,
         log_probs=log_probs if return_probs else None,
     )
-
-
-def _mean(prob_sum: Tensor, num_samples: Tensor) -> Tensor:
-    return prob_sum / num_samples.clamp_min(1).to(prob_sum.dtype)
 
 
 # The loop's trip count depends on N, which a compiled graph would specialize on (a recompilation
@@ -268,7 +265,7 @@ def _quantize_chunked(
 
     knn_scores = codebook.new_zeros(())
 
-    for start in starts:
+    for index, start in enumerate(starts):
         chunk = slice(start, start + chunk_size)
 
         keep = None if mask is None else mask[chunk]
@@ -290,7 +287,7 @@ def _quantize_chunked(
         quantized_parts.append(quantized)
 
         if settings.training and settings.assignment != "softmax":
-            codes_parts[len(quantized_parts) - 1] = sampled_codes
+            codes_parts[index] = sampled_codes
 
         grad_prob_sum = grad_prob_sum + chunk_prob_sum
 
@@ -312,7 +309,7 @@ def _quantize_chunked(
         codes=torch.cat(codes_parts),
         loss=loss,
         individual_perplexity=torch.cat(perplexity_parts),
-        mean_probs=_mean(prob_sum, num_samples),
+        mean_probs=mean_of_sum(prob_sum, num_samples),
         num_samples=num_samples,
         num_loss_samples=num_loss_samples,
     )

@@ -6,11 +6,17 @@ from pathlib import Path
 from typing import Final
 
 import torch
+from torch import Tensor
 
+from fairseq2.assets import AssetCard, AssetCardError
+from fairseq2.checkpoint import CheckpointDir
 from fairseq2.datasets import Seq2SeqBatch, SequenceBatch
+from fairseq2.device import CPU
 from fairseq2.logging import log
 from fairseq2.metrics import MetricBag, Sum, format_as_int
 from fairseq2.metrics.recorders import MetricDescriptor
+from fairseq2.models import load_model
+from fairseq2.recipe.base import RecipeContext
 from fairseq2.recipe.cli import register_cli_error
 from fairseq2.recipe.config import CosineAnnealingLRConfig
 from fairseq2.recipe.error import RecipeError
@@ -23,6 +29,7 @@ from w2v_knnvq.runs import (
     CheckpointStepNotFoundError,
     RunCheckpoint,
     RunCheckpointError,
+    check_checkpoint_files,
     find_run_checkpoint,
 )
 
@@ -130,19 +137,20 @@ def validate_model_step(result: ValidationResult, step: int | None, path: Path |
         result.add_error(f"`step` must be at least 1, but is {step} instead.")
 
 
-def check_resume_world_size(checkpoints_dir: Path, world_size: int) -> None:
-    """Refuses to resume from a checkpoint written by another number of processes.
+def check_resume(context: RecipeContext) -> None:
+    """Checks the checkpoint that the trainer of ``context`` will resume from, if any.
 
-    fairseq2 restores the trainer and data-reader state of each rank from that rank's own
-    file: with more processes the new ranks find none, and with fewer the readers would take
-    the state of a differently sharded pipeline. The error says how to go on instead.
+    The checkpoint directory is the one the trainer really uses (``--checkpoint-dir`` or
+    ``OUTPUT/checkpoints``). Its last step with a trainer state must have been written by
+    as many processes as this run has (see :func:`_check_resume_world_size`), and every state
+    file of it must load with the restricted unpickler
+    (:func:`~w2v_knnvq.runs.check_checkpoint_files`): fairseq2 unpickles the trainer,
+    optimizer and data-reader states without restriction.
 
-    :param checkpoints_dir: The run's ``checkpoints`` directory; a fresh run has none.
-    :param world_size: The number of processes of this run.
-
-    :raises RecipeError: if the last checkpoint holding a trainer state was written by
-        another number of processes.
+    :raises RecipeError: naming the step or file and the fix.
     """
+    checkpoints_dir = context.resolver.resolve(CheckpointDir).path or context.output_dir / "checkpoints"
+
     last = _last_resumable_step(checkpoints_dir)
 
     if last is None:
@@ -150,6 +158,26 @@ def check_resume_world_size(checkpoints_dir: Path, world_size: int) -> None:
 
     step, step_dir = last
 
+    _check_resume_world_size(checkpoints_dir, step, step_dir, context.gangs.root.size)
+
+    try:
+        check_checkpoint_files(step_dir)
+    except RunCheckpointError as ex:
+        raise RecipeError(f"The run cannot resume from step {step}: {ex}") from None
+
+
+def _check_resume_world_size(checkpoints_dir: Path, step: int, step_dir: Path, world_size: int) -> None:
+    """Refuses to resume from a checkpoint written by another number of processes.
+
+    fairseq2 restores the trainer and data-reader state of each rank from that rank's own
+    file: with more processes the new ranks find none, and with fewer the readers would take
+    the state of a differently sharded pipeline. The error says how to go on instead.
+
+    :param step_dir: The directory of ``step``, the step the run resumes from.
+    :param world_size: The number of processes of this run.
+
+    :raises RecipeError: if ``step_dir`` was written by another number of processes.
+    """
     saved_world_size = len(list((step_dir / "trainer").glob("rank_*.pt")))
 
     if saved_world_size in (0, world_size):
@@ -181,3 +209,27 @@ def _last_resumable_step(checkpoints_dir: Path) -> tuple[int, Path] | None:
 
 def _processes(count: int) -> str:
     return "1 process" if count == 1 else f"{count} processes"
+
+
+def load_pretrained_state_dict(card: AssetCard, run: RunCheckpoint | None, source: str) -> dict[str, Tensor]:
+    """The state dict of the model that ``card`` names (``init_from``, ``pretrained_encoder``),
+    loaded on CPU in float32.
+
+    :param run: The run of ``card`` if the model was named by a path; a file of its checkpoint
+        that the weights-only unpickler refuses is then named with the global it refers to.
+    :param source: How messages name the model.
+
+    :raises RecipeError: if the checkpoint holds a pickle that could run code.
+    """
+    try:
+        model = load_model(card, device=CPU, dtype=torch.float32)
+    except AssetCardError:
+        if run is not None:
+            try:
+                check_checkpoint_files(run.model_dir)
+            except RunCheckpointError as ex:
+                raise RecipeError(f"The pretrained model {source} cannot be loaded: {ex}") from None
+
+        raise
+
+    return model.state_dict()

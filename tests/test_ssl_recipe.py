@@ -26,6 +26,7 @@ from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.data.manifest_dataset import read_examples
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, SpeechReadOptions
 from w2v_knnvq.quantizer import CodebookUsage
+from w2v_knnvq.runs import check_checkpoint_files
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -605,6 +606,9 @@ def test_fsdp_with_activation_checkpointing_saves_a_checkpoint_the_tools_load(
     shards = sorted(path.name for path in (output_dir / "checkpoints/step_4/model/pp_00/tp_00").iterdir())
 
     assert shards == ["sdp_00.pt", "sdp_01.pt"]
+
+    # Every state that FSDP saves passes the check before a resume.
+    check_checkpoint_files(output_dir / "checkpoints/step_4")
 
     (validation,) = _read_jsonl(output_dir / "metrics/valid.jsonl")
 

@@ -1,4 +1,5 @@
-"""Writing files so that an interrupted run never leaves a partial one behind."""
+"""Writing files so that an interrupted run never leaves a partial one behind, and naming
+local files in asset cards."""
 
 from __future__ import annotations
 
@@ -31,3 +32,14 @@ def write_lines_atomically(path: Path, lines: Iterable[str]) -> None:
     text = "".join(f"{line}\n" for line in lines)
 
     write_atomically(path, lambda tmp_path: tmp_path.write_text(text, encoding="utf-8"))
+
+
+def card_file_uri(path: Path) -> str:
+    """The value of an asset card field (``checkpoint``, ``tokenizer``) that names the local
+    ``path``, whatever letters it holds.
+
+    fairseq2 turns a plain path into a percent-encoded ``file://`` URI and reads it back
+    without decoding, so a space or a non-ASCII letter makes the file "not found"; a
+    ``file://`` URI written out is taken as it stands.
+    """
+    return f"file://{path.absolute()}"

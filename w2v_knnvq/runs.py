@@ -7,10 +7,16 @@ directory per saved step, possibly sharded. This module is the one place that tu
 path into a model card: it asks fairseq2's :class:`ModelMetadataLoader` for the cards of
 the checkpoint directory (``last_checkpoint``, ``best_checkpoint``,
 ``checkpoint_step_N``), and the family hubs load them.
+
+Nothing a run directory holds runs code when it is loaded: every card this module hands out
+loads its checkpoint with torch's weights-only unpickler whatever ``model.yaml`` says
+(:func:`restricted_card`), and :func:`check_checkpoint_files` reads the other state files of
+a step with :mod:`~w2v_knnvq.restricted_pickle` before a recipe resumes from them.
 """
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,6 +35,9 @@ from fairseq2.model_checkpoint import CorruptModelCheckpointError
 from fairseq2.models import ModelHub
 from fairseq2.runtime.dependency import get_dependency_resolver
 
+from w2v_knnvq import restricted_pickle
+from w2v_knnvq.files import card_file_uri
+
 STEP_DIR_PATTERN: Final = re.compile(r"step_(\d+)")
 
 CheckpointChoice = int | str
@@ -41,6 +50,11 @@ ConfigT = TypeVar("ConfigT")
 
 class RunCheckpointError(ValueError):
     """A path that names no usable checkpoint of a run; the message names the file and the fix."""
+
+
+class UnsafeCheckpointError(RunCheckpointError):
+    """A checkpoint file whose pickle refers to a global that fairseq2 never stores: loading
+    it could run code, so it is refused."""
 
 
 class CheckpointStepNotFoundError(RunCheckpointError):
@@ -176,9 +190,13 @@ def find_run_checkpoint(path: Path, *, checkpoint: CheckpointChoice | None = Non
         card = store.maybe_retrieve_card(name)
 
         if card is not None:
-            step = int(Path(card.field("checkpoint").as_(str)).parent.name.removeprefix("step_"))
+            model_dir = Path(card.field("checkpoint").as_(str))
 
-            return RunCheckpoint(card=card, checkpoints_dir=checkpoints_dir, step=step)
+            step = int(model_dir.parent.name.removeprefix("step_"))
+
+            return RunCheckpoint(
+                card=restricted_card(card, model_dir=model_dir), checkpoints_dir=checkpoints_dir, step=step
+            )
 
     raise CheckpointStepNotFoundError(checkpoints_dir, None, steps)
 
@@ -208,6 +226,9 @@ def load_run_model(
     try:
         model = hub.load_model(run.card, device=device, dtype=dtype, config=config)
     except (AssetCardError, ValueError) as ex:
+        # A file that the weights-only unpickler refused: name the global it refers to.
+        check_checkpoint_files(run.model_dir)
+
         # fairseq2 wraps a state dict that does not fit the model (and the family's own
         # checkpoint check) in an asset card error; its cause says which tensors differ.
         cause = ex.__cause__
@@ -224,6 +245,56 @@ def load_run_model(
     model.eval()
 
     return model
+
+
+def restricted_card(card: AssetCard, *, model_dir: Path | None = None) -> AssetCard:
+    """``card`` whose checkpoint loads with torch's weights-only unpickler.
+
+    fairseq2 switches the restriction off for a card with ``restrict: false``; a run
+    directory or a downloaded card must not be able to do that, so every card that this
+    project loads a model from passes through here.
+
+    :param model_dir: The local checkpoint of ``card``, which then names it with
+        :func:`~w2v_knnvq.files.card_file_uri` (a path with a space or a non-ASCII letter).
+    """
+    fields: dict[str, object] = {"restrict": True}
+
+    if model_dir is not None:
+        fields["checkpoint"] = card_file_uri(model_dir)
+
+    return AssetCard(card.name, fields, base=card)
+
+
+def load_restricted(file: Path) -> object:
+    """Loads a checkpoint file (any of fairseq2's state files) with
+    :mod:`~w2v_knnvq.restricted_pickle`.
+
+    :raises UnsafeCheckpointError: if the file refers to a global that could run code.
+    :raises RunCheckpointError: if the file cannot be read as a checkpoint.
+    """
+    try:
+        return torch.load(file, map_location=CPU, mmap=True, weights_only=False, pickle_module=restricted_pickle)
+    except restricted_pickle.ForbiddenGlobalError as ex:
+        raise UnsafeCheckpointError(
+            f"{file}: {ex}; loading it could run code, so it is refused. A checkpoint that fairseq2 writes holds "
+            "only tensors, numbers and strings: do not use this run directory unless you trust its source, and "
+            "then take an earlier step or rewrite the file."
+        ) from None
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as ex:
+        raise RunCheckpointError(
+            f"{file}: cannot be read as a checkpoint file ({ex}); delete its step directory and resume from an earlier step."
+        ) from ex
+
+
+def check_checkpoint_files(step_dir: Path) -> None:
+    """Reads every ``.pt`` file of a saved step with :func:`load_restricted`, so that a
+    resume that unpickles them (fairseq2 loads the trainer, optimizer and data-reader
+    states unrestricted) never meets one that runs code.
+
+    :raises UnsafeCheckpointError: naming the first file that refers to a forbidden global.
+    """
+    for file in sorted(step_dir.rglob("*.pt")):
+        load_restricted(file)
 
 
 def _load_checkpoint_cards(checkpoints_dir: Path) -> StandardAssetStore:
@@ -249,7 +320,10 @@ def _find_checkpoints_dir(path: Path) -> tuple[Path, int | None]:
     """:returns: The run's ``checkpoints`` directory and, if ``path`` lies inside one
     ``step_N`` directory, its step."""
     if path.is_dir():
-        for candidate in (path, path / "checkpoints", _sweep_dir(path) / "checkpoints"):
+        sweep_dir = _sweep_dir(path)
+
+        # A sweep directory of `--checkpoint-dir` is itself the checkpoints directory.
+        for candidate in (path, path / "checkpoints", sweep_dir / "checkpoints", sweep_dir):
             if _is_checkpoints_dir(candidate):
                 return candidate, None
 
@@ -277,7 +351,7 @@ def _sweep_dir(path: Path) -> Path:
     sweeps = sorted(
         child
         for child in path.iterdir()
-        if SWEEP_DIR_PATTERN.fullmatch(child.name) and (child / "checkpoints").is_dir()
+        if SWEEP_DIR_PATTERN.fullmatch(child.name) and ((child / "checkpoints").is_dir() or _is_checkpoints_dir(child))
     )
 
     if len(sweeps) > 1:

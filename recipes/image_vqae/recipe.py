@@ -28,7 +28,7 @@ from w2v_knnvq.image.data import list_image_files
 from w2v_knnvq.image.reader import ImageBatch, ImageFolderReader
 from w2v_knnvq.quantizer import METHODS
 
-from ..common import check_resume_world_size, check_warmup
+from ..common import check_resume, check_warmup
 from .config import (
     ImageVqaeRecipeConfig,
     method_peak_lr,
@@ -182,7 +182,7 @@ class ImageVqaeRecipe(Recipe):
     def create_task(self, context: RecipeContext) -> Task:
         config = context.get_config_as(ImageVqaeRecipeConfig)
 
-        check_resume_world_size(context.output_dir / "checkpoints", context.gangs.root.size)
+        check_resume(context)
 
         model = context.get_model_as(ImageVqaeModel)
 

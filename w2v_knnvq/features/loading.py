@@ -16,7 +16,7 @@ from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY, Wav2Vec2Config, Wav2Vec2Mo
 from fairseq2.runtime.dependency import get_dependency_resolver
 from fairseq2.utils.validation import ValidationError
 
-from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError, find_run_checkpoint, load_run_model
+from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError, find_run_checkpoint, load_run_model, restricted_card
 from w2v_knnvq.wav2vec2 import (
     WAV2VEC2_KNNVQ_FAMILY,
     Wav2Vec2KnnVqConfig,
@@ -99,7 +99,7 @@ def _load_from_card(name: str, device: Device, dtype: torch.dtype) -> Pretrained
     resolver = get_dependency_resolver()
 
     try:
-        card = resolver.resolve(AssetStore).retrieve_card(name)
+        card = restricted_card(resolver.resolve(AssetStore).retrieve_card(name))
     except AssetNotFoundError:
         raise PretrainedModelError(
             f"{name}: neither an existing path nor a known asset card; pass a pretraining output directory, "

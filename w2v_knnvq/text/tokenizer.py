@@ -31,6 +31,7 @@ from fairseq2.data.tokenizers import Tokenizer, load_tokenizer
 from fairseq2.data.tokenizers.char import CHAR_TOKENIZER_FAMILY, load_char_tokenizer
 from fairseq2.runtime.dependency import get_dependency_resolver
 
+from w2v_knnvq.files import card_file_uri
 from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError
 
 CTC_BLANK_ID: Final = 0
@@ -207,7 +208,15 @@ def load_tokenizer_card(card_path: Path) -> AssetCard:
     if len(names) != 1:
         raise ValueError(f"{card_path} must hold exactly one asset card, but holds {len(names)}.")
 
-    return StandardAssetStore([provider]).retrieve_card(names[0])
+    card = StandardAssetStore([provider]).retrieve_card(names[0])
+
+    field = card.maybe_get_field("tokenizer")
+
+    if field is None or "://" in (value := field.as_(str)):
+        return card
+
+    # A path relative to the card, named so that fairseq2 finds it whatever letters it holds.
+    return AssetCard(card.name, {"tokenizer": card_file_uri(card_path.parent / value)}, base=card)
 
 
 def load_ctc_tokenizer(path: Path) -> Tokenizer:

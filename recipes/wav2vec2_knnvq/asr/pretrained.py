@@ -16,23 +16,21 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Final, final
 
-import torch
 from torch import Tensor
 from torch.nn import Module
 
 from fairseq2.assets import AssetCard, AssetStore
-from fairseq2.device import CPU
 from fairseq2.logging import log
-from fairseq2.models import ModelFamily, get_model_family_name, load_model
+from fairseq2.models import ModelFamily, get_model_family_name
 from fairseq2.models.wav2vec2 import Wav2Vec2EncoderConfig
 from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyResolver
 from fairseq2.utils.structured import ValueConverter
 from fairseq2.utils.validation import ValidationResult
 
-from w2v_knnvq.runs import RunCheckpoint
+from w2v_knnvq.runs import RunCheckpoint, restricted_card
 
-from ...common import find_recipe_checkpoint, validate_model_step
+from ...common import find_recipe_checkpoint, load_pretrained_state_dict, validate_model_step
 
 ENCODER_FINE_TUNING_FIELDS: Final = frozenset(
     {
@@ -101,9 +99,9 @@ class PretrainedEncoder:
         """Loads the pretrained model on CPU and returns its :data:`SHARED_PARAMETER_PREFIXES` entries."""
         log.info("Loading the pretrained model {} to initialize the encoder.", self.source)
 
-        model = load_model(self.card, device=CPU, dtype=torch.float32)
+        state_dict = load_pretrained_state_dict(self.card, self.run, self.source)
 
-        return {key: value for key, value in model.state_dict().items() if key.startswith(SHARED_PARAMETER_PREFIXES)}
+        return {key: value for key, value in state_dict.items() if key.startswith(SHARED_PARAMETER_PREFIXES)}
 
 
 def resolve_pretrained_encoder(resolver: DependencyResolver, section: PretrainedEncoderSection) -> PretrainedEncoder:
@@ -134,7 +132,7 @@ def _retrieve_card(resolver: DependencyResolver, name: str) -> AssetCard:
             "directory and use `last_checkpoint` or `checkpoint_step_N`, or set `pretrained_encoder.path`."
         )
 
-    return card
+    return restricted_card(card)
 
 
 def _describe_encoder(

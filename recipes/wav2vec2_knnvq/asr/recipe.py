@@ -35,7 +35,7 @@ from fairseq2.trainer import TrainUnit
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset
 from w2v_knnvq.text import check_vocab_size, ctc_greedy_decode
 
-from ...common import check_resume_world_size, register_bad_audio_handling
+from ...common import check_resume, register_bad_audio_handling
 from .config import AsrRecipeConfig, FinetuneSection
 from .criterion import CtcCriterion, CtcOutput
 from .dataset import (
@@ -90,7 +90,7 @@ class AsrRecipe(Recipe):
     def create_task(self, context: RecipeContext) -> Task:
         config = context.get_config_as(AsrRecipeConfig)
 
-        check_resume_world_size(context.output_dir / "checkpoints", context.gangs.root.size)
+        check_resume(context)
 
         pretrained = context.resolver.resolve(PretrainedEncoder)
 

@@ -27,7 +27,7 @@ from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
 from w2v_knnvq.features.extractor import FrameCodes, PretrainingModel, quantize_frames, run_cnn
 from w2v_knnvq.quantizer import code_counts
 
-from ...common import check_resume_world_size, check_warmup, register_bad_audio_handling, update_skipped_audio
+from ...common import check_resume, check_warmup, register_bad_audio_handling, update_skipped_audio
 from .config import SslRecipeConfig
 from .criterion import CodebookShape, SslCriterion, adapt_pretraining_model
 from .dataset import (
@@ -66,7 +66,7 @@ class SslRecipe(Recipe):
 
         check_warmup(config.lr_scheduler.config, config.regime.num_steps)
 
-        check_resume_world_size(context.output_dir / "checkpoints", context.gangs.root.size)
+        check_resume(context)
 
         base_model = context.get_model()
 

@@ -18,24 +18,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import torch
 from torch.nn import Module
 
 from fairseq2.assets import AssetCard
-from fairseq2.device import CPU
 from fairseq2.logging import log
-from fairseq2.models import get_model_family_name, load_model
+from fairseq2.models import get_model_family_name
 from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY
 from fairseq2.recipe import RecipeContext
 from fairseq2.recipe.config import ModelSection
 from fairseq2.recipe.error import RecipeError
 from fairseq2.utils.validation import ValidationResult
 
-from w2v_knnvq.runs import RunCheckpoint
+from w2v_knnvq.runs import RunCheckpoint, restricted_card
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_FAMILY
 from w2v_knnvq.wav2vec2.warm_start import WarmStartError, copy_pretrained_encoder, describe_differences
 
-from ...common import find_recipe_checkpoint, validate_model_step
+from ...common import find_recipe_checkpoint, load_pretrained_state_dict, validate_model_step
 
 INIT_FAMILIES: Final = (WAV2VEC2_FAMILY, WAV2VEC2_KNNVQ_FAMILY)
 """The families whose models hold a wav2vec 2.0 pretraining encoder to start from."""
@@ -110,7 +108,7 @@ def init_from_pretrained(
 
     log.info("Loading the pretrained model {} to initialize the CNN and the Transformer.", source)
 
-    pretrained_state = load_model(card, device=CPU, dtype=torch.float32).state_dict()
+    pretrained_state = load_pretrained_state_dict(card, run, source)
 
     try:
         summary = copy_pretrained_encoder(model, pretrained_state, source=source)
@@ -152,7 +150,7 @@ def _find_pretrained(context: RecipeContext, section: InitFromSection) -> tuple[
             "with `common.assets.extra_paths`, or set `init_from.path` to a training run."
         )
 
-    return card, name, None
+    return restricted_card(card), name, None
 
 
 def _check_family(card: AssetCard, source: str) -> None:

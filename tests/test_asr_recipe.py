@@ -418,6 +418,31 @@ def test_eval_names_the_saved_steps_of_a_missing_checkpoint(
     assert not (tmp_path / "eval/valid.json").exists()
 
 
+def test_eval_never_writes_over_its_manifest_or_outside_its_output_dir(
+    finetune_dir: Path, manifest_dir: Path, tmp_path: Path
+) -> None:
+    """With the manifest directory as output directory, the transcription table would
+    replace ``valid.tsv``; a split name with ``..`` would write outside the output directory."""
+    inputs = tmp_path / "manifests"
+
+    shutil.copytree(manifest_dir, inputs)
+
+    manifest = (inputs / "valid.tsv").read_bytes()
+
+    result = _run_eval(finetune_dir, inputs, inputs, expected_returncode=2)
+
+    assert "must not be the manifest directory" in result.stderr
+    assert (inputs / "valid.tsv").read_bytes() == manifest
+    assert not (inputs / "valid.json").exists()
+
+    (inputs / "sub").mkdir()
+
+    result = _run_eval(finetune_dir, inputs / "sub", tmp_path / "eval", "dataset.split=../valid", expected_returncode=2)
+
+    assert "`split` must be the name of a manifest in the manifest directory (no `/`, no `..`), but is '../valid' instead." in result.stderr  # fmt: skip
+    assert not (tmp_path / "valid.json").exists()
+
+
 def test_finetuned_checkpoint_is_chosen_by_name_or_step(finetune_dir: Path, pretrained_dir: Path) -> None:
     best_step = _best_step(finetune_dir)
 

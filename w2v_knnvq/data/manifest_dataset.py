@@ -86,6 +86,19 @@ def read_manifest_split(manifest_file: Path) -> ManifestSplit:
     return ManifestSplit(manifest_file, audio_dir, entries)
 
 
+def split_name_error(option: str, split: str) -> str | None:
+    """The validation error of a split name ``option``, or ``None``: a split is
+    ``{manifest_dir}/{split}.tsv``, so its name must stay inside the manifest directory (and
+    outputs named after it inside the output directory)."""
+    if not split or split in (".", "..") or "/" in split or "\\" in split or split != split.strip():
+        return (
+            f"`{option}` must be the name of a manifest in the manifest directory (no `/`, no `..`), "
+            f"but is '{split}' instead."
+        )
+
+    return None
+
+
 def check_manifest_dir(manifest_dir: Path, expected_files: str) -> None:
     """:param expected_files: What the directory must hold, for the error message.
     :raises DatasetError: if ``manifest_dir`` is not a directory."""
@@ -351,6 +364,10 @@ class ManifestDatasetSection(DatasetSection):
 
     def validate(self) -> ValidationResult:
         result = super().validate()
+
+        for option, split in (("train_split", self.train_split), ("valid_split", self.valid_split)):
+            if split is not None and (error := split_name_error(option, split)) is not None:
+                result.add_error(error)
 
         if self.min_audio_len < 1:
             result.add_error("`min_audio_len` must be at least 1.")

@@ -21,6 +21,7 @@ from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.data.asr_dataset import ASR_MANIFEST_DATASET_FAMILY
 from w2v_knnvq.data.audio_reading import DEFAULT_MAX_BAD_AUDIO_FRACTION, bad_audio_fraction_error
+from w2v_knnvq.data.manifest_dataset import split_name_error
 from w2v_knnvq.runs import CheckpointChoice
 from w2v_knnvq.text import beam_search_setting_errors
 
@@ -92,6 +93,9 @@ class AsrEvalDatasetSection(DatasetSection):
 
     def validate(self) -> ValidationResult:
         result = super().validate()
+
+        if (error := split_name_error("split", self.split)) is not None:
+            result.add_error(error)
 
         if self.max_num_elements < 1:
             result.add_error(f"`max_num_elements` must be at least 1, but is {self.max_num_elements} instead.")

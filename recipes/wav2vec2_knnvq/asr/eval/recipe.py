@@ -99,6 +99,13 @@ class AsrEvalRecipe(Recipe):
 
         dataset = context.get_dataset_as(AsrManifestDataset)
 
+        if context.output_dir.resolve() == dataset.manifest_dir.resolve():
+            raise RecipeError(
+                f"The output directory must not be the manifest directory {dataset.manifest_dir}, but is instead: "
+                f"the evaluation writes `{config.dataset.split}.tsv` (its transcriptions), which would replace the "
+                "manifest of the split. Give another output directory."
+            )
+
         reader = create_eval_reader(
             dataset, config.dataset, tokenizer, context.gangs, normalize_audio=normalize_audio, seed=config.common.seed
         )

@@ -7,6 +7,7 @@ from typing import Final
 
 import torch
 from torch import Tensor
+from torch.nn import Module
 
 from fairseq2.assets import AssetCard, AssetCardError
 from fairseq2.checkpoint import CheckpointDir
@@ -32,6 +33,7 @@ from w2v_knnvq.runs import (
     check_checkpoint_files,
     find_run_checkpoint,
 )
+from w2v_knnvq.wav2vec2.lengths import model_min_num_samples
 
 SKIPPED_AUDIO: Final = "num_skipped_audio"
 """The utterances whose audio could not be used (see :mod:`w2v_knnvq.data.audio_reading`)."""
@@ -233,3 +235,28 @@ def load_pretrained_state_dict(card: AssetCard, run: RunCheckpoint | None, sourc
         raise
 
     return model.state_dict()
+
+
+def training_min_audio_len(min_audio_len: int | None, model: Module) -> int:
+    """``dataset.min_audio_len`` of a training run, checked against the fewest samples from
+    which the CNN of ``model`` makes the frames its temporal masker needs (fairseq2's masker
+    would otherwise fail at the first short crop); ``None`` takes that least length.
+
+    :raises RecipeError: if ``min_audio_len`` is below it.
+    """
+    needed = model_min_num_samples(model, masked=True)
+
+    if min_audio_len is None:
+        log.info("Utterances need at least {} samples for the model's CNN and temporal masker (`dataset.min_audio_len`).", needed)  # fmt: skip
+
+        return needed
+
+    if min_audio_len < needed:
+        raise RecipeError(
+            f"`dataset.min_audio_len` must be at least {needed}, the fewest samples from which the model's CNN makes "
+            "the frames its temporal masker needs (`temporal_mask_span_len`, `max_temporal_mask_prob` and "
+            f"`min_num_temporal_mask_spans` of the model), but is {min_audio_len} instead. Raise it, or shorten or "
+            "lessen the mask spans."
+        )
+
+    return min_audio_len

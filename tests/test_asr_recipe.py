@@ -50,6 +50,7 @@ from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.runs import RunCheckpoint, find_run_checkpoint
 from w2v_knnvq.text import load_ctc_tokenizer, word_edits, write_arpa
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
+from w2v_knnvq.wav2vec2.lengths import RECEPTIVE_FIELD
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -672,7 +673,7 @@ def test_eval_reads_audio_as_the_run_did(finetune_dir: Path, manifest_dir: Path,
     # The options of the recipe's validation reader, so that the figures agree.
     [options] = read_options
 
-    assert options.min_audio_len == 1
+    assert options.min_audio_len == RECEPTIVE_FIELD
     assert options.shuffle_window == options.batch_shuffle_window == 1
     assert options.sync_mode == SyncMode.UNTIL_LAST
     assert options.max_num_batches is None

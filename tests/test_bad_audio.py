@@ -27,10 +27,19 @@ from w2v_knnvq.text.tokenizer import load_ctc_tokenizer
 TRAIN_LENGTHS = [40_000, 36_000, 52_000, 33_000, 60_000, 45_000, 38_000, 50_000]
 
 
+SHORT_LEN = 5_000
+
+
 def _break(
-    audio_dir: Path, manifest_file: Path, *, vanish: int | None = None, corrupt: int | None = None
+    audio_dir: Path,
+    manifest_file: Path,
+    *,
+    vanish: int | None = None,
+    corrupt: int | None = None,
+    shorten: int | None = None,
 ) -> list[Path]:
-    """Deletes and/or truncates utterances of a written manifest; returns the broken files."""
+    """Deletes, truncates and/or rewrites shorter (:data:`SHORT_LEN` samples, a valid file)
+    utterances of a written manifest; returns the broken files."""
     relative = [line.split("\t")[0] for line in manifest_file.read_text().splitlines()[1:]]
 
     broken = []
@@ -47,13 +56,21 @@ def _break(
 
         broken.append(path)
 
+    if shorten is not None:
+        path = audio_dir / relative[shorten]
+
+        soundfile.write(path, np.full(SHORT_LEN, 0.1, dtype=np.float32), 16_000)
+
+        broken.append(path)
+
     return broken
 
 
 @pytest.fixture
 def broken_corpus(tmp_path: Path) -> tuple[Path, list[Path]]:
-    """A manifest directory whose training split lost one file and has a truncated one,
-    and whose validation split has a file rewritten at the wrong sample rate."""
+    """A manifest directory whose training split lost one file, has a truncated one and
+    one rewritten shorter than the crops, and whose validation split has a file rewritten
+    at the wrong sample rate."""
     manifest_dir = tmp_path / "manifests"
     audio_dir = tmp_path / "audio"
 
@@ -62,7 +79,7 @@ def broken_corpus(tmp_path: Path) -> tuple[Path, list[Path]]:
     _write_synthetic_split(audio_dir, manifest_dir / "train.tsv", TRAIN_LENGTHS, seed=5)
     _write_synthetic_split(audio_dir, manifest_dir / "valid.tsv", [30_000, 40_000, 35_000], seed=6)
 
-    broken = _break(audio_dir, manifest_dir / "train.tsv", vanish=2, corrupt=5)
+    broken = _break(audio_dir, manifest_dir / "train.tsv", vanish=2, corrupt=5, shorten=6)
 
     resampled = audio_dir / "valid/utt1.flac"
 
@@ -111,7 +128,7 @@ def test_speech_reader_skips_and_counts_unusable_files(broken_corpus: tuple[Path
     dataset = SpeechManifestDataset(manifest_dir)
 
     options = whole_split_options(
-        SpeechReadOptions(min_audio_len=1, max_audio_len=None, max_num_elements=60_000, max_bad_audio_fraction=0.25)
+        SpeechReadOptions(min_audio_len=16_000, max_audio_len=None, max_num_elements=60_000, max_bad_audio_fraction=0.4)
     )
 
     paths, num_skipped = [], 0
@@ -122,10 +139,10 @@ def test_speech_reader_skips_and_counts_unusable_files(broken_corpus: tuple[Path
 
             num_skipped += batch.example["num_skipped"]
 
-    expected = [entry.path for entry in dataset.read_split("train").entries if not entry.path.endswith(("utt2.flac", "utt5.flac"))]  # fmt: skip
+    expected = [entry.path for entry in dataset.read_split("train").entries if not entry.path.endswith(("utt2.flac", "utt5.flac", "utt6.flac"))]  # fmt: skip
 
     assert paths == expected
-    assert num_skipped == 2
+    assert num_skipped == 3
 
 
 def test_asr_reader_keeps_transcripts_aligned_when_skipping(tmp_path: Path) -> None:
@@ -213,11 +230,12 @@ def test_pretraining_survives_bad_files_and_reports_them(
     assert "cannot be decoded as audio" in log
     assert "it does not exist" in log
     assert "sampled at 8000 Hz" in log
+    assert f"it has {SHORT_LEN} samples, the manifest says {TRAIN_LENGTHS[6]}; the model needs at least 16000" in log
 
     train = last_record_per_step(output_dir / "metrics/train.jsonl")
 
     # Six steps of 2 utterances read 12 of them: each bad training file at least once.
-    assert sum(record["Skipped Utterances"] for record in train.values()) >= 2
+    assert sum(record["Skipped Utterances"] for record in train.values()) >= 3
 
     (valid,) = read_jsonl(output_dir / "metrics/valid.jsonl")
 

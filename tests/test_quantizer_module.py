@@ -44,7 +44,7 @@ def test_from_method_builds_combination_and_rejects_unknown() -> None:
     assert config.knn_k == 4
     assert config.output_dim == 256
 
-    with pytest.raises(ValueError, match="Unknown quantizer method 'softmax-knn'"):
+    with pytest.raises(ValueError, match=r"`method` must be one of ste-euclid, .*, but is 'softmax-knn' instead\."):
         QuantizerConfig.from_method("softmax-knn", input_dim=4, num_codebooks=1, codebook_size=4, codebook_dim=4)
 
     with pytest.raises(TypeError, match="knn_kk"):

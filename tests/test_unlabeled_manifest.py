@@ -105,6 +105,50 @@ def test_bad_files_are_refused_or_skipped(tmp_path: Path) -> None:
         make_unlabeled_manifests(_config(tmp_path / "missing", tmp_path / "out"))
 
 
+def test_files_no_model_or_manifest_line_can_take_are_bad_files(tmp_path: Path) -> None:
+    """Shorter than the CNN's receptive field, NaN or infinite samples in a float WAV (in its
+    tail, or anywhere with a full decode), a tab or a line break in the name."""
+    audio_dir = tmp_path / "audio"
+
+    _write_tree(audio_dir)
+
+    soundfile.write(audio_dir / "short.wav", np.full(300, 0.1, dtype=np.float32), 16_000)
+
+    samples = np.full(20_000, 0.1, dtype=np.float32)
+    samples[19_990] = np.inf
+    soundfile.write(audio_dir / "inf_at_end.wav", samples, 16_000, subtype="FLOAT")
+
+    samples = np.full(20_000, 0.1, dtype=np.float32)
+    samples[100] = np.nan
+    soundfile.write(audio_dir / "nan_at_start.wav", samples, 16_000, subtype="FLOAT")
+
+    soundfile.write(audio_dir / "tab\tname.flac", np.full(8_000, 0.1, dtype=np.float32), 16_000)
+    soundfile.write(audio_dir / "line\nbreak.flac", np.full(8_000, 0.1, dtype=np.float32), 16_000)
+
+    with pytest.raises(BadFilesError) as error:
+        make_unlabeled_manifests(_config(audio_dir, tmp_path / "out"))
+
+    message = str(error.value)
+
+    assert "short.wav: has 300 samples, fewer than the 400 from which wav2vec 2.0's CNN makes one frame" in message
+    assert "inf_at_end.wav: holds NaN or infinite samples" in message
+    assert "nan_at_start.wav" not in message
+    assert message.count("its path holds a tab or a line break, which a manifest line cannot hold") == 2
+    assert "4 bad file(s), no manifest written" in message
+
+    with pytest.raises(BadFilesError) as error:
+        make_unlabeled_manifests(_config(audio_dir, tmp_path / "out", full_decode=True))
+
+    assert "nan_at_start.wav: holds NaN or infinite samples between samples 0 and 20000" in str(error.value)
+
+    manifests = make_unlabeled_manifests(_config(audio_dir, tmp_path / "out", full_decode=True, skip_bad=True))
+
+    train = read_manifest(manifests.train_path)[1]
+
+    assert manifests.num_train + manifests.num_valid == 20
+    assert all("\t" not in path and "\n" not in path for path, _ in train)
+
+
 def test_command_line(tmp_path: Path) -> None:
     _write_tree(tmp_path / "audio")
 

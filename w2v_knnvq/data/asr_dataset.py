@@ -79,9 +79,6 @@ class AsrSplit:
 class AsrReadOptions(ManifestReadOptions):
     """How a split is filtered, batched and read."""
 
-    min_audio_len: int = 1
-    """Utterances with fewer samples are dropped (and counted in the log)."""
-
     max_audio_len: int = 640_000
     """Utterances with more samples are dropped (and counted in the log)."""
 

@@ -1,4 +1,5 @@
-"""Checks that an audio file is fit for wav2vec 2.0 training (readable, right rate, mono)."""
+"""Checks that an audio file is fit for wav2vec 2.0 training (listable, readable, finite,
+long enough, right rate, mono)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import numpy as np
 import soundfile
+
+from w2v_knnvq.wav2vec2.lengths import RECEPTIVE_FIELD
 
 SAMPLE_RATE: Final = 16_000
 """The sample rate in Hz of every wav2vec 2.0 model of this project, and so of its audio."""
@@ -51,9 +55,15 @@ def inspect_audio(path: Path, *, sample_rate: int = SAMPLE_RATE, full_decode: bo
     :param full_decode: Decode every sample instead of only the last ones; catches
         corruption in the middle of a file at the cost of a full read.
 
-    :raises AudioFileError: if the file is unreadable, truncated, empty, not mono or
-        not at ``sample_rate``.
+    :raises AudioFileError: if the file's path cannot be a manifest line (a tab or a line
+        break), or the file is unreadable, truncated, shorter than wav2vec 2.0's receptive
+        field, holds NaN or infinite samples where decoded, is not mono or not at ``sample_rate``.
     """
+    if any(character in str(path) for character in "\t\n\r"):
+        raise AudioFileError(
+            path, "its path holds a tab or a line break, which a manifest line cannot hold; rename the file"
+        )
+
     try:
         with soundfile.SoundFile(path) as audio:
             info = AudioInfo(
@@ -78,6 +88,13 @@ def inspect_audio(path: Path, *, sample_rate: int = SAMPLE_RATE, full_decode: bo
     if info.num_samples == 0:
         raise AudioFileError(path, "contains no audio samples; remove the file")
 
+    if info.num_samples < RECEPTIVE_FIELD:
+        raise AudioFileError(
+            path,
+            f"has {info.num_samples} samples, fewer than the {RECEPTIVE_FIELD} from which wav2vec 2.0's CNN "
+            "makes one frame; remove the file",
+        )
+
     if info.sample_rate != sample_rate:
         raise AudioFileError(
             path,
@@ -95,14 +112,24 @@ def inspect_audio(path: Path, *, sample_rate: int = SAMPLE_RATE, full_decode: bo
 
 
 def _decode(audio: soundfile.SoundFile, num_samples: int, full_decode: bool) -> int:
-    """Returns the number of samples that decode from the checked range of ``audio``."""
+    """Returns the number of samples that decode from the checked range of ``audio``.
+
+    :raises AudioFileError: if a decoded sample is NaN or infinite (a float WAV can hold them).
+    """
     start = 0 if full_decode else max(0, num_samples - _TAIL_FRAMES)
 
     audio.seek(start)
 
     num_decoded = start
 
-    for block in audio.blocks(blocksize=_DECODE_BLOCK_FRAMES, dtype="int16"):
+    for block in audio.blocks(blocksize=_DECODE_BLOCK_FRAMES, dtype="float32"):
+        if not np.isfinite(block).all():
+            raise AudioFileError(
+                Path(audio.name),
+                f"holds NaN or infinite samples between samples {num_decoded} and {num_decoded + len(block)}; "
+                "repair or remove the file",
+            )
+
         num_decoded += len(block)
 
     return num_decoded

@@ -46,7 +46,8 @@ def check_decoded_audio(decoded: AudioDecoderOutput) -> Tensor:
     """Checks the output of fairseq2's ``AudioDecoder`` and returns its samples.
 
     :returns: *Shape:* ``(S_wav,)``.
-    :raises AudioCheckError: if the audio is not 16 kHz mono or holds NaN or infinite samples.
+    :raises AudioCheckError: if the audio is not 16 kHz mono, holds NaN or infinite samples,
+        or is digital silence (a corpus of it trains to perfect accuracy on nothing).
     """
     if decoded["sample_rate"] != SAMPLE_RATE:
         raise AudioCheckError(f"it is sampled at {decoded['sample_rate']:g} Hz, expected {SAMPLE_RATE} Hz; resample it")
@@ -62,13 +63,16 @@ def check_decoded_audio(decoded: AudioDecoderOutput) -> Tensor:
     if not torch.isfinite(waveform).all():
         raise AudioCheckError("it contains NaN or infinite samples")
 
+    if not waveform.any():
+        raise AudioCheckError("every sample is 0, digital silence that teaches the model nothing; remove it")
+
     return waveform
 
 
 @final
 class AudioLoader:
     """Maps the path of an utterance, relative to ``audio_dir``, to
-    ``{"path": path, "waveform": Tensor}`` or, if the file cannot be used,
+    ``{"path": path, "file": full_path, "waveform": Tensor}`` or, if the file cannot be used,
     ``{"path": path, "file": full_path, "error": reason}``. Runs inside the data
     pipeline's threads."""
 
@@ -101,7 +105,7 @@ class AudioLoader:
         except AudioCheckError as ex:
             return {"path": path, "file": full_path, "error": str(ex)}
 
-        return {"path": path, "waveform": waveform}
+        return {"path": path, "file": full_path, "waveform": waveform}
 
 
 @dataclass(frozen=True)
@@ -142,11 +146,17 @@ class AudioReadTracker:
     early in a run is measured against the split rather than against the first batch.
     """
 
-    def __init__(self, manifest_file: Path, *, max_fraction: float, num_utterances: int) -> None:
+    def __init__(
+        self, manifest_file: Path, *, max_fraction: float, num_utterances: int, min_num_samples: int = 1
+    ) -> None:
+        """:param min_num_samples: Decoded audio shorter than this (the model's CNN or masker
+        needs it; see :mod:`w2v_knnvq.wav2vec2.lengths`) is skipped as unusable: a file
+        shorter than its manifest entry would otherwise end the run."""
         if not 0.0 <= max_fraction <= 1.0:
             raise ValueError(f"`max_fraction` must be between 0 and 1, but is {max_fraction} instead.")
 
         self._manifest_file = manifest_file
+        self._min_num_samples = min_num_samples
         self._max_fraction = max_fraction
         self._num_utterances = num_utterances
         self._num_read = 0
@@ -164,6 +174,16 @@ class AudioReadTracker:
 
             if "error" in audio:
                 self._skip(SkippedAudio(str(audio["file"]), str(audio["error"])))
+            elif (num_samples := len(audio["waveform"])) < self._min_num_samples:
+                # The bucketing may have replaced `num_samples` with a cropped length.
+                listed = example.get("manifest_num_samples", example.get("num_samples"))
+
+                reason = (
+                    f"it has {num_samples} samples, the manifest says {listed}; the model needs at least "
+                    f"{self._min_num_samples}. Rebuild the manifest with tools/make_manifest.py"
+                )
+
+                self._skip(SkippedAudio(str(audio["file"]), reason))
             else:
                 kept.append(example)
                 waveforms.append(audio["waveform"])

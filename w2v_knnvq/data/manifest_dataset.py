@@ -108,7 +108,11 @@ def check_manifest_dir(manifest_dir: Path, expected_files: str) -> None:
 
 @dataclass(kw_only=True)
 class ManifestReadOptions:
-    """How a split is shuffled, decoded and read; the length limits are the subclasses'."""
+    """How a split is shuffled, decoded and read; the other length limits are the subclasses'."""
+
+    min_audio_len: int = 1
+    """Utterances with fewer samples in their manifest entry are dropped (and counted in the
+    log); a decoded file with fewer samples is skipped as unusable audio."""
 
     normalize_audio: bool = False
     """Standardize each utterance to zero mean and unit variance (before any cropping)."""
@@ -246,6 +250,7 @@ def create_read_tracker(
         manifest_file,
         max_fraction=options.max_bad_audio_fraction,
         num_utterances=max(1, num_examples // gangs.dp.size),
+        min_num_samples=options.min_audio_len,
     )
 
 
@@ -333,7 +338,10 @@ class ManifestDatasetSection(DatasetSection):
     valid_split: str | None = "valid"
     """Read from ``{manifest_dir}/{valid_split}.tsv``; ``None`` skips validation."""
 
-    min_audio_len: int
+    min_audio_len: int | None
+    """Training utterances with fewer samples are dropped (the log says how many), and a
+    file that decodes to fewer is skipped as unusable audio; ``None`` takes the fewest
+    that the model's CNN and temporal masker need."""
 
     max_audio_len: int
 
@@ -369,10 +377,10 @@ class ManifestDatasetSection(DatasetSection):
             if split is not None and (error := split_name_error(option, split)) is not None:
                 result.add_error(error)
 
-        if self.min_audio_len < 1:
-            result.add_error("`min_audio_len` must be at least 1.")
+        if self.min_audio_len is not None and self.min_audio_len < 1:
+            result.add_error(f"`min_audio_len` must be at least 1, but is {self.min_audio_len} instead.")
 
-        if self.max_audio_len < self.min_audio_len:
+        if self.min_audio_len is not None and self.max_audio_len < self.min_audio_len:
             result.add_error(
                 f"`max_audio_len` must be at least `min_audio_len` ({self.min_audio_len}), but is {self.max_audio_len} instead."
             )

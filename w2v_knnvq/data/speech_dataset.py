@@ -44,7 +44,6 @@ class SpeechReadOptions(ManifestReadOptions):
     """How a split is cropped, batched and read."""
 
     min_audio_len: int = 32_000
-    """Utterances with fewer samples are dropped (and counted in the log)."""
 
     max_audio_len: int | None = 250_000
     """Longer utterances are cropped to this many samples, never dropped. ``None`` reads
@@ -182,7 +181,9 @@ def _bucket_at_cropped_len(
 ) -> None:
     # Long utterances are bucketed at their cropped length, so none is dropped.
     def use_cropped_len(example: dict[str, Any]) -> dict[str, Any]:
-        return {**example, "num_samples": min(int(example["num_samples"]), max_audio_len)}
+        num_samples = int(example["num_samples"])
+
+        return {**example, "num_samples": min(num_samples, max_audio_len), "manifest_num_samples": num_samples}
 
     builder.map(use_cropped_len)
 

@@ -81,17 +81,25 @@ def to_mono(waveform: Tensor, *, source: str) -> Tensor:
     return waveform.mean(dim=0)
 
 
+MIN_SAMPLE_RATE: Final = 1_000
+"""No recording is sampled below 1 kHz; a smaller rate is a rate in kHz or a mistake, which
+resampling would turn into a thousandfold longer waveform."""
+
+
 def prepare_waveform(waveform: Tensor | np.ndarray, sample_rate: int, *, source: str) -> Tensor:
     """Makes one utterance model input: mono, float32, at :data:`MODEL_SAMPLE_RATE`.
 
     :param waveform: ``(S,)`` or ``(C, S)`` samples, a tensor or a NumPy array.
     :returns: ``(S_16k,)`` samples.
 
-    :raises AudioInputError: on an empty waveform, a non-positive rate, NaN/inf samples, or
-        an array that holds no numbers.
+    :raises AudioInputError: on an empty waveform, a rate below :data:`MIN_SAMPLE_RATE`
+        (a rate in kHz, most likely), NaN/inf samples, or an array that holds no numbers.
     """
-    if sample_rate <= 0:
-        raise AudioInputError(f"{source}: the sample rate must be positive, but is {sample_rate}.")
+    if sample_rate < MIN_SAMPLE_RATE:
+        raise AudioInputError(
+            f"{source}: the sample rate must be at least {MIN_SAMPLE_RATE} Hz, but is {sample_rate} instead; "
+            f"sample rates are in Hz (16 kHz is {MODEL_SAMPLE_RATE})."
+        )
 
     if isinstance(waveform, np.ndarray):
         if not np.issubdtype(waveform.dtype, np.number):

@@ -138,46 +138,65 @@ class QuantizerConfig:
     """(max, min, decay): wav2vec 2.0's schedule tau = max(max * decay^step, min), e.g.
     (2.0, 0.5, 0.999995)."""
 
-    def __post_init__(self) -> None:
-        self.check()
+    def errors(self) -> list[str]:
+        """What makes this configuration unusable, one sentence per setting; empty if nothing.
 
-    def check(self) -> None:
-        """Raise :class:`ValueError` on an unknown method or a meaningless size."""
+        Model families report these while validating their configuration (fairseq2 then names
+        the section); :meth:`check` raises the first.
+        """
+        errors = []
+
         if self.method not in METHODS:
-            raise ValueError(f"Unknown quantizer method {self.method!r}; choose one of {', '.join(METHOD_NAMES)}.")
+            errors.append(f"`method` must be one of {', '.join(METHOD_NAMES)}, but is '{self.method}' instead.")
 
         if self.input_dim is not None and self.input_dim < 1:
-            raise ValueError(f"`input_dim` must be at least 1, but is {self.input_dim}.")
+            errors.append(f"`input_dim` must be at least 1, but is {self.input_dim} instead.")
 
         if self.knn_scope not in ("global", "rank"):
-            raise ValueError(f"`knn_scope` must be 'global' or 'rank', but is {self.knn_scope!r} instead.")
+            errors.append(f"`knn_scope` must be 'global' or 'rank', but is '{self.knn_scope}' instead.")
 
         if not 0.0 < self.knn_vertex_fraction <= 1.0:
-            raise ValueError(f"`knn_vertex_fraction` must be in (0, 1], but is {self.knn_vertex_fraction} instead.")
+            errors.append(f"`knn_vertex_fraction` must be in (0, 1], but is {self.knn_vertex_fraction} instead.")
 
         if self.chunk_size is not None and self.chunk_size < 1:
-            raise ValueError(f"`chunk_size` must be at least 1 or `None`, but is {self.chunk_size} instead.")
+            errors.append(f"`chunk_size` must be at least 1 or `None`, but is {self.chunk_size} instead.")
 
-        for name in ("num_codebooks", "codebook_size", "codebook_dim", "knn_k"):
+        for name in ("num_codebooks", "codebook_dim", "knn_k"):
             if getattr(self, name) < 1:
-                raise ValueError(f"`{name}` must be at least 1, but is {getattr(self, name)}.")
+                errors.append(f"`{name}` must be at least 1, but is {getattr(self, name)} instead.")
+
+        if self.codebook_size < 2:
+            # One code quantizes every frame to the same vector: wav2vec 2.0's contrastive
+            # task and an autoencoder's codes then carry nothing, yet train without a word.
+            errors.append(
+                f"`codebook_size` must be at least 2 for the codes to tell frames apart, but is {self.codebook_size} instead."
+            )
 
         if not 0.0 < self.min_temperature < self.init_temperature:
-            raise ValueError(
+            errors.append(
                 "`init_temperature` must exceed `min_temperature` > 0, but they are "
-                f"{self.init_temperature} and {self.min_temperature}."
+                f"{self.init_temperature} and {self.min_temperature} instead."
             )
 
         if self.gumbel_tau <= 0.0:
-            raise ValueError(f"`gumbel_tau` must be positive, but is {self.gumbel_tau}.")
+            errors.append(f"`gumbel_tau` must be positive, but is {self.gumbel_tau} instead.")
 
         if self.gumbel_tau_anneal is not None:
             max_tau, min_tau, decay = self.gumbel_tau_anneal
             if not (0.0 < min_tau <= max_tau and 0.0 < decay <= 1.0):
-                raise ValueError(
+                errors.append(
                     "`gumbel_tau_anneal` must be (max, min, decay) with 0 < min <= max and "
-                    f"0 < decay <= 1, but is {self.gumbel_tau_anneal}."
+                    f"0 < decay <= 1, but is {self.gumbel_tau_anneal} instead."
                 )
+
+        return errors
+
+    def check(self) -> None:
+        """:raises ValueError: with the first of :meth:`errors`."""
+        errors = self.errors()
+
+        if errors:
+            raise ValueError(errors[0])
 
     @property
     def spec(self) -> MethodSpec:
@@ -214,4 +233,9 @@ class QuantizerConfig:
             codebook_size=codebook_size,
             codebook_dim=codebook_dim,
         )
-        return replace(config, **overrides)
+
+        config = replace(config, **overrides)
+
+        config.check()
+
+        return config

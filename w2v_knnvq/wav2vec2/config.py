@@ -95,10 +95,8 @@ class Wav2Vec2KnnVqConfig:
                 f"`quantizer.input_dim` must be `None` or equal `encoder_config.feature_dim` ({feature_dim}), but is {input_dim} instead."
             )
 
-        try:
-            self.quantizer.check()
-        except ValueError as ex:
-            result.add_error(f"`quantizer` is invalid: {ex}")
+        for error in self.quantizer.errors():
+            result.add_error(f"`quantizer.{error[1:]}")
 
         if self.regularizer_weight < 0.0:
             result.add_error(f"`regularizer_weight` must be non-negative, but is {self.regularizer_weight} instead.")

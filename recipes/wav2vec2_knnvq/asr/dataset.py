@@ -26,6 +26,7 @@ from w2v_knnvq.data.asr_dataset import (
     open_asr_manifest_dataset,
 )
 from w2v_knnvq.data.manifest_dataset import ManifestDatasetSection, whole_split_options
+from w2v_knnvq.wav2vec2.lengths import RECEPTIVE_FIELD
 
 
 def register_asr_manifest_dataset(container: DependencyContainer) -> None:
@@ -49,7 +50,7 @@ class AsrDatasetSection(ManifestDatasetSection):
 
     family: str | None = ASR_MANIFEST_DATASET_FAMILY
 
-    min_audio_len: int = 1
+    min_audio_len: int | None = None
 
     max_audio_len: int = 640_000
     """Longer training utterances are dropped (40 s at 16 kHz keeps all of LibriSpeech)."""
@@ -79,12 +80,14 @@ def create_train_reader(
     tokenizer: Tokenizer,
     gangs: Gangs,
     *,
+    min_audio_len: int,
     seed: int,
     num_accumulate: int,
 ) -> DataReader[Seq2SeqBatch]:
+    """:param min_audio_len: ``section.min_audio_len``, or what the model needs if it is ``None``."""
     options = replace(
         section_read_options(section, seed=seed),
-        min_audio_len=section.min_audio_len,
+        min_audio_len=min_audio_len,
         max_audio_len=section.max_audio_len,
         shuffle_window=section.shuffle_window,
         batch_shuffle_window=section.batch_shuffle_window,
@@ -117,8 +120,8 @@ def create_valid_reader(
     *,
     max_num_batches: int | None = None,
 ) -> DataReader[Seq2SeqBatch]:
-    """Reads the whole ``split`` in manifest order, as validation and evaluation do; no
-    utterance is dropped for length.
+    """Reads the whole ``split`` in manifest order, as validation and evaluation do; only
+    utterances shorter than the CNN's receptive field are dropped (they give no frame).
 
     :param options: How the audio is decoded and batched; the length limits are widened
         to the split's longest utterance, which may exceed ``max_num_elements``.
@@ -127,7 +130,10 @@ def create_valid_reader(
     longest = max(utterance.num_samples for utterance in dataset.read_split(split).utterances)
 
     options = replace(
-        options, min_audio_len=1, max_audio_len=longest, max_num_elements=max(options.max_num_elements, longest)
+        options,
+        min_audio_len=RECEPTIVE_FIELD,
+        max_audio_len=longest,
+        max_num_elements=max(options.max_num_elements, longest),
     )
 
     options = whole_split_options(options, max_num_batches=max_num_batches)

@@ -35,7 +35,7 @@ from fairseq2.trainer import TrainUnit
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset
 from w2v_knnvq.text import check_vocab_size, ctc_greedy_decode
 
-from ...common import check_resume, register_bad_audio_handling
+from ...common import check_resume, register_bad_audio_handling, training_min_audio_len
 from .config import AsrRecipeConfig, FinetuneSection
 from .criterion import CtcCriterion, CtcOutput
 from .dataset import (
@@ -122,6 +122,7 @@ class AsrRecipe(Recipe):
             config.dataset,
             tokenizer,
             context.gangs,
+            min_audio_len=training_min_audio_len(config.dataset.min_audio_len, model),
             seed=config.common.seed,
             num_accumulate=config.trainer.grad_accumulation.num_batches,
         )

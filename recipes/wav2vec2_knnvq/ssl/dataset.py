@@ -17,6 +17,7 @@ from w2v_knnvq.data.speech_dataset import (
     SpeechReadOptions,
     open_speech_manifest_dataset,
 )
+from w2v_knnvq.wav2vec2.lengths import RECEPTIVE_FIELD
 
 
 def register_speech_manifest_dataset(container: DependencyContainer) -> None:
@@ -36,7 +37,9 @@ class SslDatasetSection(ManifestDatasetSection):
     family: str | None = SPEECH_MANIFEST_DATASET_FAMILY
 
     min_audio_len: int = 32_000
-    """Utterances with fewer samples are dropped; the log says how many."""
+    """Utterances with fewer samples are dropped (the log says how many), and a file that
+    decodes to fewer is skipped as unusable audio. At least what the masker needs (the
+    recipe checks it)."""
 
     max_audio_len: int = 250_000
     """Longer utterances are randomly cropped to this many samples, never dropped.
@@ -75,7 +78,7 @@ def create_valid_reader(
 
     options = replace(
         _section_read_options(section, seed=seed),
-        min_audio_len=1,
+        min_audio_len=RECEPTIVE_FIELD,
         max_audio_len=None,
         crop="start",
         crop_to_batch_shortest=False,

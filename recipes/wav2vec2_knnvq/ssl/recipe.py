@@ -17,20 +17,30 @@ from typing_extensions import override
 from fairseq2.recipe import Recipe, RecipeContext  # isort: skip
 from fairseq2.datasets import SequenceBatch
 from fairseq2.evaluator import EvalUnit
+from fairseq2.logging import log
 from fairseq2.metrics import MetricBag
 from fairseq2.recipe.cli import main as run_recipe_cli
+from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
 
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
 from w2v_knnvq.features.extractor import FrameCodes, PretrainingModel, quantize_frames, run_cnn
-from w2v_knnvq.quantizer import code_counts
+from w2v_knnvq.quantizer import VectorQuantizer, code_counts
+from w2v_knnvq.wav2vec2.lengths import model_conv_shapes, num_frames
 
-from ...common import check_resume, check_warmup, register_bad_audio_handling, update_skipped_audio
+from ...common import (
+    check_resume,
+    check_warmup,
+    register_bad_audio_handling,
+    training_min_audio_len,
+    update_skipped_audio,
+)
 from .config import SslRecipeConfig
 from .criterion import CodebookShape, SslCriterion, adapt_pretraining_model
 from .dataset import (
+    SslDatasetSection,
     create_train_reader,
     create_valid_reader,
     register_speech_manifest_dataset,
@@ -69,6 +79,10 @@ class SslRecipe(Recipe):
         check_resume(context)
 
         base_model = context.get_model()
+
+        training_min_audio_len(config.dataset.min_audio_len, base_model)
+
+        check_knn_k(base_model, config.dataset, context.gangs.dp.size)
 
         adapter = adapt_pretraining_model(base_model)
 
@@ -123,6 +137,46 @@ class SslRecipe(Recipe):
     @override
     def config_kls(self) -> type[object]:
         return SslRecipeConfig
+
+
+def check_knn_k(model: Module, section: SslDatasetSection, dp_size: int) -> None:
+    """Checks ``knn_k`` of a KNN-regularized quantizer against the frames of a batch.
+
+    The regularizer pulls the K frames nearest to each vertex; a batch with fewer frames (of
+    this rank, or of all ranks with the global scope) gives it all of them instead.
+
+    :raises RecipeError: if even the fullest batch (``max_num_elements`` samples) holds fewer
+        frames than ``knn_k``.
+    """
+    quantizer = getattr(model, "quantizer", None)
+
+    if not isinstance(quantizer, VectorQuantizer) or quantizer.config.spec.regularizer != "knn":
+        return
+
+    knn_k = quantizer.config.knn_k
+
+    ranks = dp_size if quantizer.config.knn_scope == "global" else 1
+
+    conv_shapes = model_conv_shapes(model)
+
+    most = ranks * num_frames(section.max_num_elements, conv_shapes)
+
+    if knn_k > most:
+        raise RecipeError(
+            f"`quantizer.knn_k` must be at most {most}, the frames of the fullest batch "
+            f"(`dataset.max_num_elements` samples{' on each of the ' + str(ranks) + ' processes' if ranks > 1 else ''}), "
+            f"but is {knn_k} instead. Lower it (the paper uses 2 to 16) or raise `dataset.max_num_elements`."
+        )
+
+    least = ranks * num_frames(section.min_audio_len, conv_shapes)
+
+    if knn_k > least:
+        log.warning(
+            "`quantizer.knn_k` ({}) exceeds the {} frames of the smallest batch (one crop of `dataset.min_audio_len` samples); "
+            "in such a batch the KNN regularizer pulls every frame toward every vertex.",
+            knn_k,
+            least,
+        )
 
 
 @final

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import os
+import socket
+import time
 from pathlib import Path
-from typing import Final
+from typing import IO, Final
 
 import torch
 from torch import Tensor
@@ -11,8 +16,10 @@ from torch.nn import Module
 
 from fairseq2.assets import AssetCard, AssetCardError
 from fairseq2.checkpoint import CheckpointDir
+from fairseq2.checkpoint.manager import CheckpointStateNotValidError
 from fairseq2.datasets import Seq2SeqBatch, SequenceBatch
 from fairseq2.device import CPU
+from fairseq2.gang import broadcast_flag
 from fairseq2.logging import log
 from fairseq2.metrics import MetricBag, Sum, format_as_int
 from fairseq2.metrics.recorders import MetricDescriptor
@@ -53,6 +60,58 @@ def _handle_bad_audio_budget_error(ex: BadAudioBudgetError) -> int:
     log.error("Too many unusable audio files. {}", ex)
 
     return 1
+
+
+def register_checkpoint_save_errors(container: DependencyContainer) -> None:
+    """Turns a checkpoint that could not be saved for want of space (fairseq2 reports it as
+    a state that cannot be pickled, "file a bug report") into the one sentence a full disk
+    deserves: which folder, which step, and the step a rerun resumes from."""
+
+    def handle(ex: CheckpointStateNotValidError) -> int:
+        if _disk_full(ex):
+            checkpoints_dir = container.resolve(CheckpointDir).path or container.resolve(Path) / "checkpoints"
+
+            last = _last_resumable_step(checkpoints_dir)
+
+            resume = f"resume from step {last[0]}" if last is not None else "start over (no checkpoint is complete)"
+
+            log.error(
+                "No space left on {} while saving the checkpoint of step {}; free space and rerun the same command to {}.",
+                checkpoints_dir,
+                ex.step_nr,
+                resume,
+            )
+
+            return 1
+
+        log.exception("The `{}` state of step {} cannot be saved. See the logged stack trace.", ex.kind, ex.step_nr)
+
+        return 1
+
+    register_cli_error(container, CheckpointStateNotValidError, handle)
+
+
+def _disk_full(ex: BaseException) -> bool:
+    """Whether ``ex`` or an exception it was raised from or during is "no space left" (or a
+    disk quota exceeded)."""
+    seen: set[int] = set()
+
+    pending: list[BaseException | None] = [ex]
+
+    while pending:
+        current = pending.pop()
+
+        if current is None or id(current) in seen:
+            continue
+
+        seen.add(id(current))
+
+        if isinstance(current, OSError) and current.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+
+        pending.extend((current.__cause__, current.__context__))
+
+    return False
 
 
 def add_skipped_audio_metric(metric_bag: MetricBag) -> None:
@@ -139,8 +198,64 @@ def validate_model_step(result: ValidationResult, step: int | None, path: Path |
         result.add_error(f"`step` must be at least 1, but is {step} instead.")
 
 
+_HELD_LOCKS: list[IO[str]] = []
+"""The open lock files of this process: a lock lasts as long as its file stays open."""
+
+LOCK_FILE: Final = ".lock"
+
+
+def lock_output_dir(context: RecipeContext) -> None:
+    """Makes the run of ``context`` the only one writing to its output directory.
+
+    Rank 0 holds an exclusive ``flock`` on ``OUTPUT/.lock`` until its process ends (a kill
+    releases it too); the file says which process holds it. Every rank learns the outcome.
+
+    :raises RecipeError: if another run holds the lock.
+    """
+    gangs = context.gangs
+
+    holder = ""
+
+    if gangs.root.rank == 0:
+        holder = _try_lock(context.output_dir / LOCK_FILE)
+
+    if broadcast_flag(gangs.root, not holder):
+        return
+
+    raise RecipeError(
+        f"{context.output_dir} is in use by another run ({holder or 'see rank 0'}); wait for it to end, "
+        "or give this run another output directory."
+    )
+
+
+def _try_lock(file: Path) -> str:
+    """:returns: ``""`` once this process holds the lock on ``file``, else who holds it."""
+    handle = file.open("a+", encoding="utf-8")
+
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+
+        holder = handle.read().strip() or "a process that wrote nothing"
+
+        handle.close()
+
+        return holder
+
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+
+    _HELD_LOCKS.append(handle)
+
+    return ""
+
+
 def check_resume(context: RecipeContext) -> None:
-    """Checks the checkpoint that the trainer of ``context`` will resume from, if any.
+    """Locks the output directory (:func:`lock_output_dir`) and checks the checkpoint that
+    the trainer of ``context`` will resume from, if any.
 
     The checkpoint directory is the one the trainer really uses (``--checkpoint-dir`` or
     ``OUTPUT/checkpoints``). Its last step with a trainer state must have been written by
@@ -151,6 +266,8 @@ def check_resume(context: RecipeContext) -> None:
 
     :raises RecipeError: naming the step or file and the fix.
     """
+    lock_output_dir(context)
+
     checkpoints_dir = context.resolver.resolve(CheckpointDir).path or context.output_dir / "checkpoints"
 
     last = _last_resumable_step(checkpoints_dir)

@@ -476,7 +476,7 @@ def test_pretrained_model_is_found_from_any_path_form(resolver: DependencyResolv
     for path in (pretrained_dir, pretrained_dir / "checkpoints", step_dir, step_dir / CHECKPOINT_FILE):
         pretrained = resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=path))
 
-        assert pretrained.card.field("checkpoint").as_(str) == expected, path
+        assert pretrained.card.field("checkpoint").as_(str) == f"file://{expected}", path
 
         assert pretrained.source == expected
 

@@ -270,3 +270,115 @@ def test_a_resume_with_another_process_count_is_refused_in_a_checkpoint_dir(
     shutil.copytree(trained_run / "checkpoints", sweep_dir / "ws_1.0123abcd")
 
     assert find_run_checkpoint(sweep_dir).checkpoints_dir == sweep_dir / "ws_1.0123abcd"
+
+
+def test_a_second_run_in_a_busy_output_directory_is_refused(manifest_dir: Path, tmp_path: Path) -> None:
+    """The first run holds the directory's lock until it ends; the second is refused in one
+    line before it trains, and the lock goes with the first run's process."""
+    import signal
+    import time
+
+    output_dir = tmp_path / "run"
+
+    first = subprocess.Popen(
+        _command(output_dir, manifest_dir, 1_000),
+        cwd=REPO_ROOT,
+        env=recipe_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+    try:
+        deadline = time.monotonic() + 120
+
+        while not (output_dir / "metrics/train.jsonl").exists():
+            assert first.poll() is None, "the first run ended early"
+            assert time.monotonic() < deadline, "the first run did not train within two minutes"
+
+            time.sleep(0.1)
+
+        second = subprocess.run(
+            _command(output_dir, manifest_dir, STEP), cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=150
+        )  # fmt: skip
+
+        assert second.returncode == 2
+        assert f"{output_dir} is in use by another run (process {first.pid} on " in second.stderr
+        assert "give this run another output directory" in second.stderr
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+
+    # A killed run leaves no lock behind: the next run resumes (here: starts) normally.
+    run_recipe_command(_command(output_dir, manifest_dir, STEP))
+
+
+def test_no_space_left_is_found_behind_fairseq2s_pickling_error() -> None:
+    """torch's writer fails with a RuntimeError raised while handling the OSError; fairseq2
+    wraps it twice, the last time as a state that "must contain pickeable objects only"."""
+    import errno
+
+    from fairseq2.checkpoint.manager import CheckpointStateNotValidError
+    from fairseq2.io import DataNotPicklableError
+
+    from recipes.common import _disk_full
+
+    def saving(error: OSError) -> CheckpointStateNotValidError:
+        try:
+            try:
+                try:
+                    raise error
+                except OSError:
+                    raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos") from None
+            except RuntimeError as ex:
+                raise DataNotPicklableError() from ex
+        except DataNotPicklableError as ex:
+            wrapped = CheckpointStateNotValidError(4, "optimizer", "`optimizer` checkpoint must contain pickeable objects only.")  # fmt: skip
+
+            wrapped.__cause__ = ex
+
+            return wrapped
+
+    assert _disk_full(saving(OSError(errno.ENOSPC, "No space left on device")))
+    assert _disk_full(saving(OSError(errno.EDQUOT, "Disk quota exceeded")))
+    assert not _disk_full(saving(OSError(errno.EIO, "Input/output error")))
+
+
+def test_a_full_disk_names_the_folder_the_step_and_the_resume(manifest_dir: Path, tmp_path: Path) -> None:
+    """A file system with room for one checkpoint (2.2 MB) but not two: step 4's does not
+    fit; once the filler is deleted, the same command resumes from step 2. Needs the right
+    to mount a tmpfs (root)."""
+    mount_point = tmp_path / "small"
+
+    mount_point.mkdir()
+
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount_point)], capture_output=True)  # fmt: skip
+
+    if mounted.returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+
+    try:
+        filler = mount_point / "filler"
+
+        filler.write_bytes(bytes(4_800_000))
+
+        checkpoints_dir = mount_point / "checkpoints"
+
+        command = _command(tmp_path / "run", manifest_dir, 2 * STEP, f"--checkpoint-dir={checkpoints_dir}")
+
+        command[command.index("--config") + 1 : command.index("--config") + 1] = ["regime.keep_last_n_checkpoints=null"]
+
+        result = subprocess.run(command, cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=150)
+
+        assert result.returncode == 1, result.stderr[-3000:]
+        assert f"No space left on {checkpoints_dir} while saving the checkpoint of step 4; free space and rerun the same command to resume from step 2." in result.stderr  # fmt: skip
+        assert "bug report" not in result.stderr
+
+        filler.unlink()
+
+        resumed = run_recipe_command(command)
+
+        assert "Resuming from step 2" in resumed.stdout + resumed.stderr
+        assert (checkpoints_dir / "step_4/trainer").is_dir()
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)

@@ -28,7 +28,7 @@ from w2v_knnvq.image.data import list_image_files
 from w2v_knnvq.image.reader import ImageBatch, ImageFolderReader
 from w2v_knnvq.quantizer import METHODS
 
-from ..common import check_resume, check_warmup
+from ..common import check_resume, check_warmup, register_checkpoint_save_errors
 from .config import (
     ImageVqaeRecipeConfig,
     method_peak_lr,
@@ -177,6 +177,8 @@ class ImageVqaeRecipe(Recipe):
                 MetricDescriptor,
                 MetricDescriptor(name, display_name, priority, format_as_float),
             )
+
+        register_checkpoint_save_errors(container)
 
     @override
     def create_task(self, context: RecipeContext) -> Task:

@@ -35,7 +35,7 @@ from fairseq2.trainer import TrainUnit
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset
 from w2v_knnvq.text import check_vocab_size, ctc_greedy_decode
 
-from ...common import check_resume, register_bad_audio_handling, training_min_audio_len
+from ...common import check_resume, register_bad_audio_handling, register_checkpoint_save_errors, training_min_audio_len
 from .config import AsrRecipeConfig, FinetuneSection
 from .criterion import CtcCriterion, CtcOutput
 from .dataset import (
@@ -76,6 +76,8 @@ class AsrRecipe(Recipe):
         register_asr_metric_descriptors(container)
 
         register_bad_audio_handling(container)
+
+        register_checkpoint_save_errors(container)
 
         register_config_section(container, "pretrained_encoder", PretrainedEncoderSection)
 

@@ -34,6 +34,7 @@ from ...common import (
     check_resume,
     check_warmup,
     register_bad_audio_handling,
+    register_checkpoint_save_errors,
     training_min_audio_len,
     update_skipped_audio,
 )
@@ -69,6 +70,8 @@ class SslRecipe(Recipe):
         register_ssl_metric_descriptors(container)
 
         register_bad_audio_handling(container)
+
+        register_checkpoint_save_errors(container)
 
     @override
     def create_task(self, context: RecipeContext) -> Task:

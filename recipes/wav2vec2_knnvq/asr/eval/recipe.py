@@ -50,7 +50,7 @@ from fairseq2.task import Task
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset, AsrReadOptions
 from w2v_knnvq.text import check_vocab_size
 
-from ....common import register_bad_audio_handling
+from ....common import lock_output_dir, register_bad_audio_handling
 from ..criterion import CtcCriterion
 from ..dataset import create_valid_reader, register_asr_manifest_dataset
 from ..metrics import register_asr_metric_descriptors
@@ -80,6 +80,8 @@ class AsrEvalRecipe(Recipe):
     @override
     def create_task(self, context: RecipeContext) -> Task:
         config = context.get_config_as(AsrEvalRecipeConfig)
+
+        lock_output_dir(context)
 
         run = find_finetuned_checkpoint(config.model)
 

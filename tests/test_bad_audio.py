@@ -282,3 +282,44 @@ def test_bad_audio_fraction_must_be_a_fraction() -> None:
 
         assert result.has_error()
         assert "`max_bad_audio_fraction` must be between 0 and 1, but is" in str(result)
+
+
+def test_a_fifo_is_skipped_at_once_and_a_stalled_read_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A FIFO (or a device) would block the reader for good; a read that stalls on a hung
+    mount is named by the watchdog while it waits."""
+    import os
+    import threading
+    import time
+
+    from w2v_knnvq.data.audio_reading import AudioLoader, ReadWatchdog
+
+    os.mkfifo(tmp_path / "stalled.flac")
+
+    result: dict[str, object] = {}
+
+    reader = threading.Thread(target=lambda: result.update(AudioLoader(tmp_path)("stalled.flac")), daemon=True)
+
+    reader.start()
+    reader.join(timeout=30)
+
+    assert not reader.is_alive(), "the loader blocked on a FIFO"
+    assert result == {"path": "stalled.flac", "file": str(tmp_path / "stalled.flac"), "error": "it is not a regular file (a FIFO, socket or device)"}  # fmt: skip
+
+    watchdog = ReadWatchdog(threshold_s=0.2)
+
+    with caplog.at_level(logging.WARNING), watchdog.reading("/mnt/hung/utt1.flac"):
+        time.sleep(1.0)
+
+    assert "Reading /mnt/hung/utt1.flac has taken 0 s so far" in caplog.text or "Reading /mnt/hung/utt1.flac has taken 1 s so far" in caplog.text  # fmt: skip
+    assert "the file system may be stalled (a hung network mount?)" in caplog.text
+
+    caplog.clear()
+
+    with caplog.at_level(logging.WARNING), watchdog.reading("/data/fast.flac"):
+        pass
+
+    time.sleep(0.5)
+
+    assert "fast.flac" not in caplog.text

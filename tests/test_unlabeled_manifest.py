@@ -3,6 +3,7 @@ the same audio checks as LibriSpeech, through the API and the command line."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -107,7 +108,8 @@ def test_bad_files_are_refused_or_skipped(tmp_path: Path) -> None:
 
 def test_files_no_model_or_manifest_line_can_take_are_bad_files(tmp_path: Path) -> None:
     """Shorter than the CNN's receptive field, NaN or infinite samples in a float WAV (in its
-    tail, or anywhere with a full decode), a tab or a line break in the name."""
+    tail, or anywhere with a full decode), a tab or a line break in the name, not a regular
+    file."""
     audio_dir = tmp_path / "audio"
 
     _write_tree(audio_dir)
@@ -125,6 +127,9 @@ def test_files_no_model_or_manifest_line_can_take_are_bad_files(tmp_path: Path) 
     soundfile.write(audio_dir / "tab\tname.flac", np.full(8_000, 0.1, dtype=np.float32), 16_000)
     soundfile.write(audio_dir / "line\nbreak.flac", np.full(8_000, 0.1, dtype=np.float32), 16_000)
 
+    # A FIFO stands in for a file on a hung mount: opening it would block for good.
+    os.mkfifo(audio_dir / "stalled.flac")
+
     with pytest.raises(BadFilesError) as error:
         make_unlabeled_manifests(_config(audio_dir, tmp_path / "out"))
 
@@ -134,7 +139,8 @@ def test_files_no_model_or_manifest_line_can_take_are_bad_files(tmp_path: Path) 
     assert "inf_at_end.wav: holds NaN or infinite samples" in message
     assert "nan_at_start.wav" not in message
     assert message.count("its path holds a tab or a line break, which a manifest line cannot hold") == 2
-    assert "4 bad file(s), no manifest written" in message
+    assert "stalled.flac: is not a regular file (a FIFO, socket or device)" in message
+    assert "5 bad file(s), no manifest written" in message
 
     with pytest.raises(BadFilesError) as error:
         make_unlabeled_manifests(_config(audio_dir, tmp_path / "out", full_decode=True))

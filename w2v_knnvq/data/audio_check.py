@@ -64,6 +64,10 @@ def inspect_audio(path: Path, *, sample_rate: int = SAMPLE_RATE, full_decode: bo
             path, "its path holds a tab or a line break, which a manifest line cannot hold; rename the file"
         )
 
+    if path.exists() and not path.is_file():
+        # Opening a FIFO or a device would block for good.
+        raise AudioFileError(path, "is not a regular file (a FIFO, socket or device); replace it with the audio file")
+
     try:
         with soundfile.SoundFile(path) as audio:
             info = AudioInfo(

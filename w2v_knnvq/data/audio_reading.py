@@ -11,7 +11,13 @@ naming the file, counts them for the logged metrics, and stops the run with
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import itertools
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, final
@@ -70,6 +76,69 @@ def check_decoded_audio(decoded: AudioDecoderOutput) -> Tensor:
 
 
 @final
+class ReadWatchdog:
+    """Names the audio reads that take too long: a hung network mount otherwise stalls a run
+    without a word. Reads register with :meth:`reading`; a daemon thread, started with the
+    first read, warns about each read older than ``threshold_s`` (and again each time it
+    has waited that long once more), naming the file."""
+
+    def __init__(self, threshold_s: float = 60.0) -> None:
+        self._threshold_s = threshold_s
+        self._lock = threading.Lock()
+        self._reads: dict[int, tuple[str, float]] = {}
+        self._warned: dict[int, int] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def reading(self, path: str) -> Iterator[None]:
+        key = next(self._ids)
+
+        with self._lock:
+            self._reads[key] = (path, time.monotonic())
+
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="audio-read-watchdog", daemon=True)
+                self._thread.start()
+
+        try:
+            yield
+        finally:
+            with self._lock:
+                del self._reads[key]
+
+                self._warned.pop(key, None)
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(min(5.0, self._threshold_s / 4))
+
+            now = time.monotonic()
+
+            with self._lock:
+                stalled = []
+
+                for key, (path, start) in self._reads.items():
+                    periods = int((now - start) / self._threshold_s)
+
+                    if periods > self._warned.get(key, 0):
+                        self._warned[key] = periods
+
+                        stalled.append((path, now - start))
+
+            for path, waited in stalled:
+                log.warning(
+                    "Reading {} has taken {:.0f} s so far; the file system may be stalled (a hung network mount?).",
+                    path,
+                    waited,
+                )
+
+
+READ_WATCHDOG: Final = ReadWatchdog()
+"""The watchdog of every :class:`AudioLoader`: names a read after a minute."""
+
+
+@final
 class AudioLoader:
     """Maps the path of an utterance, relative to ``audio_dir``, to
     ``{"path": path, "file": full_path, "waveform": Tensor}`` or, if the file cannot be used,
@@ -83,6 +152,19 @@ class AudioLoader:
 
     def __call__(self, path: str) -> dict[str, Any]:
         full_path = str(self._audio_dir / path)
+
+        with READ_WATCHDOG.reading(full_path):
+            return self._load(path, full_path)
+
+    def _load(self, path: str, full_path: str) -> dict[str, Any]:
+        try:
+            mode = os.stat(full_path).st_mode
+        except OSError:
+            mode = None
+
+        if mode is not None and not stat.S_ISREG(mode):
+            # Reading a FIFO or a device would block the reader for good.
+            return {"path": path, "file": full_path, "error": "it is not a regular file (a FIFO, socket or device)"}
 
         try:
             data = self._file_mapper(path)["data"]

@@ -133,7 +133,8 @@ def _check(config: UnlabeledManifestConfig) -> None:
 def _list_audio(audio_dir: Path, extensions: Sequence[str]) -> list[Path]:
     suffixes = {f".{extension.lower().lstrip('.')}" for extension in extensions}
 
-    paths = sorted(path for path in audio_dir.rglob("*") if path.suffix.lower() in suffixes and path.is_file())
+    # Not only regular files: a FIFO or device is reported as a bad file instead of left out.
+    paths = sorted(path for path in audio_dir.rglob("*") if path.suffix.lower() in suffixes and not path.is_dir())
 
     if not paths:
         raise ManifestError(

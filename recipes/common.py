@@ -4,32 +4,41 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import socket
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Final
+from typing import IO, Final, TypeVar, final
 
 import torch
 from torch import Tensor
 from torch.nn import Module
+from typing_extensions import override
 
+# fairseq2.recipe must be imported before fairseq2.evaluator, which imports it back.
+from fairseq2.recipe.base import RecipeContext  # isort: skip
 from fairseq2.assets import AssetCard, AssetCardError
 from fairseq2.checkpoint import CheckpointDir
 from fairseq2.checkpoint.manager import CheckpointStateNotValidError
-from fairseq2.datasets import Seq2SeqBatch, SequenceBatch
-from fairseq2.device import CPU
+from fairseq2.datasets import DataReader, Seq2SeqBatch, SequenceBatch
+from fairseq2.device import CPU, SupportsDeviceTransfer
+from fairseq2.evaluator import EvalUnit
 from fairseq2.gang import broadcast_flag
 from fairseq2.logging import log
 from fairseq2.metrics import MetricBag, Sum, format_as_int
 from fairseq2.metrics.recorders import MetricDescriptor
 from fairseq2.models import load_model
-from fairseq2.recipe.base import RecipeContext
+from fairseq2.nn.data_parallel import get_data_parallel_facade
 from fairseq2.recipe.cli import register_cli_error
-from fairseq2.recipe.config import CosineAnnealingLRConfig
+from fairseq2.recipe.config import CommonSection, CosineAnnealingLRConfig, RegimeSection, TrainerSection
 from fairseq2.recipe.error import RecipeError
-from fairseq2.runtime.dependency import DependencyContainer
+from fairseq2.runtime.dependency import DependencyContainer, wire_object
+from fairseq2.task import Task
+from fairseq2.trainer import TrainUnit
 from fairseq2.utils.validation import ValidationResult
+from fairseq2.validator import StandardValidator
 
 from w2v_knnvq.data.audio_reading import BadAudioBudgetError
 from w2v_knnvq.runs import (
@@ -41,6 +50,8 @@ from w2v_knnvq.runs import (
     find_run_checkpoint,
 )
 from w2v_knnvq.wav2vec2.lengths import model_min_num_samples
+
+BatchT = TypeVar("BatchT", bound=SupportsDeviceTransfer)
 
 SKIPPED_AUDIO: Final = "num_skipped_audio"
 """The utterances whose audio could not be used (see :mod:`w2v_knnvq.data.audio_reading`)."""
@@ -377,3 +388,155 @@ def training_min_audio_len(min_audio_len: int | None, model: Module) -> int:
         )
 
     return min_audio_len
+
+
+def create_trainer(
+    context: RecipeContext,
+    train_unit: TrainUnit[BatchT],
+    train_reader: DataReader[BatchT],
+    valid_units: Sequence[EvalUnit[BatchT]] = (),
+    valid_readers: Sequence[DataReader[BatchT]] = (),
+) -> Task:
+    """fairseq2's trainer of ``context``, which first validates the step it resumes from if
+    that step was due for validation but has no record of it.
+
+    fairseq2 saves a checkpoint before it validates the step: a run killed in between
+    resumes after the step and never validates it, so that step has no validation figures
+    (and, with ``regime.score_metric``, no score: ``best`` cannot pick it and
+    ``keep_best_n_checkpoints`` may delete it).
+    """
+    trainer = context.create_trainer(train_unit, train_reader, list(valid_units), list(valid_readers))
+
+    if not valid_units:
+        return trainer
+
+    step = _unvalidated_resume_step(context)
+
+    if step is None:
+        return trainer
+
+    return _ValidateFirst(trainer, lambda: _validate_restored_step(context, step, valid_units, valid_readers))
+
+
+def _unvalidated_resume_step(context: RecipeContext) -> int | None:
+    """The step the run resumes from, if it was due for validation (every
+    ``validate_every_n_steps`` after ``validate_after_n_steps``, or the last step) and has
+    no record in ``metrics/valid.jsonl`` or, with a score metric, no score."""
+    checkpoints_dir = context.resolver.resolve(CheckpointDir).path or context.output_dir / "checkpoints"
+
+    last = _last_resumable_step(checkpoints_dir)
+
+    if last is None:
+        return None
+
+    step = last[0]
+
+    regime = context.resolver.resolve(RegimeSection)
+
+    every = regime.validate_every_n_steps
+
+    due = (every is not None and step > regime.validate_after_n_steps and step % every == 0) or step == regime.num_steps
+
+    if not due:
+        return None
+
+    if regime.score_metric is not None and not (checkpoints_dir / f"scores/step_{step}.txt").is_file():
+        return step
+
+    return None if step in _recorded_steps(context.output_dir / "metrics/valid.jsonl") else step
+
+
+def _recorded_steps(file: Path) -> set[int]:
+    """The steps of the records of a fairseq2 JSONL metrics file (a line cut by a kill is skipped)."""
+    steps: set[int] = set()
+
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return steps
+
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+        if isinstance(record, dict) and isinstance(record.get("Step"), int):
+            steps.add(record["Step"])
+
+    return steps
+
+
+def _validate_restored_step(
+    context: RecipeContext, step: int, units: Sequence[EvalUnit[BatchT]], readers: Sequence[DataReader[BatchT]]
+) -> None:
+    """Loads the model of ``step`` and validates it as the trainer would have: the same
+    units, readers, seed and precision, the record in ``metrics/valid.jsonl`` under ``step``
+    and, with a score metric, its score. The trainer then restores the whole state anew."""
+    log.info("Step {} was saved but not validated (the run stopped in between); validating it before training resumes.", step)  # fmt: skip
+
+    trainer_section = context.resolver.resolve(TrainerSection)
+
+    precision = trainer_section.mixed_precision
+
+    # As fairseq2's validator factory decides it.
+    if precision.mode == "static":
+        amp = context.gangs.root.size == 1 or trainer_section.data_parallelism != "fsdp"
+    else:
+        amp = precision.mode == "auto"
+
+    validator = wire_object(
+        context.resolver,
+        StandardValidator,
+        units=units,
+        data_readers=readers,
+        amp=amp,
+        amp_dtype=precision.dtype,
+        seed=context.resolver.resolve(CommonSection).seed + 3,
+    )
+
+    model = context.get_data_parallel_model()
+
+    facade = get_data_parallel_facade(model)
+
+    checkpoint_manager = context.get_checkpoint_manager()
+
+    checkpoint_manager.load_model_state(step, facade)
+
+    model.eval()
+
+    with facade.summon_full_parameters():
+        score = validator.run(step)
+
+    model.train()
+
+    if score is not None:
+        checkpoint_manager.save_score(step, score)
+
+
+@final
+class _ValidateFirst(Task):
+    """Runs ``validate``, then the trainer."""
+
+    def __init__(self, trainer: Task, validate: Callable[[], None]) -> None:
+        self._trainer = trainer
+        self._validate = validate
+
+    @override
+    def run(self) -> None:
+        self._validate()
+
+        self._trainer.run()
+
+    @override
+    def request_stop(self) -> None:
+        self._trainer.request_stop()
+
+    @property
+    @override
+    def step_nr(self) -> int:
+        return self._trainer.step_nr
+
+    @override
+    def close(self) -> None:
+        self._trainer.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cli import REPO_ROOT, last_record_per_step, recipe_command, recipe_env, run_recipe_command
+from tests.cli import REPO_ROOT, last_record_per_step, read_jsonl, recipe_command, recipe_env, run_recipe_command
 from tests.test_ssl_recipe import TINY_CPU_CONFIG, _write_synthetic_split
 
 NUM_STEPS = 12
@@ -44,7 +45,7 @@ def _command(output_dir: Path, manifest_dir: Path) -> list[str]:
         "dataset.max_audio_len=32000",
         "dataset.max_num_elements=64000",
         f"regime.num_steps={NUM_STEPS}",
-        f"regime.validate_every_n_steps={NUM_STEPS}",
+        f"regime.validate_every_n_steps={CHECKPOINT_EVERY}",
         f"regime.checkpoint_every_n_steps={CHECKPOINT_EVERY}",
         "regime.publish_metrics_every_n_steps=1",
         "regime.keep_last_n_checkpoints=null",
@@ -115,9 +116,20 @@ def test_killed_run_resumes_with_the_losses_of_the_uninterrupted_run(small_manif
 
     resume_step = _leave_interrupted_save(output_dir / "checkpoints")
 
+    # fairseq2 saves a step before it validates it: as a kill between the two leaves it.
+    valid_file = output_dir / "metrics/valid.jsonl"
+
+    if valid_file.exists():
+        kept = [line for line in valid_file.read_text().splitlines(keepends=True) if json.loads(line)["Step"] != resume_step]  # fmt: skip
+
+        valid_file.write_text("".join(kept))
+
     result = run_recipe_command(_command(output_dir, small_manifest_dir))
 
-    assert f"Restoring training from the last checkpoint at step {resume_step}." in result.stdout + result.stderr
+    log = result.stdout + result.stderr
+
+    assert f"Restoring training from the last checkpoint at step {resume_step}." in log
+    assert f"Step {resume_step} was saved but not validated (the run stopped in between); validating it before training resumes." in log  # fmt: skip
 
     resumed = last_record_per_step(output_dir / "metrics/train.jsonl")
 
@@ -126,6 +138,19 @@ def test_killed_run_resumes_with_the_losses_of_the_uninterrupted_run(small_manif
     for step in range(resume_step + 1, NUM_STEPS + 1):
         for name in ("Loss", "Contrastive Loss", "Quantizer Loss", "Gradient Norm"):
             assert math.isclose(resumed[step][name], reference[step][name], rel_tol=1e-5, abs_tol=1e-6), (step, name)
+
+    # The restored step is validated as the uninterrupted run validated it, once.
+    reference_valid = {record["Step"]: record for record in read_jsonl(reference_dir / "metrics/valid.jsonl")}
+    resumed_valid = [record["Step"] for record in read_jsonl(valid_file)]
+
+    assert sorted(resumed_valid) == sorted(reference_valid) == list(range(CHECKPOINT_EVERY, NUM_STEPS + 1, CHECKPOINT_EVERY))  # fmt: skip
+
+    for record in read_jsonl(valid_file):
+        for name in ("Loss", "Accuracy", "Codebook Usage", "Code Perplexity"):
+            assert record[name] == pytest.approx(reference_valid[record["Step"]][name], rel=1e-5), (
+                record["Step"],
+                name,
+            )
 
     assert (output_dir / f"checkpoints/step_{NUM_STEPS}").is_dir()
 

@@ -28,7 +28,7 @@ from w2v_knnvq.image.data import list_image_files
 from w2v_knnvq.image.reader import ImageBatch, ImageFolderReader
 from w2v_knnvq.quantizer import METHODS
 
-from ..common import check_resume, check_warmup, register_checkpoint_save_errors
+from ..common import check_resume, check_warmup, create_trainer, register_checkpoint_save_errors
 from .config import (
     ImageVqaeRecipeConfig,
     method_peak_lr,
@@ -212,7 +212,8 @@ class ImageVqaeRecipe(Recipe):
 
         valid_reader = make_reader(config.dataset.valid_split, False)
 
-        return context.create_trainer(
+        return create_trainer(
+            context,
             train_unit,
             make_reader(config.dataset.train_split, True),
             [ImageVqaeEvalUnit(data_parallel_model, smoothed)],

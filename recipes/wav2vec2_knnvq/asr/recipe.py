@@ -35,7 +35,13 @@ from fairseq2.trainer import TrainUnit
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset
 from w2v_knnvq.text import check_vocab_size, ctc_greedy_decode
 
-from ...common import check_resume, register_bad_audio_handling, register_checkpoint_save_errors, training_min_audio_len
+from ...common import (
+    check_resume,
+    create_trainer,
+    register_bad_audio_handling,
+    register_checkpoint_save_errors,
+    training_min_audio_len,
+)
 from .config import AsrRecipeConfig, FinetuneSection
 from .criterion import CtcCriterion, CtcOutput
 from .dataset import (
@@ -147,7 +153,7 @@ class AsrRecipe(Recipe):
 
         valid_unit = AsrEvalUnit(criterion, tokenizer.create_decoder())
 
-        return context.create_trainer(train_unit, train_reader, [valid_unit], [valid_reader])
+        return create_trainer(context, train_unit, train_reader, [valid_unit], [valid_reader])
 
     @override
     def setup_model(self, context: RecipeContext, model: Module, newly_initialized: bool) -> Module:

@@ -33,6 +33,7 @@ from w2v_knnvq.wav2vec2.lengths import model_conv_shapes, num_frames
 from ...common import (
     check_resume,
     check_warmup,
+    create_trainer,
     register_bad_audio_handling,
     register_checkpoint_save_errors,
     training_min_audio_len,
@@ -120,7 +121,7 @@ class SslRecipe(Recipe):
             max_audio_len=config.dataset.max_audio_len,
         )
 
-        return context.create_trainer(train_unit, train_reader, [valid_unit], [valid_reader])
+        return create_trainer(context, train_unit, train_reader, [valid_unit], [valid_reader])
 
     @override
     def setup_model(self, context: RecipeContext, model: Module, newly_initialized: bool) -> Module:

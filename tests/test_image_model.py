@@ -9,6 +9,7 @@ from fairseq2.composition import _register_library
 from fairseq2.error import InvalidOperationError
 from fairseq2.recipe.run import _swap_default_resolver
 from fairseq2.runtime.dependency import DependencyContainer, get_dependency_resolver
+from fairseq2.utils.validation import ValidationError
 
 from w2v_knnvq.image import (
     IMAGE_VQAE_ARCHS,
@@ -126,14 +127,19 @@ def test_config_errors_are_clear() -> None:
     config = get_image_vqae_config("tiny")
     config.quantizer = QuantizerConfig(input_dim=16, codebook_dim=16, codebook_size=64)
 
-    with pytest.raises(ValueError, match=r"input_dim.*latent channels 8"):
+    with pytest.raises(ValidationError, match=r"input_dim.*latent channels 8"):
         ImageVqaeModel(config)
 
     config = get_image_vqae_config("tiny")
     config.stage_sizes = [32, 8, 8]
 
-    with pytest.raises(ValueError, match="halve"):
+    with pytest.raises(ValidationError, match="halve"):
         ImageVqaeModel(config)
+
+    config = get_image_vqae_config("tiny")
+    config.quantizer.method = "bogus"
+
+    assert "`quantizer.method` must be one of ste-euclid, " in str(config.validate())
 
     with pytest.raises(ValueError, match=r"`arch` must be an image autoencoder architecture .*, but is 'f8' instead"):
         get_image_vqae_config("f8")

@@ -8,6 +8,7 @@ from typing import Final
 
 from fairseq2.runtime.config_registry import ConfigRegistrar
 from fairseq2.runtime.dependency import DependencyContainer
+from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.quantizer import QuantizerConfig
 
@@ -58,35 +59,42 @@ class ImageVqaeConfig:
         """Height and width h = w of the latent map ``(N, C, h, w)``."""
         return self.stage_sizes[-1]
 
-    def check(self) -> None:
-        """Raise :class:`ValueError` when the stages or the quantizer do not fit together.
+    def validate(self) -> ValidationResult:
+        """The stages and the quantizer must fit together (fairseq2 calls this when it
+        builds the model configuration, so a bad setting is a configuration error)."""
+        result = ValidationResult()
 
-        (Not named ``validate``: fairseq2 treats any config object with ``validate()`` as
-        returning its ``ValidationResult``.)
-        """
         if not self.stage_channels or len(self.stage_channels) != len(self.stage_sizes):
-            raise ValueError(
+            result.add_error(
                 "`stage_channels` and `stage_sizes` must be non-empty lists of equal length, "
                 f"but have lengths {len(self.stage_channels)} and {len(self.stage_sizes)} instead."
             )
 
+            return result
+
         previous = self.image_size
         for size in self.stage_sizes:
             if size not in (previous, previous // 2) or size < 1:
-                raise ValueError(
+                result.add_error(
                     "Each entry of `stage_sizes` must equal the previous size or halve it, starting "
                     f"from `image_size` ({self.image_size}), but `stage_sizes` is {self.stage_sizes} instead."
                 )
+
+                break
+
             previous = size
 
         if self.quantizer.input_dim != self.latent_channels:
-            raise ValueError(
+            result.add_error(
                 f"`quantizer.input_dim` must equal the latent channels {self.latent_channels} "
                 f"(the last entry of `stage_channels`), but is {self.quantizer.input_dim} instead; "
                 "override both together."
             )
 
-        self.quantizer.check()
+        for error in self.quantizer.errors():
+            result.add_error(f"`quantizer.{error[1:]}")
+
+        return result
 
 
 def _config(

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Conv2d, GroupNorm, Module, ModuleList, SiLU
 
+from fairseq2.utils.validation import ValidationError
+
 from w2v_knnvq.image.config import ImageVqaeConfig
 from w2v_knnvq.quantizer import QuantizerOutput, VectorQuantizer
 
@@ -216,7 +218,10 @@ class ImageVqaeModel(Module):
     def __init__(self, config: ImageVqaeConfig, *, device: torch.device | None = None) -> None:
         super().__init__()
 
-        config.check()
+        result = config.validate()
+
+        if result.has_error():
+            raise ValidationError(result)
 
         self.config = config
         self.encoder = ImageEncoder(config, device=device)

@@ -46,6 +46,7 @@ from w2v_knnvq.runs import (
     CheckpointStepNotFoundError,
     RunCheckpoint,
     RunCheckpointError,
+    check_card_checkpoint,
     check_checkpoint_files,
     find_run_checkpoint,
 )
@@ -354,11 +355,10 @@ def load_pretrained_state_dict(card: AssetCard, run: RunCheckpoint | None, sourc
     try:
         model = load_model(card, device=CPU, dtype=torch.float32)
     except AssetCardError:
-        if run is not None:
-            try:
-                check_checkpoint_files(run.model_dir)
-            except RunCheckpointError as ex:
-                raise RecipeError(f"The pretrained model {source} cannot be loaded: {ex}") from None
+        try:
+            check_card_checkpoint(card)
+        except RunCheckpointError as ex:
+            raise RecipeError(f"The pretrained model {source} cannot be loaded: {ex}") from None
 
         raise
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -382,3 +383,66 @@ def test_a_full_disk_names_the_folder_the_step_and_the_resume(manifest_dir: Path
         assert (checkpoints_dir / "step_4/trainer").is_dir()
     finally:
         subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_card_by_name_runs_no_code_in_the_feature_tool(
+    poisoned_run: tuple[Path, Path], manifest_dir: Path, tmp_path: Path
+) -> None:
+    """A user's asset card with ``restrict: false`` naming the planted checkpoint, loaded by
+    name through ``tools/extract_features.py``."""
+    run_dir, marker = poisoned_run
+
+    cards_dir = tmp_path / "cards"
+
+    cards_dir.mkdir()
+
+    (cards_dir / "shared.yaml").write_text(
+        "name: shared_model\n"
+        "model_family: wav2vec2_knnvq\n"
+        f"model_arch: {ARCH}\n"
+        f"checkpoint: {run_dir / f'checkpoints/step_{STEP}/model'}\n"
+        "restrict: false\n",
+        encoding="utf-8",
+    )
+
+    command = [sys.executable, "tools/extract_features.py", "shared_model", str(manifest_dir / "valid.tsv"), str(tmp_path / "features")]  # fmt: skip
+
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=recipe_env(FAIRSEQ2_USER_ASSET_DIR=str(cards_dir)), capture_output=True, text=True, timeout=150
+    )  # fmt: skip
+
+    assert result.returncode != 0
+    assert not marker.exists()
+    assert "sdp_00.pt: the pickle refers to `posix.mkdir`" in result.stdout + result.stderr
+
+
+def test_a_restricted_card_keeps_where_its_checkpoint_is() -> None:
+    """Relative to the card's file, absolute with spaces and accents, or a URI of any scheme."""
+    from fairseq2.assets import AssetCard
+
+    from w2v_knnvq.runs import restricted_card
+
+    def checkpoint(card: AssetCard) -> str:
+        restricted = restricted_card(card)
+
+        assert restricted.field("restrict").as_(bool) is True
+
+        return restricted.field("checkpoint").as_(str)
+
+    cards = Path("/shared/cards")
+
+    relative = AssetCard("relative", {"checkpoint": "models/step_2/model", "restrict": False, "__base_path__": cards})
+
+    assert checkpoint(relative) == "file:///shared/cards/models/step_2/model"
+
+    derived = AssetCard("derived", {"model_arch": ARCH}, base=relative)
+
+    assert checkpoint(derived) == "file:///shared/cards/models/step_2/model"
+
+    assert (
+        checkpoint(AssetCard("spaces", {"checkpoint": "/data/my runs/écoute/model"}))
+        == "file:///data/my runs/écoute/model"
+    )
+
+    for uri in ("https://example.org/model.pt", "hg://facebook/wav2vec2-base", "file:///data/model"):
+        assert checkpoint(AssetCard("remote", {"checkpoint": uri})) == uri

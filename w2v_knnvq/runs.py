@@ -34,6 +34,7 @@ from fairseq2.device import CPU, Device
 from fairseq2.model_checkpoint import CorruptModelCheckpointError
 from fairseq2.models import ModelHub
 from fairseq2.runtime.dependency import get_dependency_resolver
+from fairseq2.utils.uri import Uri
 
 from w2v_knnvq import restricted_pickle
 from w2v_knnvq.files import card_file_uri
@@ -190,13 +191,9 @@ def find_run_checkpoint(path: Path, *, checkpoint: CheckpointChoice | None = Non
         card = store.maybe_retrieve_card(name)
 
         if card is not None:
-            model_dir = Path(card.field("checkpoint").as_(str))
+            step = int(Path(card.field("checkpoint").as_(str)).parent.name.removeprefix("step_"))
 
-            step = int(model_dir.parent.name.removeprefix("step_"))
-
-            return RunCheckpoint(
-                card=restricted_card(card, model_dir=model_dir), checkpoints_dir=checkpoints_dir, step=step
-            )
+            return RunCheckpoint(card=restricted_card(card), checkpoints_dir=checkpoints_dir, step=step)
 
     raise CheckpointStepNotFoundError(checkpoints_dir, None, steps)
 
@@ -227,7 +224,7 @@ def load_run_model(
         model = hub.load_model(run.card, device=device, dtype=dtype, config=config)
     except (AssetCardError, ValueError) as ex:
         # A file that the weights-only unpickler refused: name the global it refers to.
-        check_checkpoint_files(run.model_dir)
+        check_card_checkpoint(run.card)
 
         # fairseq2 wraps a state dict that does not fit the model (and the family's own
         # checkpoint check) in an asset card error; its cause says which tensors differ.
@@ -247,20 +244,35 @@ def load_run_model(
     return model
 
 
-def restricted_card(card: AssetCard, *, model_dir: Path | None = None) -> AssetCard:
+def restricted_card(card: AssetCard) -> AssetCard:
     """``card`` whose checkpoint loads with torch's weights-only unpickler.
 
     fairseq2 switches the restriction off for a card with ``restrict: false``; a run
     directory or a downloaded card must not be able to do that, so every card that this
-    project loads a model from passes through here.
-
-    :param model_dir: The local checkpoint of ``card``, which then names it with
-        :func:`~w2v_knnvq.files.card_file_uri` (a path with a space or a non-ASCII letter).
+    project loads a model from passes through here. A local ``checkpoint`` path (relative
+    ones resolved against the card's file, as fairseq2 resolves them) is named with
+    :func:`~w2v_knnvq.files.card_file_uri`, so that a path with a space or a non-ASCII
+    letter is found.
     """
     fields: dict[str, object] = {"restrict": True}
 
-    if model_dir is not None:
-        fields["checkpoint"] = card_file_uri(model_dir)
+    holder: AssetCard | None = card
+
+    while holder is not None and "checkpoint" not in holder.metadata:
+        holder = holder.base
+
+    if holder is not None:
+        value = holder.metadata["checkpoint"]
+
+        if isinstance(value, str) and Uri.maybe_parse(value) is None:
+            path = Path(value)
+
+            base_path = holder.metadata.get("__base_path__")
+
+            if not path.is_absolute() and isinstance(base_path, Path):
+                path = base_path / path
+
+            fields["checkpoint"] = card_file_uri(path)
 
     return AssetCard(card.name, fields, base=card)
 
@@ -286,15 +298,35 @@ def load_restricted(file: Path) -> object:
         ) from ex
 
 
-def check_checkpoint_files(step_dir: Path) -> None:
-    """Reads every ``.pt`` file of a saved step with :func:`load_restricted`, so that a
-    resume that unpickles them (fairseq2 loads the trainer, optimizer and data-reader
-    states unrestricted) never meets one that runs code.
+def check_checkpoint_files(path: Path) -> None:
+    """Reads the ``.pt`` file ``path``, or every one in the directory ``path`` (a saved
+    step), with :func:`load_restricted`, so that a resume that unpickles them (fairseq2 loads
+    the trainer, optimizer and data-reader states unrestricted) never meets one that runs code.
 
     :raises UnsafeCheckpointError: naming the first file that refers to a forbidden global.
     """
-    for file in sorted(step_dir.rglob("*.pt")):
+    for file in [path] if path.is_file() else sorted(path.rglob("*.pt")):
         load_restricted(file)
+
+
+def check_card_checkpoint(card: AssetCard) -> None:
+    """After the weights-only unpickler refused the checkpoint of ``card``: if it is a local
+    file or directory, names the file and the global that made it refuse.
+
+    :raises UnsafeCheckpointError: if a file of the checkpoint refers to a forbidden global.
+    """
+    field = card.maybe_get_field("checkpoint")
+
+    if field is None:
+        return
+
+    try:
+        uri = field.as_uri()
+    except AssetCardError:
+        return
+
+    if uri.scheme == "file" and (path := uri.to_path()).exists():
+        check_checkpoint_files(path)
 
 
 def _load_checkpoint_cards(checkpoints_dir: Path) -> StandardAssetStore:

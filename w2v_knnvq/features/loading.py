@@ -16,7 +16,14 @@ from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY, Wav2Vec2Config, Wav2Vec2Mo
 from fairseq2.runtime.dependency import get_dependency_resolver
 from fairseq2.utils.validation import ValidationError
 
-from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError, find_run_checkpoint, load_run_model, restricted_card
+from w2v_knnvq.runs import (
+    RunCheckpoint,
+    RunCheckpointError,
+    check_card_checkpoint,
+    find_run_checkpoint,
+    load_run_model,
+    restricted_card,
+)
 from w2v_knnvq.wav2vec2 import (
     WAV2VEC2_KNNVQ_FAMILY,
     Wav2Vec2KnnVqConfig,
@@ -127,7 +134,16 @@ def _load_card_model(
 ) -> PretrainedModel:
     config = _config_from_card(hub, card)
 
-    model = hub.load_model(card, config=config, device=device, dtype=dtype)
+    try:
+        model = hub.load_model(card, config=config, device=device, dtype=dtype)
+    except AssetCardError:
+        # A file that the weights-only unpickler refused: name the global it refers to.
+        try:
+            check_card_checkpoint(card)
+        except RunCheckpointError as ex:
+            raise PretrainedModelError(str(ex)) from None
+
+        raise
 
     return _ready(model, config, card.name, normalize_audio=False)
 

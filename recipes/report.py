@@ -11,7 +11,6 @@ and Table 2. The Figure 2 histograms that sit beside each JSON are linked below 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from w2v_knnvq.image.evaluation import format_image_tables, image_table_row
 from w2v_knnvq.report import UsageTableRow, format_codebook_table, speech_table_row
+from w2v_knnvq.tool import tool_parser
 
 HISTOGRAMS = ("per_utterance_usage.png", "per_image_usage.png", "code_popularity.png")
 
@@ -79,7 +79,7 @@ def gather(files: Sequence[Path]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("evaluations", nargs="+", type=Path, help="evaluation.json files or folders holding them")
     parser.add_argument("-o", "--output", type=Path, help="write the Markdown here (default: print it)")
     args = parser.parse_args(argv)

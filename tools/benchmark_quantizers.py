@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from w2v_knnvq.tool import tool_parser
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 sys.path.insert(0, str(REPO_ROOT))
@@ -471,7 +473,7 @@ def cost_table(args: argparse.Namespace, device: torch.device) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
         "--tables",

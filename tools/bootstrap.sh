@@ -11,6 +11,13 @@ REQUIRED_PACKAGES=(libsndfile1)
 # bundled corpus; its test is skipped without them.
 CORPUS_PACKAGES=(espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts bible-kjv)
 
+if ! "$PYTHON" -c 'import sys; sys.exit(not (3, 10) <= sys.version_info[:2] <= (3, 12))'; then
+    echo "Python 3.10, 3.11 or 3.12 is required (fairseq2n 0.8.1 ships wheels for those only, flashlight-text none for 3.13);" >&2
+    echo "'$PYTHON' is $("$PYTHON" --version 2>&1). Install Python 3.12 (on Debian 13: \`uv python install 3.12\` or pyenv)" >&2
+    echo "and run: make PYTHON=python3.12 ..." >&2
+    exit 1
+fi
+
 missing_packages() {
     for package in "$@"; do
         if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then
@@ -36,11 +43,6 @@ if [ ${#missing[@]} -gt 0 ]; then
         echo "Optional packages for rebuilding the bundled corpus are missing (its test is skipped):" >&2
         echo "  sudo apt-get install -y --no-install-recommends ${missing[*]}" >&2
     fi
-fi
-
-if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
-    echo "Python >= 3.10 is required; '$PYTHON' is $("$PYTHON" --version 2>&1). Run: make PYTHON=python3.11 ..." >&2
-    exit 1
 fi
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -13,7 +13,6 @@ epoch, then the value that comes closest to the target and the steps of one epoc
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from fairseq2.gang import FakeGang, Gangs  # noqa: E402
 
 from w2v_knnvq.data.manifest import ManifestError  # noqa: E402
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, SpeechReadOptions  # noqa: E402
+from w2v_knnvq.tool import tool_parser  # noqa: E402
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,7 +82,7 @@ def calibrate(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("manifest", type=Path, help="the training split's .tsv")
     parser.add_argument("--utterances-per-step", type=float, required=True, help="the target, e.g. 128")
     parser.add_argument("--ranks", type=int, default=1, help="data-parallel ranks")

@@ -39,6 +39,7 @@ from w2v_knnvq.image.evaluation import (
 from w2v_knnvq.image.metrics import ImageFeatureFn, make_fid_features, make_inception_probabilities
 from w2v_knnvq.report import UsageTableRow
 from w2v_knnvq.runs import CheckpointChoice, RunCheckpoint, RunCheckpointError, find_run_checkpoint, load_run_model
+from w2v_knnvq.tool import tool_parser
 
 
 def _checkpoint_choice(value: str) -> CheckpointChoice | Path:
@@ -173,7 +174,7 @@ def _table(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     evaluate = commands.add_parser("evaluate", help="evaluate one training run")

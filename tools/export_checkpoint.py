@@ -29,6 +29,7 @@ from pathlib import Path
 
 from w2v_knnvq.export import EXPORT_FORMATS, ExportError, export_source, load_export_source
 from w2v_knnvq.runs import CheckpointChoice, RunCheckpointError
+from w2v_knnvq.tool import tool_parser
 
 
 def _checkpoint_choice(value: str) -> CheckpointChoice:
@@ -42,7 +43,7 @@ def _checkpoint_choice(value: str) -> CheckpointChoice:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
 
     parser.add_argument(
         "model",

@@ -1,17 +1,22 @@
 """Extracts CNN features, Transformer layer outputs and discrete codes of a pretrained
 ``wav2vec2_knnvq`` model, or of fairseq2's ``wav2vec2`` family, for a manifest or a
-directory of audio, into resumable shards or one file per utterance.
+directory of audio, into resumable shards, one file per utterance, or the layout of
+fairseq's HuBERT k-means scripts.
 
 Examples::
 
     python tools/extract_features.py OUT_DIR manifests/dev-clean.tsv features/dev-clean --layers 6 -1
     python tools/extract_features.py OUT_DIR/checkpoints/step_5000 audio_dir/ features/ --format pt
     python tools/extract_features.py wav2vec2_base manifests/dev-clean.tsv features/ --layout per-utterance
+    python tools/extract_features.py OUT_DIR manifests/train.tsv features/ --layers 5 --layout fairseq --nshard 4 --rank 0
 
 ``--layout per-utterance`` writes ``features/layer6/<utterance id>.npy`` ``(T, D)`` per
-kind (``cnn``, ``layer{L}``, ``codes``), the directories that ABX evaluations and k-means
-unit pipelines read. Rerunning the same command after an interruption skips the finished
-shards or utterances.
+kind (``cnn``, ``layer{L}``, ``codes``), the directories that ABX evaluations read.
+``--layout fairseq`` writes ``features/layer6/{split}_{rank}_{nshard}.npy`` (the part's
+frames, concatenated) and ``.len`` (frames per utterance), what fairseq's ``learn_kmeans.py``
+and ``tools/learn_units.py`` read; ``--nshard N --rank R`` extracts the R-th of N contiguous
+parts of the manifest (run R = 0 .. N-1, in parallel if you like). Rerunning the same command
+after an interruption skips the finished shards, utterances or parts.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from fairseq2.device import Device
 
 from w2v_knnvq.data.manifest import ManifestError
 from w2v_knnvq.features import AudioInputError, PretrainedModelError, SpeechFeatureExtractor, load_pretrained_model
+from w2v_knnvq.features.fairseq_layout import extract_fairseq_part
 from w2v_knnvq.features.shards import (
     ShardExtractionError,
     ShardSettings,
@@ -36,12 +42,13 @@ from w2v_knnvq.features.shards import (
     list_utterances,
 )
 from w2v_knnvq.features.utterance_files import extract_per_utterance
+from w2v_knnvq.tool import tool_parser
 
 DEFAULT_SHARD_SIZE = 256
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
 
     parser.add_argument(
         "model",
@@ -67,9 +74,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--format", choices=("npy", "pt"), default="npy", help="file format (default: npy)")
     parser.add_argument(
         "--layout",
-        choices=("shards", "per-utterance"),
+        choices=("shards", "per-utterance", "fairseq"),
         default="shards",
-        help="shards of --shard-size utterances, or one file per utterance and kind (default: shards)",
+        help="shards of --shard-size utterances, one file per utterance and kind, or fairseq's "
+        "{split}_{rank}_{nshard}.npy + .len per kind (default: shards)",
+    )
+    parser.add_argument("--nshard", type=int, help="with --layout fairseq: the number of parts (default: 1)")
+    parser.add_argument(
+        "--rank", type=int, help="with --layout fairseq: the part to extract, 0 .. nshard-1 (default: 0)"
+    )
+    parser.add_argument(
+        "--split",
+        help="with --layout fairseq: the split name of the files (default: the manifest's or directory's name)",
     )
     parser.add_argument(
         "--shard-size", type=int, help=f"utterances per shard, with --layout shards (default: {DEFAULT_SHARD_SIZE})"
@@ -91,8 +107,14 @@ def _check_layout_options(args: argparse.Namespace) -> None:
     if args.layout == "per-utterance" and args.shard_size is not None:
         raise ValueError("--shard-size applies to --layout shards only; drop it.")
 
-    if args.layout == "shards" and args.utterance_ids is not None:
+    if args.layout != "per-utterance" and args.utterance_ids is not None:
         raise ValueError("--utterance-ids applies to --layout per-utterance only; drop it.")
+
+    if args.layout == "fairseq" and args.shard_size is not None:
+        raise ValueError("--shard-size applies to --layout shards only; drop it.")
+
+    if args.layout != "fairseq" and (args.nshard, args.rank, args.split) != (None, None, None):
+        raise ValueError("--nshard, --rank and --split apply to --layout fairseq only; drop them.")
 
 
 def _settings(args: argparse.Namespace, model: str, layers: list[int]) -> ShardSettings:
@@ -102,7 +124,7 @@ def _settings(args: argparse.Namespace, model: str, layers: list[int]) -> ShardS
         codes=not args.no_codes,
         shard_format=args.format,
         shard_size=DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
-        layout=args.layout,
+        layout="shards" if args.layout == "fairseq" else args.layout,
         utterance_ids="stem" if args.utterance_ids is None else args.utterance_ids,
     )
 
@@ -111,6 +133,26 @@ def _extract(
     args: argparse.Namespace, extractor: SpeechFeatureExtractor, utterances: list[Utterance], settings: ShardSettings
 ) -> str:
     """Writes the output directory. :returns: What was written, for the log."""
+    if args.layout == "fairseq":
+        nshard, rank = args.nshard or 1, args.rank or 0
+
+        split = args.split or (args.input.stem if args.input.is_file() else args.input.name)
+
+        part = extract_fairseq_part(
+            extractor,
+            utterances,
+            args.output_dir,
+            settings,
+            split=split,
+            nshard=nshard,
+            rank=rank,
+            batch_size=args.batch_size,
+        )
+
+        written = "written" if part.written else "complete already"
+
+        return f"part {rank} of {nshard} of {split}: {part.num_utterances} utterances, {part.num_frames} frames ({written}) in {args.output_dir}/<kind>/{split}_{rank}_{nshard}.npy"
+
     if settings.layout == "per-utterance":
         files = extract_per_utterance(extractor, utterances, args.output_dir, settings, batch_size=args.batch_size)
 

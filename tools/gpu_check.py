@@ -43,6 +43,7 @@ from benchmark_quantizers import LAYOUTS, interleaved_timings, median_ratio  # n
 
 from w2v_knnvq.quantizer import METHOD_NAMES, METHODS, QuantizerConfig, VectorQuantizer  # noqa: E402
 from w2v_knnvq.quantizer import assign as assign_module  # noqa: E402
+from w2v_knnvq.tool import tool_parser  # noqa: E402
 
 RESULTS: list[tuple[str, str, bool]] = []
 
@@ -440,7 +441,7 @@ CHECKS = {
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--checks", nargs="+", choices=list(CHECKS), default=list(CHECKS))
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default: 5)")

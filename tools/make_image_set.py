@@ -11,12 +11,13 @@ Example::
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from w2v_knnvq.tool import tool_parser
 
 
 def _photos() -> dict[str, Callable[[], np.ndarray]]:
@@ -93,7 +94,7 @@ def make_image_set(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("output_dir", type=Path, help="root of the ImageNet-layout set to write")
     parser.add_argument("--size", type=int, default=64, help="side of the square crops (default: 64)")
     parser.add_argument("--train-per-class", type=int, default=24)

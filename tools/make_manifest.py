@@ -26,10 +26,11 @@ from w2v_knnvq.data.manifest import (
     make_manifest,
 )
 from w2v_knnvq.data.unlabeled import UnlabeledManifestConfig, make_unlabeled_manifests
+from w2v_knnvq.tool import tool_parser
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
 
     parser.add_argument(
         "corpus_dir",

@@ -20,7 +20,6 @@ Example (the bundled test corpus)::
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 import shutil
@@ -41,6 +40,7 @@ import torchaudio.functional
 
 from w2v_knnvq.data.audio_check import SAMPLE_RATE
 from w2v_knnvq.data.progress import ProgressLine
+from w2v_knnvq.tool import tool_parser
 
 LM_TEXT_FILE = "lm_text.txt"
 """The text for a language model, next to ``SPEAKERS.txt``."""
@@ -479,7 +479,7 @@ def _write_speakers_file(output_dir: Path, speakers: list[Speaker]) -> None:
 
 
 def _parse_args(argv: Sequence[str] | None) -> CorpusConfig:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
 
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)

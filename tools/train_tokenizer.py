@@ -24,10 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from w2v_knnvq.text.tokenizer import load_ctc_tokenizer, read_transcripts, train_char_tokenizer
+from w2v_knnvq.tool import tool_parser
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
 
     parser.add_argument(
         "transcripts",

@@ -25,7 +25,6 @@ The corpus needs the TTS engines (``tools/bootstrap.sh`` installs them as root).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
@@ -47,6 +46,7 @@ from w2v_knnvq.text import (
     write_arpa,
     write_lexicon,
 )
+from w2v_knnvq.tool import tool_parser
 
 from .demo import REPO_ROOT, pretrain_command
 
@@ -270,7 +270,7 @@ def _check_run(result: subprocess.CompletedProcess[bytes] | subprocess.Completed
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "asr_demo")
     parser.add_argument("--arch", default=DEFAULT_ARCH, help="the wav2vec2_knnvq architecture (default: %(default)s)")
     parser.add_argument("--pretrain-steps", type=int, default=1000)

@@ -19,7 +19,6 @@ their checkpoints for fine-tuning and feature extraction, and a rerun resumes th
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from fairseq2.device import CPU
 
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.runs import find_run_checkpoint
+from w2v_knnvq.tool import tool_parser
 
 from .ssl.evaluate import SplitEvaluation, evaluate_run, run_method
 
@@ -220,7 +220,7 @@ def result_table(results: Sequence[MethodResult], num_steps: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "demo")
     parser.add_argument("--num-steps", type=int, default=400)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), help="quantizer methods, one run each")

@@ -13,12 +13,12 @@ a rerun resumes finished runs instantly.
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from w2v_knnvq.quantizer import METHOD_NAMES, METHODS
+from w2v_knnvq.tool import tool_parser
 
 from ..report import find_evaluations, gather
 from .demo import PRESET, REPO_ROOT, PretrainingRun, evaluate_all, pretrain_all, result_table, write_manifests
@@ -45,7 +45,7 @@ def study_runs(methods: Sequence[str], knn_ks: Sequence[int]) -> list[Pretrainin
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = tool_parser(__doc__)
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "study")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_NAMES))
     parser.add_argument("--k", type=int, nargs="+", default=[2], help="K values of the KNN methods")

@@ -110,6 +110,21 @@ class SpeechFeatureExtractor:
         return len(self.model.encoder.layers)
 
     @property
+    def codebook_shape(self) -> tuple[int, int]:
+        """``(G, V)``: the codebooks of the model's quantizer and the entries of each."""
+        quantizer = self.model.quantizer
+
+        if isinstance(quantizer, VectorQuantizer):
+            return quantizer.config.num_codebooks, quantizer.config.codebook_size
+
+        if isinstance(quantizer, GumbelWav2Vec2VectorQuantizer):
+            return quantizer.num_codebooks, quantizer.num_codebook_entries
+
+        raise TypeError(
+            f"The quantizer must be a `VectorQuantizer` or a `GumbelWav2Vec2VectorQuantizer`, but is a `{type(quantizer).__name__}` instead."
+        )
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 

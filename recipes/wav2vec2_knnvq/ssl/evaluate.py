@@ -15,7 +15,6 @@ holds the tables of all splits.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -39,6 +38,7 @@ from w2v_knnvq.features.extractor import FrameCodes
 from w2v_knnvq.quantizer import CodebookUsage, CodebookUsageReport
 from w2v_knnvq.report import UTTERANCE, UsageTableRow, format_codebook_table, save_usage_histograms
 from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError, find_run_checkpoint, load_run_model
+from w2v_knnvq.tool import tool_parser
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_FAMILY, get_wav2vec2_knnvq_model_hub
 
 from .criterion import SslCriterion, SslLossSection, adapt_pretraining_model
@@ -240,11 +240,7 @@ def evaluate_run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m recipes.wav2vec2_knnvq.ssl.evaluate",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = tool_parser(__doc__, prog="python -m recipes.wav2vec2_knnvq.ssl.evaluate")
     parser.add_argument("run_dir", type=Path, help="pretraining output directory, or a checkpoint in it")
     parser.add_argument("--manifest-dir", type=Path, required=True, help="folder with {split}.tsv")
     parser.add_argument("--splits", nargs="+", required=True, help="manifest names, e.g. dev-clean test-clean")

@@ -171,3 +171,65 @@ def test_command_line(tmp_path: Path) -> None:
 
     missing_splits = subprocess.run(command[:3] + ["--output-dir", str(tmp_path / "x")], capture_output=True, text=True)
     assert missing_splits.returncode == 2 and "`--splits` must name at least one split folder" in missing_splits.stderr
+
+
+def test_long_recordings_become_windows_that_are_read_alone(tmp_path: Path) -> None:
+    """A 10-minute and a 20-second recording in 15 s windows (the last one kept only if at
+    least 2 s long): a window reads the same samples as the whole file holds there, and the
+    memory a read takes does not grow with the file's length."""
+    import tracemalloc
+
+    from w2v_knnvq.data.audio_reading import AudioLoader
+    from w2v_knnvq.features.audio_input import read_audio
+
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+
+    rng = np.random.default_rng(3)
+
+    long_samples = (0.1 * rng.standard_normal(600 * 16_000)).astype(np.float32)
+    soundfile.write(audio_dir / "long.flac", long_samples, 16_000)
+    soundfile.write(audio_dir / "short.flac", long_samples[: 20 * 16_000 + 8_000], 16_000)  # 20.5 s
+
+    manifests = make_unlabeled_manifests(
+        _config(audio_dir, tmp_path / "out", extensions=["flac"], valid_percent=0.0, segment_seconds=15.0)
+    )
+
+    root, entries = read_manifest(manifests.train_path)
+
+    # 600 s: 40 windows; 20.5 s: one window of 15 s, the last 5.5 s kept (>= 2 s).
+    assert len(entries) == 42
+    assert entries[0] == ("long.flac:0:240000", 240_000)
+    assert entries[-1] == ("short.flac:240000:88000", 88_000)
+
+    loader = AudioLoader(root)
+
+    def peak_bytes(entry: str) -> tuple[int, np.ndarray]:
+        tracemalloc.start()
+
+        try:
+            loaded = loader(entry)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+
+        return peak, loaded["waveform"].numpy()
+
+    near_end = f"long.flac:{590 * 16_000}:{10 * 16_000}"
+
+    long_peak, window = peak_bytes(near_end)
+    short_peak, _ = peak_bytes(f"short.flac:{10 * 16_000}:{10 * 16_000}")
+
+    np.testing.assert_allclose(window, long_samples[590 * 16_000 :], atol=1e-4)
+
+    # Ten seconds are 640 kB of float32; the 10-minute file alone would be 38 MB.
+    assert long_peak < 4 * 640_000
+    assert long_peak < 2 * short_peak + 200_000
+
+    waveform, sample_rate = read_audio(root / near_end)
+
+    assert sample_rate == 16_000
+    np.testing.assert_array_equal(waveform.numpy(), window)
+
+    with pytest.raises(ManifestError, match=r"`min_segment_seconds` must be in \(0, `segment_seconds` \(1.0\)\]"):
+        make_unlabeled_manifests(_config(audio_dir, tmp_path / "bad", segment_seconds=1.0, min_segment_seconds=2.0))

@@ -51,6 +51,17 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--valid-percent", type=float, default=0.01, help="with --unlabeled: fraction of files for valid.tsv"
     )
     parser.add_argument("--seed", type=int, default=1, help="with --unlabeled: seeds the validation draw")
+    parser.add_argument(
+        "--segment-seconds",
+        type=float,
+        help="with --unlabeled: write each file as consecutive windows of this length (long recordings)",
+    )
+    parser.add_argument(
+        "--min-segment-seconds",
+        type=float,
+        default=2.0,
+        help="with --segment-seconds: leave out a last window shorter than this (default: 2)",
+    )
     parser.add_argument("--name", help="manifest base name (default: the split name if only one split)")
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--sample-rate", type=int, default=SAMPLE_RATE, help="required rate in Hz")
@@ -76,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.unlabeled:
         return _make_unlabeled(args)
+
+    if args.segment_seconds is not None:
+        print("error: `--segment-seconds` applies to --unlabeled manifests only; drop it.", file=sys.stderr)
+
+        return 2
 
     if not args.splits:
         print("error: `--splits` must name at least one split folder (or give --unlabeled).", file=sys.stderr)
@@ -112,6 +128,8 @@ def _make_unlabeled(args: argparse.Namespace) -> int:
         skip_bad=args.skip_bad,
         full_decode=args.full_decode,
         num_workers=args.num_workers,
+        segment_seconds=args.segment_seconds,
+        min_segment_seconds=args.min_segment_seconds,
     )
 
     def write() -> str:

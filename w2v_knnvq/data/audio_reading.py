@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, final
+from typing import Any, Final, cast, final
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from fairseq2.data.data_pipeline import FileMapper
 from fairseq2.logging import log
 
 from w2v_knnvq.data.audio_check import SAMPLE_RATE
+from w2v_knnvq.data.windows import AudioWindow, parse_window, read_window
 
 DEFAULT_MAX_BAD_AUDIO_FRACTION: Final = 0.001
 
@@ -151,12 +152,16 @@ class AudioLoader:
         self._decoder = AudioDecoder(dtype=torch.float32)
 
     def __call__(self, path: str) -> dict[str, Any]:
-        full_path = str(self._audio_dir / path)
+        """:param path: A manifest entry's path: a file, or a window of one
+        (:mod:`w2v_knnvq.data.windows`), of which only the window is decoded."""
+        window = parse_window(path)
+
+        full_path = str(self._audio_dir / (path if window is None else window.path))
 
         with READ_WATCHDOG.reading(full_path):
-            return self._load(path, full_path)
+            return self._load(path, full_path, window)
 
-    def _load(self, path: str, full_path: str) -> dict[str, Any]:
+    def _load(self, path: str, full_path: str, window: AudioWindow | None) -> dict[str, Any]:
         try:
             mode = os.stat(full_path).st_mode
         except OSError:
@@ -165,6 +170,9 @@ class AudioLoader:
         if mode is not None and not stat.S_ISREG(mode):
             # Reading a FIFO or a device would block the reader for good.
             return {"path": path, "file": full_path, "error": "it is not a regular file (a FIFO, socket or device)"}
+
+        if window is not None:
+            return self._load_window(path, full_path, window)
 
         try:
             data = self._file_mapper(path)["data"]
@@ -186,6 +194,26 @@ class AudioLoader:
             waveform = check_decoded_audio(decoded)
         except AudioCheckError as ex:
             return {"path": path, "file": full_path, "error": str(ex)}
+
+        return {"path": path, "file": full_path, "waveform": waveform}
+
+    def _load_window(self, path: str, full_path: str, window: AudioWindow) -> dict[str, Any]:
+        if not Path(full_path).exists():
+            return {"path": path, "file": full_path, "error": "it does not exist"}
+
+        try:
+            samples, sample_rate = read_window(Path(full_path), window.start, window.length)
+        except RuntimeError:
+            reason = "its window cannot be decoded as audio; it may be truncated or corrupt"
+
+            return {"path": path, "file": full_path, "error": reason}
+
+        decoded = {"waveform": torch.from_numpy(samples), "sample_rate": float(sample_rate), "format": 0}
+
+        try:
+            waveform = check_decoded_audio(cast(AudioDecoderOutput, decoded))
+        except AudioCheckError as ex:
+            return {"path": path, "file": f"{full_path} (window {window.start}:{window.length})", "error": str(ex)}
 
         return {"path": path, "file": full_path, "waveform": waveform}
 

@@ -4,6 +4,10 @@ Every file with one of the given extensions is checked like a LibriSpeech file (
 at the sample rate, mono, non-empty, its end decodable) by several threads, and the usable ones
 are split at random, with a seed, into ``{train_name}.tsv`` and ``{valid_name}.tsv``. No
 transcripts: pretraining reads the ``.tsv`` only.
+
+With ``segment_seconds``, each file becomes consecutive windows of that length
+(:mod:`w2v_knnvq.data.windows`), all in the split its file was drawn into, so that a reader
+of a 30-minute recording decodes a window, not the recording.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from pathlib import Path
 from w2v_knnvq.data.audio_check import SAMPLE_RATE, AudioFileError, inspect_audio
 from w2v_knnvq.data.manifest import BadFile, BadFilesError, ManifestError
 from w2v_knnvq.data.progress import ProgressLine
+from w2v_knnvq.data.windows import split_into_windows, window_entry
 from w2v_knnvq.files import write_lines_atomically
+from w2v_knnvq.wav2vec2.lengths import RECEPTIVE_FIELD
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +55,13 @@ class UnlabeledManifestConfig:
     """Leave bad files out with a warning instead of refusing to write."""
 
     full_decode: bool = False
+
+    segment_seconds: float | None = None
+    """Write each file as windows of this many seconds; ``None`` writes whole files."""
+
+    min_segment_seconds: float = 2.0
+    """With ``segment_seconds``: a last window shorter than this is left out (and a file
+    shorter than this altogether)."""
 
     num_workers: int = 4
 
@@ -92,12 +105,18 @@ def make_unlabeled_manifests(config: UnlabeledManifestConfig) -> UnlabeledManife
     if not entries:
         raise ManifestError(f"No usable audio file under {audio_dir}; every file is bad.")
 
-    rows = [f"{path.relative_to(audio_dir).as_posix()}\t{num_samples}" for path, num_samples in entries]
+    file_rows = [_rows(path.relative_to(audio_dir).as_posix(), num_samples, config) for path, num_samples in entries]
 
-    valid_indices = _draw_valid(len(rows), config.valid_percent, config.seed)
+    valid_indices = _draw_valid(len(file_rows), config.valid_percent, config.seed)
 
-    train_rows = [row for index, row in enumerate(rows) if index not in valid_indices]
-    valid_rows = [row for index, row in enumerate(rows) if index in valid_indices]
+    train_rows = [row for index, rows in enumerate(file_rows) if index not in valid_indices for row in rows]
+    valid_rows = [row for index, rows in enumerate(file_rows) if index in valid_indices for row in rows]
+
+    if not train_rows:
+        raise ManifestError(
+            f"No window of at least {config.min_segment_seconds} s in the training files under {audio_dir}; "
+            "lower `--min-segment-seconds`."
+        )
 
     config.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -117,9 +136,35 @@ def make_unlabeled_manifests(config: UnlabeledManifestConfig) -> UnlabeledManife
     )
 
 
+def _rows(rel_path: str, num_samples: int, config: UnlabeledManifestConfig) -> list[str]:
+    """The manifest rows of one file: itself, or its windows."""
+    if config.segment_seconds is None:
+        return [f"{rel_path}\t{num_samples}"]
+
+    windows = split_into_windows(
+        num_samples,
+        round(config.segment_seconds * config.sample_rate),
+        round(config.min_segment_seconds * config.sample_rate),
+    )
+
+    return [f"{window_entry(rel_path, start, length)}\t{length}" for start, length in windows]
+
+
 def _check(config: UnlabeledManifestConfig) -> None:
     if not 0.0 <= config.valid_percent < 1.0:
         raise ManifestError(f"`valid_percent` must be in [0, 1), but is {config.valid_percent} instead.")
+
+    if config.segment_seconds is not None and not 0.0 < config.min_segment_seconds <= config.segment_seconds:
+        raise ManifestError(
+            f"`min_segment_seconds` must be in (0, `segment_seconds` ({config.segment_seconds})], "
+            f"but is {config.min_segment_seconds} instead."
+        )
+
+    if config.min_segment_seconds * config.sample_rate < RECEPTIVE_FIELD:
+        raise ManifestError(
+            f"`min_segment_seconds` must give at least the {RECEPTIVE_FIELD} samples of the CNN's receptive field, "
+            f"but is {config.min_segment_seconds} instead."
+        )
 
     if not config.extensions:
         raise ManifestError("`extensions` must name at least one file extension, but is empty instead.")

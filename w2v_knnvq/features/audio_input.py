@@ -13,6 +13,7 @@ import torchaudio.functional
 from torch import Tensor
 
 from w2v_knnvq.data.audio_check import SAMPLE_RATE
+from w2v_knnvq.data.windows import parse_window, read_window
 
 MODEL_SAMPLE_RATE: Final = SAMPLE_RATE
 """The sample rate every wav2vec 2.0 model of this project is trained on."""
@@ -34,13 +35,24 @@ def read_audio(path: Path) -> tuple[Tensor, int]:
 
     :returns: ``(S,)`` samples in ``[-1, 1]`` and the file's sample rate.
 
+    :param path: A file, or a window of one as a manifest names it
+        (``file.flac:START:LENGTH``, :mod:`w2v_knnvq.data.windows`), of which only the
+        window is decoded.
+
     :raises AudioInputError: if the file is missing, unreadable or holds no samples.
     """
-    if not path.is_file():
-        raise AudioInputError(f"{path}: no such audio file; check the path or the manifest's root directory.")
+    window = parse_window(path.name)
+
+    file = path if window is None else path.with_name(window.path)
+
+    if not file.is_file():
+        raise AudioInputError(f"{file}: no such audio file; check the path or the manifest's root directory.")
 
     try:
-        samples, sample_rate = soundfile.read(path, dtype="float32", always_2d=True)
+        if window is None:
+            samples, sample_rate = soundfile.read(file, dtype="float32", always_2d=True)
+        else:
+            samples, sample_rate = read_window(file, window.start, window.length)
     # soundfile reports every decoding failure as a RuntimeError subclass.
     except RuntimeError as ex:
         raise AudioInputError(

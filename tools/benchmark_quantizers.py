@@ -35,16 +35,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from w2v_knnvq.tool import tool_parser
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-sys.path.insert(0, str(REPO_ROOT))
 
 LAYOUTS = {"1x1024": (1, 1024), "2x320": (2, 320)}
 INPUT_DIM = 512
@@ -315,7 +310,8 @@ def memory_subprocess(num_rows: int, chunk_size: int | None, device: torch.devic
     """:func:`memory_worker` in a process of its own (a CPU's peak resident set size only grows)."""
     command = [
         sys.executable,
-        __file__,
+        "-m",
+        "w2v_knnvq_tools.benchmark_quantizers",
         "--memory-worker",
         str(num_rows),
         str(chunk_size or 0),

@@ -19,17 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from fairseq2.datasets import DatasetError
+from fairseq2.device import CPU
+from fairseq2.gang import FakeGang, Gangs
 
-sys.path.insert(0, str(REPO_ROOT))
-
-from fairseq2.datasets import DatasetError  # noqa: E402
-from fairseq2.device import CPU  # noqa: E402
-from fairseq2.gang import FakeGang, Gangs  # noqa: E402
-
-from w2v_knnvq.data.manifest import ManifestError  # noqa: E402
-from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, SpeechReadOptions  # noqa: E402
-from w2v_knnvq.tool import tool_parser  # noqa: E402
+from w2v_knnvq.data.manifest import ManifestError
+from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, SpeechReadOptions
+from w2v_knnvq.tool import tool_parser
 
 
 @dataclass(frozen=True, kw_only=True)

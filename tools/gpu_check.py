@@ -33,17 +33,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from w2v_knnvq_tools.benchmark_quantizers import LAYOUTS, interleaved_timings, median_ratio
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "tools"))
-
-from benchmark_quantizers import LAYOUTS, interleaved_timings, median_ratio  # noqa: E402
-
-from w2v_knnvq.quantizer import METHOD_NAMES, METHODS, QuantizerConfig, VectorQuantizer  # noqa: E402
-from w2v_knnvq.quantizer import assign as assign_module  # noqa: E402
-from w2v_knnvq.tool import tool_parser  # noqa: E402
+from w2v_knnvq.quantizer import METHOD_NAMES, METHODS, QuantizerConfig, VectorQuantizer
+from w2v_knnvq.quantizer import assign as assign_module
+from w2v_knnvq.tool import tool_parser
 
 RESULTS: list[tuple[str, str, bool]] = []
 
@@ -386,7 +380,7 @@ def check_memory(device: torch.device, args: argparse.Namespace) -> None:
     # On a CPU the peak resident set size only sees what exceeds the import's own peak.
     num_rows = 65_536 if device.type == "cuda" else 32_768
 
-    from benchmark_quantizers import memory_subprocess
+    from w2v_knnvq_tools.benchmark_quantizers import memory_subprocess
 
     dense = memory_subprocess(num_rows, None, device)
 
@@ -398,7 +392,7 @@ def check_memory(device: torch.device, args: argparse.Namespace) -> None:
 
 
 def check_speed(device: torch.device, args: argparse.Namespace) -> None:
-    from benchmark_quantizers import GUMBEL, bare_softmax_step, compiled, gumbel_step, quantizer_step
+    from w2v_knnvq_tools.benchmark_quantizers import GUMBEL, bare_softmax_step, compiled, gumbel_step, quantizer_step
 
     for num_rows in (3000, 24_000) if device.type == "cuda" else (3000,):
         for layout in LAYOUTS:

@@ -16,6 +16,7 @@ import torch
 
 from fairseq2.models.transformer import TransformerNormOrder
 
+from w2v_knnvq import __version__
 from w2v_knnvq.export import (
     ExportError,
     describe_encoder,
@@ -52,15 +53,32 @@ def test_exports_match_our_features(arch: str, tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     models = write_run(run_dir, arch, steps=(3,))
 
+    (run_dir / "metrics").mkdir()
+    (run_dir / "metrics/valid.jsonl").write_text(
+        json.dumps({"Step": 3, "Codebook Usage": [0.5, 0.75], "Code Perplexity": 123.456, "Accuracy": 0.25}) + "\n"
+    )
+
     export_dir = tmp_path / "exported"
 
     assert _load_tool("export_checkpoint").main([str(run_dir), str(export_dir)]) == 0
 
     assert sorted(path.name for path in (export_dir / "hf").iterdir()) == [
+        "README.md",
         "config.json",
         "model.safetensors",
         "preprocessor_config.json",
     ]
+
+    card = (export_dir / "hf/README.md").read_text()
+
+    num_codebooks, codebook_size = (1, 1024) if arch == "tiny_1x1024" else (2, 320)
+
+    assert f"| quantizer | `softmax-knn-ce`, {num_codebooks} x {codebook_size} codes |" in card
+    assert "| KNN regularizer | K = 2, global scope |" in card
+    assert "## Validation at step 3" in card and "| Codebook Usage | 0.5 / 0.75 |" in card and "| Code Perplexity | 123.5 |" in card  # fmt: skip
+    assert "| steps | 3 of None |" in card
+    assert "`hidden_states[L + 1]`" in card and "not standardized" in card
+    assert f"Exported by w2v-knnvq {__version__} (`w2v-knnvq-export`) from `{run_dir.resolve()}/checkpoints/step_3/model`." in card  # fmt: skip
 
     hf_model = transformers.Wav2Vec2Model.from_pretrained(export_dir / "hf").eval()
 

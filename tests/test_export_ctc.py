@@ -113,6 +113,12 @@ def ctc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Wav2Vec2Asr
 
     _write_run(run_dir, WAV2VEC2_ASR_FAMILY, config, model, recipe_config)
 
+    # What the ASR evaluation writes (`{split}.json`), which the model card reports.
+    (run_dir / "eval").mkdir()
+    (run_dir / "eval/test.json").write_text(
+        json.dumps({"split": "test", "wer": 12.345, "cer": 4.5, "beam_search": {"wer": 9.0, "cer": 3.25}})
+    )
+
     return run_dir, model, tokenizer
 
 
@@ -123,6 +129,14 @@ def exported(ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], tmp_path_factory
     assert _load_tool("export_checkpoint").main([str(ctc_run[0]), str(export_dir)]) == 0
 
     return export_dir
+
+
+def test_the_model_card_reports_the_evaluation(exported: Path) -> None:
+    card = (exported / "hf/README.md").read_text()
+
+    assert "automatic-speech-recognition" in card and "with a CTC head" in card
+    assert "| test | 12.35 | 4.50 | 9.00 | 3.25 |" in card
+    assert "| Transformer | 2 layers of 64 dimensions" in card
 
 
 def _our_logits(model: Wav2Vec2AsrModel, waveform: Tensor) -> Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Final, Literal, TypeVar
 
@@ -31,11 +32,14 @@ from fairseq2.models.wav2vec2.asr import (
 from fairseq2.runtime.dependency import get_dependency_resolver
 from fairseq2.utils.validation import ValidationError
 
+from w2v_knnvq.export.card import model_card
 from w2v_knnvq.export.ctc import ctc_vocabulary, export_huggingface_ctc
 from w2v_knnvq.export.encoder import EncoderModelConfig
 from w2v_knnvq.export.huggingface import export_huggingface
 from w2v_knnvq.export.torchaudio import export_torchaudio
 from w2v_knnvq.features.loading import load_pretrained_model
+from w2v_knnvq.files import write_atomically
+from w2v_knnvq.quantizer import QuantizerConfig
 from w2v_knnvq.runs import CheckpointChoice, RunCheckpoint, RunCheckpointError, find_run_checkpoint, load_run_model
 from w2v_knnvq.text.tokenizer import check_vocab_size, finetuning_tokenizer_path, load_ctc_tokenizer
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_FAMILY
@@ -66,6 +70,9 @@ class EncoderExportSource:
     normalize_audio: bool
     """Whether the model was trained on standardized waveforms."""
 
+    run: RunCheckpoint | None = None
+    """The run it was loaded from, if any (its settings and figures go into the model card)."""
+
 
 @dataclass(kw_only=True)
 class CtcExportSource:
@@ -85,6 +92,9 @@ class CtcExportSource:
 
     normalize_audio: bool
     """Whether the model was fine-tuned on standardized waveforms."""
+
+    run: RunCheckpoint | None = None
+    """The fine-tuning run (its settings and evaluations go into the model card)."""
 
 
 ExportSource = EncoderExportSource | CtcExportSource
@@ -136,10 +146,10 @@ def load_export_source(
 
     _check_no_tokenizer(tokenizer_path, f"{run.metadata_file}: holds a `{run.family}` model, which")
 
-    return _load_encoder_source(path, run.step)
+    return _load_encoder_source(path, run.step, run)
 
 
-def _load_encoder_source(source: str | Path, step: int | None) -> EncoderExportSource:
+def _load_encoder_source(source: str | Path, step: int | None, run: RunCheckpoint | None = None) -> EncoderExportSource:
     """Loads a pretraining model through :func:`~w2v_knnvq.features.load_pretrained_model`
     (run paths and asset cards of the ``wav2vec2_knnvq`` and ``wav2vec2`` families)."""
     pretrained = load_pretrained_model(source, step=step)
@@ -149,6 +159,7 @@ def _load_encoder_source(source: str | Path, step: int | None) -> EncoderExportS
         config=pretrained.config,
         checkpoint=pretrained.source,
         normalize_audio=pretrained.normalize_audio,
+        run=run,
     )
 
 
@@ -197,6 +208,7 @@ def _load_ctc_source(run: RunCheckpoint, tokenizer_path: Path | None) -> CtcExpo
         tokenizer_path=tokenizer_path,
         checkpoint=str(run.model_dir),
         normalize_audio=_finetuning_normalize_audio(run),
+        run=run,
     )
 
 
@@ -235,7 +247,30 @@ def export_source(source: ExportSource, output_dir: Path, formats: Sequence[Expo
         else:
             written.append(export_torchaudio(source.model, source.config, target_dir))
 
+        if export_format == "hf":
+            write_atomically(target_dir / "README.md", partial(_write_text, text=_model_card(source)))
+
     return written
+
+
+def _write_text(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+
+
+def _model_card(source: ExportSource) -> str:
+    run = source.run
+
+    quantizer = getattr(source.config, "quantizer", None)
+
+    return model_card(
+        title=run.run_dir.name if run is not None else source.checkpoint,
+        checkpoint=source.checkpoint,
+        encoder_config=source.config.encoder_config,
+        quantizer=quantizer if isinstance(quantizer, QuantizerConfig) else None,
+        run=run,
+        normalize_audio=source.normalize_audio,
+        ctc=isinstance(source, CtcExportSource),
+    )
 
 
 def _export_ctc(source: CtcExportSource, export_format: ExportFormat, target_dir: Path) -> Path:

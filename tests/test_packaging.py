@@ -88,3 +88,26 @@ print("probed", len({scripts!r}))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert f"probed {len(scripts)}" in result.stdout
     assert f"w2v-knnvq {project['version']}" in result.stdout
+
+
+def test_the_set_up_stops_on_an_unsupported_python_and_says_what_to_install(tmp_path: Path) -> None:
+    """fairseq2n 0.8.1 has no wheel for Python 3.13 (Debian 13's default): the set-up stops
+    before it touches anything, with a sentence saying what to install."""
+    import subprocess
+
+    python = tmp_path / "python3.13"
+
+    python.write_text('#!/bin/sh\ncase "$1" in --version) echo "Python 3.13.1";; *) exit 1;; esac\n')
+    python.chmod(0o755)
+
+    result = subprocess.run(
+        ["bash", str(REPO_ROOT / "tools/bootstrap.sh")],
+        env={"PATH": "/usr/bin:/bin", "PYTHON": str(python), "VENV": str(tmp_path / "venv")},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+    assert result.returncode == 1
+    assert "Python 3.10, 3.11 or 3.12 is required" in result.stderr
+    assert "is Python 3.13.1. Install Python 3.12" in result.stderr
+    assert "make PYTHON=python3.12" in result.stderr
+    assert not (tmp_path / "venv").exists()

@@ -174,3 +174,49 @@ def test_refuses_unrepresentable_encoders(field: str, value: object, message: st
 
     with pytest.raises(ExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
         torchaudio_builder_args(config)
+
+
+def test_s3prl_upstream_gives_a_padded_utterance_other_features(tmp_path: Path) -> None:
+    """s3prl's ``hf_wav2vec2_custom`` upstream (its own code) pads a batch and passes an
+    attention mask; with wav2vec 2.0 base's group-norm CNN the longest utterance of the batch
+    gets our features, a shorter one does not (the group norm sees its padding)."""
+    expert = pytest.importorskip("s3prl.upstream.hf_wav2vec2.expert")
+
+    import soundfile
+
+    from tests.test_features import write_run
+    from w2v_knnvq.features import load_pretrained_model
+
+    run_dir = tmp_path / "run"
+
+    write_run(run_dir, "tiny_2x320", steps=(3,))
+
+    assert _load_tool("export_checkpoint").main([str(run_dir), str(tmp_path / "exported"), "--format", "hf"]) == 0
+
+    upstream = expert.UpstreamExpert(str(tmp_path / "exported/hf")).eval()
+
+    files = sorted((Path(__file__).parent / "data/minispeech/dev").rglob("*.flac"))[:2]
+
+    waveforms = sorted((torch.from_numpy(soundfile.read(file, dtype="float32")[0]) for file in files), key=len, reverse=True)  # fmt: skip
+
+    with torch.inference_mode():
+        theirs = upstream(waveforms)["hidden_states"][-1]
+
+    ours = SpeechFeatureExtractor(load_pretrained_model(run_dir)).extract(waveforms, layers=[-1])
+
+    def relative_difference(row: int) -> float:
+        num_frames = int(ours.frame_lengths[row])
+
+        (last_layer,) = ours.hidden_states.values()
+
+        reference = last_layer[row, :num_frames]
+
+        return float((theirs[row, :num_frames] - reference).norm() / reference.norm())
+
+    assert ours.frame_lengths[0] > ours.frame_lengths[1]
+    print(
+        f"relative difference of the last layer: {relative_difference(0):.2g} (longest), {relative_difference(1):.2g} (padded)"
+    )
+
+    assert relative_difference(0) < 1e-5
+    assert relative_difference(1) > 1e-2

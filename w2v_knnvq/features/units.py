@@ -161,12 +161,13 @@ def assign_units(frames: np.ndarray, centroids: np.ndarray, *, chunk_size: int =
     """The nearest centroid (Euclidean, as ``MiniBatchKMeans.predict``) of each frame: ``(T,)`` int64."""
     centers = torch.from_numpy(np.ascontiguousarray(centroids, dtype=np.float32))
 
-    units = [
-        torch.cdist(torch.from_numpy(np.asarray(frames[start : start + chunk_size], dtype=np.float32)), centers).argmin(
-            dim=1
-        )
-        for start in range(0, len(frames), chunk_size)
-    ]
+    units = []
+
+    for start in range(0, len(frames), chunk_size):
+        # A copy: a memory-mapped part is read-only, which torch does not take.
+        chunk = torch.from_numpy(np.array(frames[start : start + chunk_size], dtype=np.float32))
+
+        units.append(torch.cdist(chunk, centers).argmin(dim=1))
 
     return torch.cat(units).numpy() if units else np.zeros(0, dtype=np.int64)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import socket
 import time
@@ -34,7 +33,7 @@ from fairseq2.nn.data_parallel import get_data_parallel_facade
 from fairseq2.recipe.cli import register_cli_error
 from fairseq2.recipe.config import CommonSection, CosineAnnealingLRConfig, RegimeSection, TrainerSection
 from fairseq2.recipe.error import RecipeError
-from fairseq2.runtime.dependency import DependencyContainer, wire_object
+from fairseq2.runtime.dependency import DependencyContainer, DependencyResolver, wire_object
 from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
 from fairseq2.utils.validation import ValidationResult
@@ -49,6 +48,7 @@ from w2v_knnvq.runs import (
     check_card_checkpoint,
     check_checkpoint_files,
     find_run_checkpoint,
+    read_validation_records,
 )
 from w2v_knnvq.wav2vec2.lengths import model_min_num_samples
 
@@ -81,7 +81,7 @@ def register_checkpoint_save_errors(container: DependencyContainer) -> None:
 
     def handle(ex: CheckpointStateNotValidError) -> int:
         if _disk_full(ex):
-            checkpoints_dir = container.resolve(CheckpointDir).path or container.resolve(Path) / "checkpoints"
+            checkpoints_dir = _checkpoints_dir(container)
 
             last = _last_resumable_step(checkpoints_dir)
 
@@ -280,7 +280,7 @@ def check_resume(context: RecipeContext) -> None:
     """
     lock_output_dir(context)
 
-    checkpoints_dir = context.resolver.resolve(CheckpointDir).path or context.output_dir / "checkpoints"
+    checkpoints_dir = _checkpoints_dir(context.resolver)
 
     last = _last_resumable_step(checkpoints_dir)
 
@@ -322,6 +322,12 @@ def _check_resume_world_size(checkpoints_dir: Path, step: int, step_dir: Path, w
         f"initialized from this checkpoint with `model.path={step_dir / 'model'}` (the optimizer, learning-rate "
         "schedule and data order then start over)."
     )
+
+
+def _checkpoints_dir(resolver: DependencyResolver) -> Path:
+    """The checkpoints directory the trainer uses: ``--checkpoint-dir`` (with fairseq2's sweep
+    tag), else ``OUTPUT/checkpoints``."""
+    return resolver.resolve(CheckpointDir).path or resolver.resolve(Path) / "checkpoints"
 
 
 def _last_resumable_step(checkpoints_dir: Path) -> tuple[int, Path] | None:
@@ -422,7 +428,7 @@ def _unvalidated_resume_step(context: RecipeContext) -> int | None:
     """The step the run resumes from, if it was due for validation (every
     ``validate_every_n_steps`` after ``validate_after_n_steps``, or the last step) and has
     no record in ``metrics/valid.jsonl`` or, with a score metric, no score."""
-    checkpoints_dir = context.resolver.resolve(CheckpointDir).path or context.output_dir / "checkpoints"
+    checkpoints_dir = _checkpoints_dir(context.resolver)
 
     last = _last_resumable_step(checkpoints_dir)
 
@@ -443,28 +449,9 @@ def _unvalidated_resume_step(context: RecipeContext) -> int | None:
     if regime.score_metric is not None and not (checkpoints_dir / f"scores/step_{step}.txt").is_file():
         return step
 
-    return None if step in _recorded_steps(context.output_dir / "metrics/valid.jsonl") else step
+    recorded = any(record.get("Step") == step for record in read_validation_records(context.output_dir))
 
-
-def _recorded_steps(file: Path) -> set[int]:
-    """The steps of the records of a fairseq2 JSONL metrics file (a line cut by a kill is skipped)."""
-    steps: set[int] = set()
-
-    try:
-        lines = file.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return steps
-
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-
-        if isinstance(record, dict) and isinstance(record.get("Step"), int):
-            steps.add(record["Step"])
-
-    return steps
+    return None if recorded else step
 
 
 def _validate_restored_step(

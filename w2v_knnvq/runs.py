@@ -16,6 +16,7 @@ a step with :mod:`~w2v_knnvq.restricted_pickle` before a recipe resumes from the
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 from collections.abc import Mapping
@@ -256,25 +257,59 @@ def restricted_card(card: AssetCard) -> AssetCard:
     """
     fields: dict[str, object] = {"restrict": True}
 
-    holder: AssetCard | None = card
-
-    while holder is not None and "checkpoint" not in holder.metadata:
-        holder = holder.base
-
-    if holder is not None:
-        value = holder.metadata["checkpoint"]
-
-        if isinstance(value, str) and Uri.maybe_parse(value) is None:
-            path = Path(value)
-
-            base_path = holder.metadata.get("__base_path__")
-
-            if not path.is_absolute() and isinstance(base_path, Path):
-                path = base_path / path
-
-            fields["checkpoint"] = card_file_uri(path)
+    if (checkpoint := local_path_field(card, "checkpoint")) is not None:
+        fields["checkpoint"] = checkpoint
 
     return AssetCard(card.name, fields, base=card)
+
+
+def local_path_field(card: AssetCard, name: str) -> str | None:
+    """The field ``name`` of ``card`` as :func:`~w2v_knnvq.files.card_file_uri` names it, if
+    it is a local path (a relative one resolved against the file of the card that sets it,
+    as fairseq2 resolves it); ``None`` if the card has no such field or it is a URI already."""
+    holder: AssetCard | None = card
+
+    while holder is not None and name not in holder.metadata:
+        holder = holder.base
+
+    if holder is None:
+        return None
+
+    value = holder.metadata[name]
+
+    if not isinstance(value, str) or Uri.maybe_parse(value) is not None:
+        return None
+
+    path = Path(value)
+
+    base_path = holder.metadata.get("__base_path__")
+
+    if not path.is_absolute() and isinstance(base_path, Path):
+        path = base_path / path
+
+    return card_file_uri(path)
+
+
+def read_validation_records(output_dir: Path) -> list[dict[str, object]]:
+    """The records of a run's ``metrics/valid.jsonl`` (fairseq2's JSONL recorder), in order;
+    a line cut by a kill is skipped, and a run that never validated has none."""
+    try:
+        lines = (output_dir / "metrics/valid.jsonl").read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+
+    records = []
+
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+
+        if isinstance(record, dict):
+            records.append(record)
+
+    return records
 
 
 def load_restricted(file: Path) -> object:

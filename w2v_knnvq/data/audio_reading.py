@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, cast, final
+from typing import Any, Final, final
 
 import torch
 from torch import Tensor
@@ -50,16 +50,20 @@ def bad_audio_fraction_error(fraction: float) -> str | None:
 
 
 def check_decoded_audio(decoded: AudioDecoderOutput) -> Tensor:
-    """Checks the output of fairseq2's ``AudioDecoder`` and returns its samples.
+    """Checks the output of fairseq2's ``AudioDecoder`` and returns its samples (see
+    :func:`check_waveform`)."""
+    return check_waveform(decoded["waveform"], decoded["sample_rate"])
+
+
+def check_waveform(waveform: Tensor, sample_rate: float) -> Tensor:
+    """Checks decoded audio, ``(S_wav, C)`` or ``(S_wav,)``, and returns its samples.
 
     :returns: *Shape:* ``(S_wav,)``.
     :raises AudioCheckError: if the audio is not 16 kHz mono, holds NaN or infinite samples,
         or is digital silence (a corpus of it trains to perfect accuracy on nothing).
     """
-    if decoded["sample_rate"] != SAMPLE_RATE:
-        raise AudioCheckError(f"it is sampled at {decoded['sample_rate']:g} Hz, expected {SAMPLE_RATE} Hz; resample it")
-
-    waveform: Tensor = decoded["waveform"]
+    if sample_rate != SAMPLE_RATE:
+        raise AudioCheckError(f"it is sampled at {sample_rate:g} Hz, expected {SAMPLE_RATE} Hz; resample it")
 
     if waveform.ndim == 2:
         if waveform.size(1) != 1:
@@ -172,6 +176,9 @@ class AudioLoader:
             return {"path": path, "file": full_path, "error": "it is not a regular file (a FIFO, socket or device)"}
 
         if window is not None:
+            if mode is None:
+                return {"path": path, "file": full_path, "error": "it does not exist"}
+
             return self._load_window(path, full_path, window)
 
         try:
@@ -198,9 +205,6 @@ class AudioLoader:
         return {"path": path, "file": full_path, "waveform": waveform}
 
     def _load_window(self, path: str, full_path: str, window: AudioWindow) -> dict[str, Any]:
-        if not Path(full_path).exists():
-            return {"path": path, "file": full_path, "error": "it does not exist"}
-
         try:
             samples, sample_rate = read_window(Path(full_path), window.start, window.length)
         except RuntimeError:
@@ -208,10 +212,8 @@ class AudioLoader:
 
             return {"path": path, "file": full_path, "error": reason}
 
-        decoded = {"waveform": torch.from_numpy(samples), "sample_rate": float(sample_rate), "format": 0}
-
         try:
-            waveform = check_decoded_audio(cast(AudioDecoderOutput, decoded))
+            waveform = check_waveform(torch.from_numpy(samples), sample_rate)
         except AudioCheckError as ex:
             return {"path": path, "file": f"{full_path} (window {window.start}:{window.length})", "error": str(ex)}
 

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from pathlib import Path
 
 from fairseq2.models.transformer import TransformerNormOrder
 from fairseq2.models.wav2vec2 import Wav2Vec2EncoderConfig
 
 from w2v_knnvq import __version__
 from w2v_knnvq.quantizer import QuantizerConfig
-from w2v_knnvq.runs import RunCheckpoint
+from w2v_knnvq.runs import RunCheckpoint, read_validation_records
 
 
 def model_card(
@@ -126,10 +125,12 @@ def _training_rows(run: RunCheckpoint) -> list[str]:
 
 
 def _validation_section(run: RunCheckpoint) -> list[str]:
-    record = _record_of_step(run.run_dir / "metrics/valid.jsonl", run.step)
+    records = [record for record in read_validation_records(run.run_dir) if record.get("Step") == run.step]
 
-    if record is None:
+    if not records:
         return []
+
+    record = records[-1]
 
     wanted = ("Codebook Usage", "Code Perplexity", "Accuracy", "Word Error Rate (WER)", "Unit Error Rate (UER)")
 
@@ -167,24 +168,6 @@ def _asr_section(run: RunCheckpoint) -> list[str]:
     header = "| split | WER greedy | CER greedy | WER with LM | CER with LM |"
 
     return ["", "## Speech recognition", "", header, "|---|---|---|---|---|", *rows]
-
-
-def _record_of_step(file: Path, step: int) -> Mapping[str, object] | None:
-    if not file.is_file():
-        return None
-
-    found = None
-
-    for line in file.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-
-        if isinstance(record, dict) and record.get("Step") == step:
-            found = record
-
-    return found
 
 
 def _nested(mapping: Mapping[str, object], *keys: str) -> object:

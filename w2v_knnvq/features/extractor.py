@@ -21,6 +21,8 @@ from w2v_knnvq.features.audio_input import MODEL_SAMPLE_RATE, AudioInputError, p
 from w2v_knnvq.features.loading import PretrainedModel
 from w2v_knnvq.features.loading import PretrainingModel as PretrainingModel
 from w2v_knnvq.quantizer import VectorQuantizer
+from w2v_knnvq.wav2vec2.lengths import model_conv_shapes
+from w2v_knnvq.wav2vec2.lengths import num_frames as cnn_frames
 
 PADDING_CODE = -1
 """The code reported for padding frames."""
@@ -225,15 +227,7 @@ class SpeechFeatureExtractor:
 
     def num_frames(self, num_samples: int) -> int:
         """The number of frames the CNN gives for ``num_samples`` samples at 16 kHz."""
-        for _, kernel_size, stride in self._feature_extractor.layer_descs:
-            num_samples = math.floor((num_samples - kernel_size) / stride) + 1
-
-        return num_samples
-
-    @property
-    def _feature_extractor(self) -> Wav2Vec2FeatureExtractor:
-        # The constructor checked the type.
-        return cast(Wav2Vec2FeatureExtractor, self.model.encoder_frontend.feature_extractor)
+        return cnn_frames(num_samples, model_conv_shapes(self.model))
 
     def _check_lengths(self, waveforms: list[Tensor], sources: Sequence[str]) -> None:
         for waveform, source in zip(waveforms, sources, strict=True):

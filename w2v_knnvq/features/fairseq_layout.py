@@ -34,7 +34,7 @@ from w2v_knnvq.features.shards import (
     load_shard,
     read_index,
 )
-from w2v_knnvq.files import write_atomically
+from w2v_knnvq.files import write_atomically, write_lines_atomically
 
 CODEBOOK_FILE = "codebook.json"
 """In ``codes/``: ``{"num_codebooks": G, "codebook_size": V}``, what turns codes into unit ids."""
@@ -127,9 +127,7 @@ def extract_fairseq_part(
 
         _assemble(work_dir, summary.num_shards, kind, output_dir / kind / f"{stem}.npy", sum(lengths))
 
-        write_atomically(
-            output_dir / kind / f"{stem}.len", lambda tmp: tmp.write_text("".join(f"{n}\n" for n in lengths))
-        )
+        write_lines_atomically(output_dir / kind / f"{stem}.len", map(str, lengths))
 
     if settings.codes:
         _write_codebook(output_dir / "codes" / CODEBOOK_FILE, extractor)
@@ -202,12 +200,12 @@ def _assemble(work_dir: Path, num_shards: int, kind: str, output_file: Path, num
         offset = 0
 
         for shard_idx in range(num_shards):
-            array = load_shard(work_dir, shard_idx, "npy")[kind]
+            array = load_shard(work_dir, shard_idx, "npy", kind=kind)[kind]
 
             if target is None:
-                target = np.lib.format.open_memmap(
-                    tmp, mode="w+", dtype=array.dtype, shape=(num_frames, *array.shape[1:])
-                )
+                shape = (num_frames, *array.shape[1:])
+
+                target = np.lib.format.open_memmap(tmp, mode="w+", dtype=array.dtype, shape=shape)
 
             target[offset : offset + len(array)] = array
 

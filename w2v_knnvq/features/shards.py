@@ -192,16 +192,21 @@ def read_index(output_dir: Path) -> list[dict[str, object]]:
     return [json.loads(line) for line in index_file.read_text().splitlines() if line]
 
 
-def load_shard(output_dir: Path, shard_idx: int, shard_format: ShardFormat) -> dict[str, np.ndarray]:
-    """:returns: Each kind (``cnn``, ``layer{L}``, ``codes``) of shard ``shard_idx``."""
+def load_shard(
+    output_dir: Path, shard_idx: int, shard_format: ShardFormat, *, kind: str | None = None
+) -> dict[str, np.ndarray]:
+    """:returns: Each kind (``cnn``, ``layer{L}``, ``codes``) of shard ``shard_idx``, or only
+    ``kind`` (with ``npy`` shards, only its file is read)."""
     stem = _shard_stem(shard_idx)
 
     if shard_format == "pt":
         tensors = torch.load(output_dir / f"{stem}.pt", map_location="cpu", weights_only=True)
 
-        return {kind: tensor.numpy() for kind, tensor in tensors.items()}
+        return {name: tensor.numpy() for name, tensor in tensors.items() if kind in (None, name)}
 
-    return {path.name[len(stem) + 1 : -len(".npy")]: np.load(path) for path in sorted(output_dir.glob(f"{stem}.*.npy"))}
+    pattern = f"{stem}.{kind or '*'}.npy"
+
+    return {path.name[len(stem) + 1 : -len(".npy")]: np.load(path) for path in sorted(output_dir.glob(pattern))}
 
 
 def check_settings(output_dir: Path, settings: ShardSettings) -> None:

@@ -31,8 +31,7 @@ from fairseq2.data.tokenizers import Tokenizer, load_tokenizer
 from fairseq2.data.tokenizers.char import CHAR_TOKENIZER_FAMILY, load_char_tokenizer
 from fairseq2.runtime.dependency import get_dependency_resolver
 
-from w2v_knnvq.files import card_file_uri
-from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError
+from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError, local_path_field
 
 CTC_BLANK_ID: Final = 0
 PAD_ID: Final = CTC_BLANK_ID
@@ -210,13 +209,11 @@ def load_tokenizer_card(card_path: Path) -> AssetCard:
 
     card = StandardAssetStore([provider]).retrieve_card(names[0])
 
-    field = card.maybe_get_field("tokenizer")
-
-    if field is None or "://" in (value := field.as_(str)):
+    # The model file named so that fairseq2 finds it whatever letters its path holds.
+    if (tokenizer := local_path_field(card, "tokenizer")) is None:
         return card
 
-    # A path relative to the card, named so that fairseq2 finds it whatever letters it holds.
-    return AssetCard(card.name, {"tokenizer": card_file_uri(card_path.parent / value)}, base=card)
+    return AssetCard(card.name, {"tokenizer": tokenizer}, base=card)
 
 
 def load_ctc_tokenizer(path: Path) -> Tokenizer:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Final
 
 import torch
-from torch.nn import Conv1d, Module
+from torch.nn import Module
 
 from fairseq2.models.wav2vec2 import StandardWav2Vec2Masker, Wav2Vec2EncoderConfig, Wav2Vec2FeatureExtractor
 
@@ -35,9 +35,7 @@ def model_conv_shapes(model: Module) -> list[ConvShape]:
     """
     for module in model.modules():
         if isinstance(module, Wav2Vec2FeatureExtractor):
-            convs = [layer for layer in module.modules() if isinstance(layer, Conv1d)]
-
-            return [(int(conv.kernel_size[0]), int(conv.stride[0])) for conv in convs]
+            return [(kernel_size, stride) for _, kernel_size, stride in module.layer_descs]
 
     raise ValueError("`model` must hold a wav2vec 2.0 CNN (`Wav2Vec2FeatureExtractor`), but has none.")
 

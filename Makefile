@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo asr-demo test lint benchmark gpu-check clean-venv
+.PHONY: demo asr-demo test test-fast lint benchmark gpu-check clean-venv
 
 $(STAMP): pyproject.toml tools/bootstrap.sh
 	PYTHON=$(PYTHON) VENV=$(VENV) bash tools/bootstrap.sh
@@ -22,6 +22,11 @@ asr-demo: $(STAMP)
 # The tests run after the linters, the format check and the type check, which fail fast.
 test: lint
 	$(VENV)/bin/python -m pytest
+
+# The edit loop's tier: every test that runs in this process (no recipe, tool or driver runs
+# in subprocesses, which are marked e2e).
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -q -m "not e2e"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -8,7 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,24 @@ def recipe_command(
     return [*launcher, "--no-rich", *config, "--config", *overrides, "--", str(output_dir)]
 
 
-def run_recipe_command(command: Sequence[str], *, timeout: float = 150) -> subprocess.CompletedProcess[str]:
-    """Runs ``command`` from the repository root and asserts that it succeeds."""
-    result = subprocess.run(command, cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=timeout)
+def run_recipe_command(
+    command: Sequence[str],
+    *,
+    expected_returncode: int = 0,
+    env: Mapping[str, str] | None = None,
+    timeout: float = 600,
+) -> subprocess.CompletedProcess[str]:
+    """Runs a recipe's or a tool's ``command`` from the repository root (environment:
+    :func:`recipe_env` updated with ``env``) and asserts its exit status.
 
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    The timeout guards against a hung run, not a slow one: a loaded 2-core machine can take
+    minutes for a run that takes seconds alone.
+    """
+    result = subprocess.run(
+        command, cwd=REPO_ROOT, env=recipe_env(**(env or {})), capture_output=True, text=True, timeout=timeout
+    )
+
+    assert result.returncode == expected_returncode, result.stdout[-4000:] + result.stderr[-4000:]
 
     return result
 

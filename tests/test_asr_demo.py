@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.cli import REPO_ROOT
@@ -19,6 +20,7 @@ MINISPEECH = REPO_ROOT / "tests" / "data" / "minispeech"
 CHECKPOINT_FILE = "model/pp_00/tp_00/sdp_00.pt"
 
 
+@pytest.mark.e2e
 def test_asr_demo_reports_both_initializations_on_held_out_voices(tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "recipes.wav2vec2_knnvq.asr_demo", "--output-dir", str(tmp_path),

@@ -247,6 +247,7 @@ def frozen_dir(
     return output_dir
 
 
+@pytest.mark.e2e
 def test_ctc_loss_falls(finetune_dir: Path) -> None:
     train = _read_jsonl(finetune_dir / "metrics/train.jsonl")
 
@@ -257,6 +258,7 @@ def test_ctc_loss_falls(finetune_dir: Path) -> None:
     assert losses[-1] < 0.7 * losses[0], losses
 
 
+@pytest.mark.e2e
 def test_validation_reports_error_rates_and_keeps_best_checkpoint(finetune_dir: Path) -> None:
     valid = _read_jsonl(finetune_dir / "metrics/valid.jsonl")
 
@@ -283,6 +285,7 @@ def test_validation_reports_error_rates_and_keeps_best_checkpoint(finetune_dir: 
     assert score == pytest.approx(-wers[NUM_STEPS])
 
 
+@pytest.mark.e2e
 def test_encoder_comes_from_pretrained_model_and_cnn_stays_frozen(finetune_dir: Path, pretrained_dir: Path) -> None:
     pretrained = torch.load(
         pretrained_dir / f"checkpoints/step_{PRETRAINED_STEP}" / CHECKPOINT_FILE, map_location="cpu", weights_only=True
@@ -311,6 +314,7 @@ def test_encoder_comes_from_pretrained_model_and_cnn_stays_frozen(finetune_dir: 
     assert finetuned["final_proj.weight"].shape == (tokenizer.vocab_info.size, 64)
 
 
+@pytest.mark.e2e
 def test_eval_writes_transcripts_and_figures(finetune_dir: Path, manifest_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "eval"
 
@@ -362,6 +366,7 @@ def test_eval_writes_transcripts_and_figures(finetune_dir: Path, manifest_dir: P
     assert record["wer"] == pytest.approx(_validation_wers(finetune_dir)[best_step])
 
 
+@pytest.mark.e2e
 def test_eval_decodes_with_a_lexicon_of_the_training_words(
     finetune_dir: Path, manifest_dir: Path, tmp_path: Path
 ) -> None:
@@ -406,6 +411,7 @@ def test_eval_decodes_with_a_lexicon_of_the_training_words(
     assert "| beam search |" in result.stderr + result.stdout
 
 
+@pytest.mark.e2e
 def test_eval_names_the_saved_steps_of_a_missing_checkpoint(
     finetune_dir: Path, manifest_dir: Path, tmp_path: Path
 ) -> None:
@@ -421,6 +427,7 @@ def test_eval_names_the_saved_steps_of_a_missing_checkpoint(
     assert not (tmp_path / "eval/valid.json").exists()
 
 
+@pytest.mark.e2e
 def test_eval_never_writes_over_its_manifest_or_outside_its_output_dir(
     finetune_dir: Path, manifest_dir: Path, tmp_path: Path
 ) -> None:
@@ -446,6 +453,7 @@ def test_eval_never_writes_over_its_manifest_or_outside_its_output_dir(
     assert not (tmp_path / "valid.json").exists()
 
 
+@pytest.mark.e2e
 def test_finetuned_checkpoint_is_chosen_by_name_or_step(finetune_dir: Path, pretrained_dir: Path) -> None:
     best_step = _best_step(finetune_dir)
 
@@ -470,6 +478,7 @@ def test_eval_model_section_is_only_the_run(resolver: DependencyResolver) -> Non
         validator.validate(FinetunedModelSection(name="wav2vec2_asr_base_10h"))
 
 
+@pytest.mark.e2e
 def test_pretrained_model_is_found_from_any_path_form(resolver: DependencyResolver, pretrained_dir: Path) -> None:
     step_dir = pretrained_dir / f"checkpoints/step_{PRETRAINED_STEP}"
 
@@ -496,6 +505,7 @@ def test_pretrained_model_is_found_from_any_path_form(resolver: DependencyResolv
         resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=pretrained_dir / "missing"))
 
 
+@pytest.mark.e2e
 def test_pretrained_model_needs_the_model_yaml_of_its_run(
     resolver: DependencyResolver, pretrained_dir: Path, tmp_path: Path
 ) -> None:
@@ -510,6 +520,7 @@ def test_pretrained_model_needs_the_model_yaml_of_its_run(
         resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=run_dir))
 
 
+@pytest.mark.e2e
 def test_encoder_structure_is_shared_and_conflicts_are_refused(
     resolver: DependencyResolver, pretrained_dir: Path
 ) -> None:
@@ -533,6 +544,7 @@ def test_encoder_structure_is_shared_and_conflicts_are_refused(
         share_encoder_config(resolver, pretrained, {"encoder_config": {"model_dim": 768}})
 
 
+@pytest.mark.e2e
 def test_mismatched_encoder_is_refused(pretrained_dir: Path) -> None:
     state_dict = torch.load(
         pretrained_dir / f"checkpoints/step_{PRETRAINED_STEP}" / CHECKPOINT_FILE, map_location="cpu", weights_only=True
@@ -549,6 +561,7 @@ def test_mismatched_encoder_is_refused(pretrained_dir: Path) -> None:
         load_pretrained_encoder(model, state_dict, "tiny")
 
 
+@pytest.mark.e2e
 def test_explicit_vocab_size_must_match_tokenizer(finetune_dir: Path) -> None:
     tokenizer_path = finetune_dir / "tokenizer/minispeech_char.yaml"
 
@@ -568,6 +581,7 @@ def test_explicit_vocab_size_must_match_tokenizer(finetune_dir: Path) -> None:
         _set_target_vocab_size({"target_vocab_size": size + 3}, tokenizer, tokenizer_path)
 
 
+@pytest.mark.e2e
 def test_encoder_stays_frozen_for_the_first_steps(frozen_dir: Path, pretrained_dir: Path) -> None:
     pretrained = torch.load(
         pretrained_dir / f"checkpoints/step_{PRETRAINED_STEP}" / CHECKPOINT_FILE, map_location="cpu", weights_only=True
@@ -590,6 +604,7 @@ def test_encoder_stays_frozen_for_the_first_steps(frozen_dir: Path, pretrained_d
     assert [record["Step"] for record in train] == list(range(1, FROZEN_NUM_STEPS + 1))
 
 
+@pytest.mark.e2e
 def test_relative_tokenizer_path_is_recorded_absolute(frozen_dir: Path, finetune_dir: Path) -> None:
     config = yaml.safe_load((frozen_dir / "config.yaml").read_text())
 
@@ -613,6 +628,7 @@ def _run_checkpoint(run_dir: Path) -> RunCheckpoint:
     return RunCheckpoint(card=AssetCard("checkpoint_step_1", {}), checkpoints_dir=run_dir / "checkpoints", step=1)
 
 
+@pytest.mark.e2e
 def test_eval_settings_come_from_the_run_config(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
 
@@ -639,6 +655,7 @@ def test_eval_settings_come_from_the_run_config(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("normalize_audio", [True, False])
+@pytest.mark.e2e
 def test_eval_reads_audio_as_the_run_did(finetune_dir: Path, manifest_dir: Path, normalize_audio: bool) -> None:
     dataset = AsrManifestDataset(manifest_dir)
 
@@ -689,6 +706,7 @@ def _pretrained_copy_with_config(pretrained_dir: Path, destination: Path, normal
     return destination
 
 
+@pytest.mark.e2e
 def test_audio_normalization_must_match_pretraining(
     resolver: DependencyResolver, pretrained_dir: Path, tmp_path: Path
 ) -> None:
@@ -813,6 +831,7 @@ def _write_equal_length_split(manifest_dir: Path, output_dir: Path, name: str, n
     return len(kept)
 
 
+@pytest.mark.e2e
 def test_two_processes_fine_tune_and_evaluate_as_one(manifest_dir: Path, pretrained_dir: Path, tmp_path: Path) -> None:
     """``torchrun`` with two processes (gloo): the run's validation figures are those of a
     one-process evaluation of its checkpoint, and a two-process evaluation gives the same
@@ -881,6 +900,7 @@ def test_two_processes_fine_tune_and_evaluate_as_one(manifest_dir: Path, pretrai
     assert (tmp_path / "eval2/valid_equal.tsv").read_text() == (tmp_path / "eval1/valid_equal.tsv").read_text()
 
 
+@pytest.mark.e2e
 def test_finetuning_transcribes_its_own_training_utterances(
     manifest_dir: Path, pretrained_dir: Path, tmp_path: Path
 ) -> None:
@@ -942,6 +962,7 @@ def test_finetuning_transcribes_its_own_training_utterances(
     assert sum(hyp == ref for hyp, ref in zip(beam_hyps, refs, strict=True)) >= 3, beam_hyps
 
 
+@pytest.mark.e2e
 def test_random_initialization_baseline_takes_only_the_encoder_structure(
     manifest_dir: Path, pretrained_dir: Path, tmp_path: Path
 ) -> None:

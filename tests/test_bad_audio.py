@@ -211,6 +211,7 @@ def _run(command: list[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(command, cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=150)
 
 
+@pytest.mark.e2e
 def test_pretraining_survives_bad_files_and_reports_them(
     broken_corpus: tuple[Path, list[Path]], tmp_path: Path
 ) -> None:
@@ -242,6 +243,7 @@ def test_pretraining_survives_bad_files_and_reports_them(
     assert valid["Skipped Utterances"] == 1
 
 
+@pytest.mark.e2e
 def test_too_many_bad_files_stop_the_run_with_their_names(
     broken_corpus: tuple[Path, list[Path]], tmp_path: Path
 ) -> None:

@@ -16,6 +16,8 @@ from fairseq2.gang import create_fake_gangs
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, SpeechReadOptions
 
+pytestmark = pytest.mark.e2e
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TOOL = REPO_ROOT / "tools" / "calibrate_batches.py"

@@ -88,6 +88,7 @@ def _run_tool(*args: str, path: str | None = None) -> subprocess.CompletedProces
     return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=120)
 
 
+@pytest.mark.e2e
 def test_synthesizer_names_missing_packages(tmp_path: Path) -> None:
     result = _run_tool("--output-dir", str(tmp_path / "corpus"), path=str(tmp_path))
 
@@ -101,6 +102,7 @@ def test_synthesizer_names_missing_packages(tmp_path: Path) -> None:
     any(shutil.which(executable) is None for executable in ENGINE_EXECUTABLES),
     reason="TTS engines not installed (see tools/synthesize_corpus.py)",
 )
+@pytest.mark.e2e
 def test_synthesizer_is_deterministic_and_builds_librispeech_layout(tmp_path: Path) -> None:
     sizes = ["--train-utterances", "12", "--dev-utterances", "2", "--test-utterances", "2"]
 

@@ -46,6 +46,7 @@ def _load_tool(name: str) -> ModuleType:
 
 
 @pytest.mark.parametrize("arch", ["tiny_1x1024", "tiny_2x320"])
+@pytest.mark.e2e
 def test_exports_match_our_features(arch: str, tmp_path: Path) -> None:
     # The helper that writes a pretraining run's layout lives beside this file.
     from tests.test_features import write_run
@@ -176,6 +177,7 @@ def test_refuses_unrepresentable_encoders(field: str, value: object, message: st
         torchaudio_builder_args(config)
 
 
+@pytest.mark.e2e
 def test_s3prl_upstream_gives_a_padded_utterance_other_features(tmp_path: Path) -> None:
     """s3prl's ``hf_wav2vec2_custom`` upstream (its own code) pads a batch and passes an
     attention mask; with wav2vec 2.0 base's group-norm CNN the longest utterance of the batch

@@ -131,6 +131,7 @@ def exported(ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], tmp_path_factory
     return export_dir
 
 
+@pytest.mark.e2e
 def test_the_model_card_reports_the_evaluation(exported: Path) -> None:
     card = (exported / "hf/README.md").read_text()
 
@@ -157,6 +158,7 @@ def _our_transcript(model: Wav2Vec2AsrModel, tokenizer: Tokenizer, waveform: Ten
     return transcript
 
 
+@pytest.mark.e2e
 def test_huggingface_ctc_model_gives_our_logits(
     ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], exported: Path, waveforms: list[Tensor]
 ) -> None:
@@ -186,6 +188,7 @@ def test_huggingface_ctc_model_gives_our_logits(
         assert (hf_logits - ours).abs().max() < TOLERANCE
 
 
+@pytest.mark.e2e
 def test_standardizing_feature_extractor_gives_our_logits_of_standardized_audio(
     ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], waveforms: list[Tensor]
 ) -> None:
@@ -210,6 +213,7 @@ def test_standardizing_feature_extractor_gives_our_logits_of_standardized_audio(
         assert (hf_logits - ours).abs().max() < TOLERANCE
 
 
+@pytest.mark.e2e
 def test_huggingface_pipeline_transcribes_like_our_greedy_decoding(
     ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], exported: Path, waveforms: list[Tensor]
 ) -> None:
@@ -230,6 +234,7 @@ def test_huggingface_pipeline_transcribes_like_our_greedy_decoding(
         assert any(symbol in transcript for transcript in ours), (symbol, ours)
 
 
+@pytest.mark.e2e
 def test_huggingface_tokenizer_decodes_like_ours(
     ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], exported: Path
 ) -> None:
@@ -264,6 +269,7 @@ def test_huggingface_tokenizer_decodes_like_ours(
         assert normalize_transcript(hf_tokenizer.decode(frames.tolist())) == ours
 
 
+@pytest.mark.e2e
 def test_torchaudio_aux_head_gives_our_logits(
     ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], exported: Path, waveforms: list[Tensor]
 ) -> None:
@@ -286,6 +292,7 @@ def test_torchaudio_aux_head_gives_our_logits(
         assert (ta_logits - _our_logits(ctc_run[1], waveform)).abs().max() < TOLERANCE
 
 
+@pytest.mark.e2e
 def test_stock_wav2vec2_exports_its_encoder(
     ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer],
     tmp_path: Path,
@@ -360,6 +367,7 @@ def _stock_encoder_output(model: Wav2Vec2Model, waveform: Tensor) -> Tensor:
         return model.encoder(features, layout)
 
 
+@pytest.mark.e2e
 def test_a_tokenizer_that_does_not_fit_is_refused(
     ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -376,6 +384,7 @@ def test_a_tokenizer_that_does_not_fit_is_refused(
     assert not (tmp_path / "exported").exists()
 
 
+@pytest.mark.e2e
 def test_a_relative_tokenizer_path_names_the_option(
     ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -32,6 +32,8 @@ from w2v_knnvq.features import (
 from w2v_knnvq.features.shards import ShardExtractionError, load_shard, read_index
 from w2v_knnvq.wav2vec2 import Wav2Vec2KnnVqModel, get_wav2vec2_knnvq_model_hub
 
+pytestmark = pytest.mark.e2e
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 METHOD = "softmax-knn-ce"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -25,6 +26,8 @@ from recipes.image_vqae.recipe import ImageVqaeTrainUnit
 from w2v_knnvq.image import IMAGE_VQAE_ARCHS, ImageVqaeModel
 from w2v_knnvq.image.reader import ImageBatch
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
+
+pytestmark = pytest.mark.e2e
 
 WORLD_SIZE = 2
 

@@ -129,6 +129,7 @@ def test_reader_gives_every_rank_the_same_number_of_images() -> None:
         )
 
 
+@pytest.mark.e2e
 def test_make_image_set_tool(tmp_path: Path) -> None:
     pytest.importorskip("skimage")
 

@@ -79,6 +79,7 @@ def knn_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
     return out_dir, first, resumed
 
 
+@pytest.mark.e2e
 def test_knn_training_writes_metrics_checkpoints_and_resumes(knn_run: tuple[Path, str, str]) -> None:
     out_dir, first, resumed = knn_run
 
@@ -98,6 +99,7 @@ def test_knn_training_writes_metrics_checkpoints_and_resumes(knn_run: tuple[Path
     assert (out_dir / "checkpoints" / "step_4" / "model" / "pp_00" / "tp_00" / "sdp_00.pt").is_file()
 
 
+@pytest.mark.e2e
 def test_baseline_derives_paper_optimizer_settings_and_logs_no_soft_metrics(tmp_path: Path) -> None:
     output = _train(
         tmp_path, "regime.num_steps=2", "peak_lr=null", "model.config_overrides.quantizer.method=ste-euclid"
@@ -123,6 +125,7 @@ def test_method_optimizer_settings_follow_the_quantizer_spec() -> None:
         assert (method_peak_lr(method), method_weight_decay(method)) == (1e-4, 1e-4)
 
 
+@pytest.mark.e2e
 def test_schedule_shorter_than_warmup_is_refused(tmp_path: Path) -> None:
     result = subprocess.run(
         [
@@ -148,6 +151,7 @@ def test_schedule_shorter_than_warmup_is_refused(tmp_path: Path) -> None:
     assert "but is 20 instead" in output
 
 
+@pytest.mark.e2e
 def test_image_hub_loads_the_runs_checkpoint_outside_the_recipe(knn_run: tuple[Path, str, str]) -> None:
     out_dir = knn_run[0]
 
@@ -173,6 +177,7 @@ def test_image_hub_loads_the_runs_checkpoint_outside_the_recipe(knn_run: tuple[P
         assert torch.equal(loaded[name], tensor), name
 
 
+@pytest.mark.e2e
 def test_evaluation_tool_writes_table_plots_and_merges(knn_run: tuple[Path, str, str], tmp_path: Path) -> None:
     out_dir = knn_run[0]
 
@@ -288,6 +293,7 @@ def test_fid_orders_identical_below_different_below_noise() -> None:
     assert same < 1e-3 * different
 
 
+@pytest.mark.e2e
 def test_two_processes_validate_as_one(tmp_path: Path) -> None:
     """``torchrun`` with two processes (gloo): the run's validation reconstruction error over
     the whole validation folder equals a one-process evaluation of the same checkpoint."""

@@ -190,6 +190,7 @@ def test_bad_files_are_refused_by_name_and_reason(tmp_path: Path, damaged_corpus
     assert not output_dir.exists() or not any(output_dir.iterdir())
 
 
+@pytest.mark.e2e
 def test_bad_files_are_skipped_with_flag(tmp_path: Path, damaged_corpus: tuple[Path, dict[str, str]]) -> None:
     corpus_dir, reasons = damaged_corpus
 
@@ -235,6 +236,7 @@ def test_transcript_without_audio_is_bad(tmp_path: Path) -> None:
     assert len(scan.entries) == SPLIT_SIZES["dev"] - 1
 
 
+@pytest.mark.e2e
 def test_missing_or_empty_directories_are_named(tmp_path: Path) -> None:
     missing_corpus = tmp_path / "no-such-corpus"
 

@@ -29,6 +29,7 @@ def test_every_package_is_installed_under_its_wheel_name() -> None:
     assert "recipes" not in setuptools["packages"]
 
 
+@pytest.mark.e2e
 def test_the_wheel_alone_installs_every_command(tmp_path: Path) -> None:
     """Built as a wheel and installed into a scratch directory (no checkout on the path), every
     command of ``[project.scripts]`` exists and answers ``--help``; the tools ``--version``."""
@@ -90,6 +91,7 @@ print("probed", len({scripts!r}))
     assert f"w2v-knnvq {project['version']}" in result.stdout
 
 
+@pytest.mark.e2e
 def test_the_set_up_stops_on_an_unsupported_python_and_says_what_to_install(tmp_path: Path) -> None:
     """fairseq2n 0.8.1 has no wheel for Python 3.13 (Debian 13's default): the set-up stops
     before it touches anything, with a sentence saying what to install."""

@@ -379,6 +379,7 @@ def _global_worker(rank: int, world_size: int, init_file: str, result_dir: str) 
 
 
 @pytest.mark.parametrize("world_size", [2, 8])
+@pytest.mark.e2e
 def test_global_knn_of_several_processes_equals_one_process(tmp_path: Path, world_size: int) -> None:
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 

@@ -15,6 +15,8 @@ import pytest
 from tests.cli import REPO_ROOT, last_record_per_step, read_jsonl, recipe_command, recipe_env, run_recipe_command
 from tests.test_ssl_recipe import TINY_CPU_CONFIG, _write_synthetic_split
 
+pytestmark = pytest.mark.e2e
+
 NUM_STEPS = 12
 
 CHECKPOINT_EVERY = 4

@@ -129,6 +129,7 @@ def _run_ssl(tmp_path: Path, *overrides: str) -> str:
     return output
 
 
+@pytest.mark.e2e
 def test_unknown_method_and_zero_sizes_are_configuration_errors(tmp_path: Path) -> None:
     """Not "an unexpected error ... file a bug report": each setting named, in one line."""
     output = _run_ssl(
@@ -142,6 +143,7 @@ def test_unknown_method_and_zero_sizes_are_configuration_errors(tmp_path: Path) 
     assert "but is 'softmax-knn' instead. `quantizer.num_codebooks` must be at least 1, but is 0 instead. `quantizer.knn_k` must be at least 1, but is 0 instead." in output  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_mask_spans_longer_than_the_crops_are_a_configuration_error(tmp_path: Path) -> None:
     (tmp_path / "train.tsv").write_text(f"{tmp_path}\nutt.flac\t40000\n")
 

@@ -140,6 +140,7 @@ def trained_run(manifest_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return output_dir, result.stdout + result.stderr
 
 
+@pytest.mark.e2e
 def test_run_writes_checkpoints_and_usage_metrics(trained_run: tuple[Path, str]) -> None:
     output_dir, _ = trained_run
 
@@ -191,6 +192,7 @@ def test_run_writes_checkpoints_and_usage_metrics(trained_run: tuple[Path, str])
     assert list((output_dir / "tb").glob("valid/events.out.tfevents.*"))
 
 
+@pytest.mark.e2e
 def test_interrupted_run_resumes_from_its_last_checkpoint(
     trained_run: tuple[Path, str], manifest_dir: Path, tmp_path: Path
 ) -> None:
@@ -219,6 +221,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(
         assert (output_dir / f"checkpoints/step_{step}").is_dir()
 
 
+@pytest.mark.e2e
 def test_validation_usage_matches_independent_count(trained_run: tuple[Path, str], manifest_dir: Path) -> None:
     output_dir, _ = trained_run
 
@@ -352,6 +355,7 @@ def test_missing_manifest_and_empty_split_name_the_file(manifest_dir: Path, tmp_
         SpeechManifestDataset(tmp_path).read_split("empty")
 
 
+@pytest.mark.e2e
 def test_invalid_mask_settings_stop_the_run_before_it_starts(manifest_dir: Path, tmp_path: Path) -> None:
     """Mask settings that fairseq2's masker would reject mid-run are a configuration error
     naming the setting."""
@@ -377,6 +381,7 @@ def test_invalid_mask_settings_stop_the_run_before_it_starts(manifest_dir: Path,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+@pytest.mark.e2e
 def test_stock_wav2vec2_adapter_reports_per_codebook_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     """fairseq2's Gumbel wav2vec 2.0 runs through the same criterion as a baseline."""
     # The Gumbel quantizer compiles a matmul on first use, which takes long on a CPU.
@@ -446,6 +451,7 @@ def test_stock_wav2vec2_adapter_reports_per_codebook_figures(monkeypatch: pytest
     assert (frames.codes[1, ~frames.padding_mask[1]] == -1).all()
 
 
+@pytest.mark.e2e
 def test_chunked_quantizer_trains_and_validates_as_the_dense_one(
     trained_run: tuple[Path, str], manifest_dir: Path, tmp_path: Path
 ) -> None:
@@ -466,6 +472,7 @@ def test_chunked_quantizer_trains_and_validates_as_the_dense_one(
         assert chunked[name] == pytest.approx(dense[name], rel=1e-3), name
 
 
+@pytest.mark.e2e
 def test_evaluation_of_a_checkpoint_on_any_split(
     trained_run: tuple[Path, str], manifest_dir: Path, tmp_path: Path
 ) -> None:
@@ -529,6 +536,7 @@ def _assert_evaluation_matches_validation(
     assert record["mean_utterance_codebook_usage"] == pytest.approx(validation["Mean Utterance Codebook Usage"])
 
 
+@pytest.mark.e2e
 def test_two_processes_validate_as_one_and_resume_only_with_two(manifest_dir: Path, tmp_path: Path) -> None:
     """``torchrun`` with two processes (gloo): validation covers every utterance once, and its
     usage (a union over the ranks) equals a one-process evaluation of the same checkpoint. A
@@ -576,6 +584,7 @@ def test_two_processes_validate_as_one_and_resume_only_with_two(manifest_dir: Pa
     assert "model.path=" in restart.stdout + restart.stderr
 
 
+@pytest.mark.e2e
 def test_fsdp_with_activation_checkpointing_saves_a_checkpoint_the_tools_load(
     manifest_dir: Path, tmp_path: Path
 ) -> None:
@@ -615,6 +624,7 @@ def test_fsdp_with_activation_checkpointing_saves_a_checkpoint_the_tools_load(
     _assert_evaluation_matches_validation(output_dir, manifest_dir, tmp_path / "eval", validation)
 
 
+@pytest.mark.e2e
 def test_compiled_model_trains_as_the_eager_one(
     trained_run: tuple[Path, str], manifest_dir: Path, tmp_path: Path
 ) -> None:

@@ -133,6 +133,7 @@ def _load_pretrained_encoder(run_dir: Path) -> object:
 @pytest.mark.parametrize(
     "load", [_load_features, _load_export, _load_evaluation, _load_pretrained_encoder], ids=lambda f: f.__name__
 )
+@pytest.mark.e2e
 def test_a_loaded_checkpoint_runs_no_code_whatever_its_card_says(
     poisoned_run: tuple[Path, Path], load: Callable[[Path], object]
 ) -> None:
@@ -152,6 +153,7 @@ def test_a_loaded_checkpoint_runs_no_code_whatever_its_card_says(
     assert "could run code" in str(info.value)
 
 
+@pytest.mark.e2e
 def test_warm_start_from_a_run_runs_no_code(
     poisoned_run: tuple[Path, Path], manifest_dir: Path, tmp_path: Path
 ) -> None:
@@ -173,6 +175,7 @@ STATE_FILES = ["trainer/rank_00.pt", "optimizer/pp_00/tp_00/sdp_00.pt", "data_re
 
 
 @pytest.mark.parametrize("state_file", STATE_FILES)
+@pytest.mark.e2e
 def test_every_state_file_of_a_resume_is_checked_without_running_code(
     trained_run: Path, tmp_path: Path, state_file: str
 ) -> None:
@@ -197,6 +200,7 @@ def test_every_state_file_of_a_resume_is_checked_without_running_code(
     assert not marker.exists()
 
 
+@pytest.mark.e2e
 def test_a_resume_refuses_a_planted_trainer_state(trained_run: Path, manifest_dir: Path, tmp_path: Path) -> None:
     """Through the command line, before the trainer restores anything."""
     output_dir = tmp_path / "run"
@@ -216,6 +220,7 @@ def test_a_resume_refuses_a_planted_trainer_state(trained_run: Path, manifest_di
     assert f"The run cannot resume from step {STEP}: {output_dir}/checkpoints/step_{STEP}/trainer/rank_00.pt" in result.stdout + result.stderr  # fmt: skip
 
 
+@pytest.mark.e2e
 def test_a_run_in_a_folder_with_a_space_and_an_accent_loads(trained_run: Path, tmp_path: Path) -> None:
     """fairseq2 percent-encodes a card's path and never decodes it; the run's cards name
     their checkpoints as URIs written out."""
@@ -241,6 +246,7 @@ def test_a_tokenizer_in_a_folder_with_a_space_and_an_accent_loads(tmp_path: Path
     assert load_ctc_tokenizer(card_path).vocab_info.pad_idx == 0
 
 
+@pytest.mark.e2e
 def test_a_resume_with_another_process_count_is_refused_in_a_checkpoint_dir(
     trained_run: Path, manifest_dir: Path, tmp_path: Path
 ) -> None:
@@ -273,6 +279,7 @@ def test_a_resume_with_another_process_count_is_refused_in_a_checkpoint_dir(
     assert find_run_checkpoint(sweep_dir).checkpoints_dir == sweep_dir / "ws_1.0123abcd"
 
 
+@pytest.mark.e2e
 def test_a_second_run_in_a_busy_output_directory_is_refused(manifest_dir: Path, tmp_path: Path) -> None:
     """The first run holds the directory's lock until it ends; the second is refused in one
     line before it trains, and the lock goes with the first run's process."""
@@ -345,6 +352,7 @@ def test_no_space_left_is_found_behind_fairseq2s_pickling_error() -> None:
     assert not _disk_full(saving(OSError(errno.EIO, "Input/output error")))
 
 
+@pytest.mark.e2e
 def test_a_full_disk_names_the_folder_the_step_and_the_resume(manifest_dir: Path, tmp_path: Path) -> None:
     """A file system with room for one checkpoint (2.2 MB) but not two: step 4's does not
     fit; once the filler is deleted, the same command resumes from step 2. Needs the right
@@ -385,6 +393,7 @@ def test_a_full_disk_names_the_folder_the_step_and_the_resume(manifest_dir: Path
         subprocess.run(["umount", str(mount_point)], check=False)
 
 
+@pytest.mark.e2e
 def test_a_card_by_name_runs_no_code_in_the_feature_tool(
     poisoned_run: tuple[Path, Path], manifest_dir: Path, tmp_path: Path
 ) -> None:

@@ -155,6 +155,7 @@ def test_files_no_model_or_manifest_line_can_take_are_bad_files(tmp_path: Path) 
     assert all("\t" not in path and "\n" not in path for path, _ in train)
 
 
+@pytest.mark.e2e
 def test_command_line(tmp_path: Path) -> None:
     _write_tree(tmp_path / "audio")
 

@@ -45,6 +45,7 @@ def _state(model: torch.nn.Module, prefixes: tuple[str, ...]) -> dict[str, torch
     return {key: value.clone() for key, value in model.state_dict().items() if key.startswith(prefixes)}
 
 
+@pytest.mark.e2e
 def test_copies_encoder_and_projections_but_not_the_quantizer() -> None:
     stock = create_stock_model(tiny_stock_config(), seed=3)
 
@@ -73,6 +74,7 @@ def test_copies_encoder_and_projections_but_not_the_quantizer() -> None:
     assert summary.num_copied_tensors == len(ours)
 
 
+@pytest.mark.e2e
 def test_a_projection_of_another_shape_stays_fresh() -> None:
     # A 1x1024 quantizer of 32 dimensions feeds `final_target_proj` 32 inputs, the stock 2x32 one 64.
     stock = create_stock_model(tiny_stock_config(), seed=3)
@@ -94,6 +96,7 @@ def test_a_projection_of_another_shape_stays_fresh() -> None:
     ]
 
 
+@pytest.mark.e2e
 def test_another_encoder_is_refused_with_both_shapes_and_the_fix() -> None:
     wide = tiny_stock_config()
     wide.encoder_config = replace(wide.encoder_config, ffn_inner_dim=256)
@@ -176,6 +179,7 @@ def _launch(output_dir: Path, manifest_dir: Path, num_steps: int, *overrides: st
     return subprocess.run(command, cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=150)
 
 
+@pytest.mark.e2e
 def test_recipe_starts_from_a_stock_card_and_resumes_from_its_own_checkpoint(stock_sources, tmp_path: Path) -> None:
     manifest_dir, card_dir, _, stock_state = stock_sources
 
@@ -208,6 +212,7 @@ def test_recipe_starts_from_a_stock_card_and_resumes_from_its_own_checkpoint(sto
     assert "Initialized the model from" not in log
 
 
+@pytest.mark.e2e
 def test_recipe_refuses_a_run_of_another_encoder(stock_sources, tmp_path: Path) -> None:
     manifest_dir, _, run_dir, _ = stock_sources
 

@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -16,6 +17,8 @@ from torch.nn.parallel import DistributedDataParallel
 from fairseq2.nn import BatchLayout
 
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
+
+pytestmark = pytest.mark.e2e
 
 WORLD_SIZE = 2
 

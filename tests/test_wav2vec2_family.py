@@ -249,6 +249,7 @@ def test_codebook_shape_has_one_source_of_truth(hub) -> None:
     assert not hasattr(config, "num_codebook_entries") and not hasattr(config, "codebook_sampling_temperature")
 
 
+@pytest.mark.e2e
 def test_one_override_switches_the_method(hub) -> None:
     resolver = get_dependency_resolver()
 
@@ -277,6 +278,7 @@ def test_one_override_switches_the_method(hub) -> None:
 
 @pytest.mark.parametrize("arch", ["tiny_1x1024", "tiny_2x320"])
 @pytest.mark.parametrize("method", TRAIN_METHODS)
+@pytest.mark.e2e
 def test_tiny_forward_backward(hub, arch: str, method: str) -> None:
     config = _tiny(arch, method)
 
@@ -365,6 +367,7 @@ def test_autocast_forward_backward(hub, dtype: torch.dtype) -> None:
     assert grad.abs().sum() > 0
 
 
+@pytest.mark.e2e
 def test_eval_codes_feed_codebook_usage(hub) -> None:
     model = _build(hub, _tiny("tiny_2x320"))
 
@@ -387,6 +390,7 @@ def test_eval_codes_feed_codebook_usage(hub) -> None:
 
 
 @pytest.mark.parametrize("arch", ["tiny_1x1024", "tiny_2x320"])
+@pytest.mark.e2e
 def test_state_dict_round_trips_strictly(hub, arch: str) -> None:
     source = _build(hub, _tiny(arch), seed=0)
     target = _build(hub, _tiny(arch), seed=1)
@@ -435,6 +439,7 @@ torch.save({"type": type(model).__name__, "logits": output.logits, "codes": outp
 """
 
 
+@pytest.mark.e2e
 def test_save_and_load_by_name_reproduces_outputs(hub, tmp_path: Path) -> None:
     model = _build(hub, _tiny("tiny_1x1024"), seed=3)
 
@@ -571,6 +576,7 @@ def test_wav2vec2_asr_checkpoint_is_refused(hub, tmp_path: Path) -> None:
 # --- fairseq2 integration ----------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_extension_registers_cards_through_the_entry_point(hub) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "fairseq2.assets", "list", "--kind", "model"],
@@ -616,6 +622,7 @@ def test_encoder_loads_into_wav2vec2_asr(hub) -> None:
         assert torch.equal(encode(pretrained), encode(asr))
 
 
+@pytest.mark.e2e
 def test_regularizer_weight_scales_only_the_regularizer(hub) -> None:
     config = _tiny("tiny_1x1024")
 

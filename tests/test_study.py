@@ -1,29 +1,27 @@
-"""The study runner and the report tool through their command lines: a grid of methods and K
-values, one run each, every run evaluated, one report in the paper's table layouts."""
+"""The study runner through its command line (a grid of methods and K values, one run each,
+every run evaluated, one report in the paper's table layouts), and the report that gathers
+evaluations of speech and image runs alike."""
 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.e2e
+from tests.cli import run_recipe_command
+from w2v_knnvq.report import main as report_main
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
-
+@pytest.mark.e2e
 def test_study_runs_the_grid_and_reports_it(tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "recipes.wav2vec2_knnvq.study", "--output-dir", str(tmp_path),
         "--methods", "ste-euclid", "softmax-knn-ce", "--k", "1", "3", "--num-steps", "2",
     ]  # fmt: skip
 
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    run_recipe_command(command)
 
     # One run per non-KNN method, one per (KNN method, K).
     for name in ("ste-euclid", "softmax-knn-ce-k1", "softmax-knn-ce-k3"):
@@ -37,51 +35,70 @@ def test_study_runs_the_grid_and_reports_it(tmp_path: Path) -> None:
     assert "| softmax-knn-ce | 1 |" in report and "| softmax-knn-ce | 3 |" in report and "| ste-euclid | — |" in report
     assert "Codebook 2 (valid)" in report and "code_popularity.png" in report
 
-    # The report tool gathers speech and image evaluations alike, and names what is not one.
-    image = {
-        "method": "hg-ppl",
-        "knn_k": None,
-        "feature_map": "8x8x8",
-        "codebook_size": 64,
-        "code_use": [0.5],
-        "rmse": 0.2,
-        "rmse_imagenet": 0.44,
-        "fid": None,
-        "inception_score": None,
-        "perplexity_percentiles": None,
-    }
-    (tmp_path / "image.json").write_text(json.dumps(image))
 
-    gathered = subprocess.run(
-        [sys.executable, "-m", "recipes.report", str(tmp_path / "ste-euclid"), str(tmp_path / "image.json")],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    )
+@pytest.mark.e2e
+def test_study_refuses_an_unknown_method(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "recipes.wav2vec2_knnvq.study", "--output-dir", str(tmp_path)]
 
-    assert gathered.returncode == 0, gathered.stderr
-    assert "## Speech" in gathered.stdout and "## Images" in gathered.stdout
-    assert "| hg-ppl | — | 50.0% | 0.200 | 0.440 |" in gathered.stdout
+    completed = run_recipe_command([*command, "--methods", "no-such-method"], expected_returncode=1)
 
+    assert "must be one of" in completed.stderr
+
+
+SPEECH_RECORD = {
+    "checkpoint": "run/checkpoints/step_2",
+    "method": "softmax-knn-ce",
+    "knn_k": 2,
+    "split": "valid",
+    "num_utterances": 3,
+    "codebook_usage": [0.25, 0.5],
+    "perplexity_percentiles": [[1.5, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]],
+}
+
+IMAGE_RECORD = {
+    "method": "hg-ppl",
+    "knn_k": None,
+    "feature_map": "8x8x8",
+    "codebook_size": 64,
+    "code_use": [0.5],
+    "rmse": 0.2,
+    "rmse_imagenet": 0.44,
+    "fid": None,
+    "inception_score": None,
+    "perplexity_percentiles": None,
+}
+
+
+def test_report_gathers_speech_and_image_evaluations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    speech_dir = tmp_path / "run" / "eval" / "valid"
+    speech_dir.mkdir(parents=True)
+    (speech_dir / "evaluation.json").write_text(json.dumps(SPEECH_RECORD))
+    (speech_dir / "code_popularity.png").write_bytes(b"png")
+
+    (tmp_path / "image.json").write_text(json.dumps(IMAGE_RECORD))
+
+    # A folder is searched for evaluation.json, a file is taken as it is.
+    assert report_main([str(tmp_path / "run"), str(tmp_path / "image.json")]) == 0
+
+    out = capsys.readouterr().out
+
+    assert "## Speech" in out and "## Images" in out
+    assert "| softmax-knn-ce | 2 | 25.0% | 50.0% |" in out
+    assert "| softmax-knn-ce | 2 | 1.50 | 2.00 | 3.00 | 4.00 |" in out
+    assert "| hg-ppl | — | 50.0% | 0.200 | 0.440 | — | — |" in out
+    assert f"- {speech_dir / 'code_popularity.png'}" in out
+
+    assert report_main([str(tmp_path / "run"), "-o", str(tmp_path / "report.md")]) == 0
+    assert "| softmax-knn-ce | 2 | 25.0% | 50.0% |" in (tmp_path / "report.md").read_text()
+
+
+def test_report_names_what_is_not_an_evaluation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bad.json").write_text("[]")
 
-    bad = subprocess.run(
-        [sys.executable, "-m", "recipes.report", str(tmp_path / "bad.json")],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    )
+    assert report_main([str(tmp_path / "bad.json")]) == 1
+    assert "bad.json is no evaluation record" in capsys.readouterr().err
 
-    assert bad.returncode == 1 and "bad.json is no evaluation record" in bad.stderr
+    (tmp_path / "empty").mkdir()
 
-
-@pytest.mark.parametrize("method", ["no-such-method"])
-def test_study_refuses_an_unknown_method(method: str, tmp_path: Path) -> None:
-    completed = subprocess.run(
-        [sys.executable, "-m", "recipes.wav2vec2_knnvq.study", "--output-dir", str(tmp_path), "--methods", method],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-    )
-
-    assert completed.returncode != 0 and "must be one of" in completed.stderr
+    assert report_main([str(tmp_path / "empty")]) == 1
+    assert "empty holds no evaluation.json" in capsys.readouterr().err

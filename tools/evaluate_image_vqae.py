@@ -30,14 +30,9 @@ import torch
 
 from w2v_knnvq.image import IMAGE_VQAE_FAMILY, ImageVqaeModel, get_image_vqae_model_hub
 from w2v_knnvq.image.data import list_image_files
-from w2v_knnvq.image.evaluation import (
-    ImageVqaeEvaluation,
-    evaluate_image_vqae,
-    format_image_tables,
-    image_table_row,
-)
+from w2v_knnvq.image.evaluation import ImageVqaeEvaluation, evaluate_image_vqae
 from w2v_knnvq.image.metrics import ImageFeatureFn, make_fid_features, make_inception_probabilities
-from w2v_knnvq.report import UsageTableRow
+from w2v_knnvq.report import UsageTableRow, format_image_tables, image_table_row
 from w2v_knnvq.runs import CheckpointChoice, RunCheckpoint, RunCheckpointError, find_run_checkpoint, load_run_model
 from w2v_knnvq.tool import tool_parser
 

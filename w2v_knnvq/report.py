@@ -1,21 +1,36 @@
-"""Codebook usage reports of any modality: the histograms of Figure 2 and the Markdown tables
-in the layout of Tables 1 and 2.
+"""Codebook usage reports of any modality: the histograms of Figure 2, the Markdown tables in
+the layout of Tables 1-3, and the gathering of evaluations of several runs into one report.
 
 The histograms take a :class:`~w2v_knnvq.quantizer.CodebookUsageReport`; the tables take one
 :class:`UsageTableRow` per evaluated model (built from a report by
-:meth:`UsageTableRow.from_report`, or from a stored evaluation) and the modality's own score
-columns (rMSE, FID, IS for images).
+:meth:`UsageTableRow.from_report`, or from a stored evaluation's JSON record by
+:func:`speech_table_row` or :func:`image_table_row`) and the modality's own score columns
+(rMSE, FID, IS for images). :func:`gather` reads ``evaluation.json`` files only, so it reports
+on runs of any recipe without importing it::
+
+    w2v-knnvq-report EVAL_DIR_OR_JSON [...] [-o report.md]
+
+Each argument is an ``evaluation.json`` or a folder searched for them: those of the pretraining
+evaluation (one per split) give Table 3 (usage of each codebook, one column group per split)
+and Table 2; those of the image evaluation give Table 1 (code use, rMSE, FID, IS, one column
+group per feature map and codebook size) and Table 2. The Figure 2 histograms that sit beside
+each JSON are listed below the tables.
 """
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Final
+from typing import Final, TypeVar
 
 from w2v_knnvq.quantizer import CodebookUsageReport
+from w2v_knnvq.tool import tool_parser
+
+T = TypeVar("T")
 
 MISSING: Final = "—"
 """The table cell of a score or K that does not apply."""
@@ -219,6 +234,60 @@ def speech_table_row(record: Mapping[str, object]) -> UsageTableRow:
     )
 
 
+IMAGE_SCORE_COLUMNS: Final = (
+    ScoreColumn(key="rmse", title="rMSE [-1, 1]", pattern="{:.3f}"),
+    ScoreColumn(key="rmse_imagenet", title="rMSE (ImageNet-std.)", pattern="{:.3f}"),
+    ScoreColumn(key="fid", title="FID", pattern="{:.2f}"),
+    ScoreColumn(key="inception_score", title="IS", pattern="{:.2f}"),
+)
+"""The columns of Table 1 after "Code Use" for images."""
+
+
+def image_table_group(feature_map: object, codebook_size: object) -> str:
+    """The column group of an image evaluation, e.g. ``"16x16x32; 1024"``."""
+    return f"{feature_map}; {codebook_size}"
+
+
+def image_table_row(record: Mapping[str, object]) -> UsageTableRow:
+    """The table row of an image evaluation's JSON record
+    (:meth:`~w2v_knnvq.image.evaluation.ImageVqaeEvaluation.to_json`).
+
+    :raises KeyError: if ``record`` lacks ``method``, ``feature_map``, ``codebook_size`` or
+        ``code_use``.
+    :raises TypeError: if a field has the wrong type.
+    """
+    code_use = _optional(record, "code_use", list)
+    if code_use is None:
+        raise KeyError("code_use")
+
+    return UsageTableRow(
+        method=str(record["method"]),
+        knn_k=_optional(record, "knn_k", int),
+        group=image_table_group(record["feature_map"], record["codebook_size"]),
+        code_use=code_use,
+        perplexity_percentiles=_optional(record, "perplexity_percentiles", list) or None,
+        scores={column.key: _score(record, column.key) for column in IMAGE_SCORE_COLUMNS},
+    )
+
+
+def format_image_tables(rows: Iterable[UsageTableRow]) -> str:
+    """Markdown tables in the layout of the paper's Tables 1 (code use, rMSE, FID, IS) and 2
+    (individual perplexity percentiles), one column group per feature map and codebook size,
+    one row per method and K.
+
+    :param rows: From :meth:`~w2v_knnvq.image.evaluation.ImageVqaeEvaluation.table_row` or
+        :func:`image_table_row`.
+    """
+    return format_usage_tables(
+        rows,
+        IMAGE_SCORE_COLUMNS,
+        score_caption=(
+            "reconstruction quality (rMSE on [-1, 1] pixels, the model's space, and on "
+            "ImageNet-standardized pixels, the space Table 1's values suggest)"
+        ),
+    )
+
+
 def format_codebook_table(rows: Iterable[UsageTableRow]) -> str:
     """Markdown tables in the layout of the paper's Table 3 (the usage of each codebook, one
     column group per :attr:`UsageTableRow.group`, e.g. a split) and Table 2 (individual
@@ -323,3 +392,116 @@ def _header_lines(header: Sequence[str]) -> list[str]:
 
 def _line(cells: Sequence[str]) -> str:
     return "| " + " | ".join(cells) + " |"
+
+
+def _optional(record: Mapping[str, object], name: str, kind: type[T]) -> T | None:
+    value = record.get(name)
+
+    if value is None or isinstance(value, kind):
+        return value
+
+    raise TypeError(f"`{name}` must be of type `{kind.__name__}`, but is of type `{type(value).__name__}` instead.")
+
+
+def _score(record: Mapping[str, object], name: str) -> float | None:
+    value = record.get(name)
+
+    if value is None or isinstance(value, (int, float)):
+        return value
+
+    raise TypeError(f"`{name}` must be a number, but is of type `{type(value).__name__}` instead.")
+
+
+HISTOGRAMS: Final = ("per_utterance_usage.png", "per_image_usage.png", "code_popularity.png")
+"""The Figure 2 histograms that :func:`gather` lists when they sit beside an evaluation."""
+
+
+def find_evaluations(paths: Sequence[Path]) -> list[Path]:
+    """The ``evaluation.json`` files of ``paths``: a file is taken as it is, a folder is
+    searched (sorted, recursively).
+
+    :raises FileNotFoundError: naming a path that holds no ``evaluation.json``.
+    """
+    files: list[Path] = []
+
+    for path in paths:
+        found = [path] if path.is_file() else sorted(path.rglob("evaluation.json"))
+
+        if not found:
+            raise FileNotFoundError(
+                f"{path} holds no evaluation.json; give the output folder of an evaluation or its JSON file."
+            )
+
+        files.extend(found)
+
+    return files
+
+
+def gather(files: Sequence[Path]) -> str:
+    """One Markdown report of the evaluation records ``files``: a speech section (Tables 3 and
+    2), an image section (Tables 1 and 2) and the Figure 2 histograms beside the files.
+
+    :raises ValueError: naming a file that is no evaluation record.
+    """
+    speech: list[UsageTableRow] = []
+    image: list[UsageTableRow] = []
+    plots: list[str] = []
+
+    for file in files:
+        try:
+            record = json.loads(file.read_text(encoding="utf-8"))
+
+            if not isinstance(record, dict):
+                raise TypeError(f"a JSON object is expected, but the file holds a {type(record).__name__}")
+
+            if "feature_map" in record:
+                image.append(image_table_row(record))
+            else:
+                speech.append(speech_table_row(record))
+        except (json.JSONDecodeError, KeyError, TypeError) as ex:
+            raise ValueError(
+                f"{file} is no evaluation record ({ex!r}); give files written by the speech or image evaluation."
+            ) from None
+
+        plots += [f"- {file.parent / name}" for name in HISTOGRAMS if (file.parent / name).is_file()]
+
+    sections = []
+
+    if speech:
+        sections.append("## Speech\n\n" + format_codebook_table(speech))
+
+    if image:
+        sections.append("## Images\n\n" + format_image_tables(image))
+
+    if plots:
+        sections.append("## Figure 2 histograms\n\n" + "\n".join(plots) + "\n")
+
+    return "\n".join(sections)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``w2v-knnvq-report``: gathers evaluations into one report (printed or written)."""
+    parser = tool_parser(__doc__, prog="w2v-knnvq-report")
+    parser.add_argument("evaluations", nargs="+", type=Path, help="evaluation.json files or folders holding them")
+    parser.add_argument("-o", "--output", type=Path, help="write the Markdown here (default: print it)")
+    args = parser.parse_args(argv)
+
+    try:
+        report = gather(find_evaluations(args.evaluations))
+    except (FileNotFoundError, ValueError) as ex:
+        print(f"error: {ex}", file=sys.stderr)
+
+        return 1
+
+    if args.output is None:
+        print(report)
+    else:
+        args.output.write_text(report, encoding="utf-8")
+
+        print(f"Wrote {args.output}.")
+
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

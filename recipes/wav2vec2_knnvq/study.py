@@ -20,7 +20,7 @@ from pathlib import Path
 from w2v_knnvq.quantizer import METHOD_NAMES, METHODS
 from w2v_knnvq.tool import tool_parser
 
-from ..report import find_evaluations, gather
+from w2v_knnvq.report import find_evaluations, gather
 from .demo import PRESET, REPO_ROOT, PretrainingRun, evaluate_all, pretrain_all, result_table, write_manifests
 
 

@@ -4,15 +4,15 @@
 :class:`ImageVqaeEvaluation`: codebook usage from the quantizer's
 :class:`~w2v_knnvq.quantizer.CodebookUsage`, rMSE, FID and IS from
 :mod:`w2v_knnvq.image.metrics`. Its JSON record (:meth:`ImageVqaeEvaluation.to_json`) turns
-into a row of the tables of :mod:`w2v_knnvq.report` with :func:`image_table_row`.
+into a row of the tables of :mod:`w2v_knnvq.report` with
+:func:`~w2v_knnvq.report.image_table_row`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final, TypeVar
 
 import torch
 from torch import Tensor
@@ -27,17 +27,7 @@ from w2v_knnvq.image.metrics import (
 )
 from w2v_knnvq.image.model import ImageVqaeModel
 from w2v_knnvq.quantizer import CodebookUsage, CodebookUsageReport, QuantizerConfig, QuantizerOutput
-from w2v_knnvq.report import IMAGE, ScoreColumn, UsageTableRow, format_usage_tables, save_usage_histograms
-
-IMAGE_SCORE_COLUMNS: Final = (
-    ScoreColumn(key="rmse", title="rMSE [-1, 1]", pattern="{:.3f}"),
-    ScoreColumn(key="rmse_imagenet", title="rMSE (ImageNet-std.)", pattern="{:.3f}"),
-    ScoreColumn(key="fid", title="FID", pattern="{:.2f}"),
-    ScoreColumn(key="inception_score", title="IS", pattern="{:.2f}"),
-)
-"""The columns of Table 1 after "Code Use"."""
-
-T = TypeVar("T")
+from w2v_knnvq.report import IMAGE, UsageTableRow, image_table_group, save_usage_histograms
 
 ProgressFn = Callable[[int, int], None]
 """Called after each batch with the images done and the images in all."""
@@ -102,12 +92,12 @@ class ImageVqaeEvaluation:
         }
 
     def table_row(self) -> UsageTableRow:
-        """The evaluation's row of :func:`format_image_tables`."""
+        """The evaluation's row of :func:`~w2v_knnvq.report.format_image_tables`."""
         return UsageTableRow.from_report(
             self.usage,
             method=self.method,
             knn_k=self.knn_k,
-            group=_table_group(self.feature_map, self.codebook_size),
+            group=image_table_group(self.feature_map, self.codebook_size),
             scores={
                 "rmse": self.rmse,
                 "rmse_imagenet": self.rmse_imagenet,
@@ -217,63 +207,3 @@ def _evaluation(
         inception_score=inception_score,
         usage=usage,
     )
-
-
-def image_table_row(record: Mapping[str, object]) -> UsageTableRow:
-    """The table row of an evaluation's JSON record (:meth:`ImageVqaeEvaluation.to_json`).
-
-    :raises KeyError: if ``record`` lacks ``method``, ``feature_map``, ``codebook_size`` or
-        ``code_use``.
-    :raises TypeError: if a field has the wrong type.
-    """
-    code_use = _optional(record, "code_use", list)
-    if code_use is None:
-        raise KeyError("code_use")
-
-    return UsageTableRow(
-        method=str(record["method"]),
-        knn_k=_optional(record, "knn_k", int),
-        group=_table_group(record["feature_map"], record["codebook_size"]),
-        code_use=code_use,
-        perplexity_percentiles=_optional(record, "perplexity_percentiles", list) or None,
-        scores={column.key: _score(record, column.key) for column in IMAGE_SCORE_COLUMNS},
-    )
-
-
-def format_image_tables(rows: Iterable[UsageTableRow]) -> str:
-    """Markdown tables in the layout of the paper's Tables 1 (code use, rMSE, FID, IS) and 2
-    (individual perplexity percentiles), one column group per feature map and codebook size,
-    one row per method and K.
-
-    :param rows: From :meth:`ImageVqaeEvaluation.table_row` or :func:`image_table_row`.
-    """
-    return format_usage_tables(
-        rows,
-        IMAGE_SCORE_COLUMNS,
-        score_caption=(
-            "reconstruction quality (rMSE on [-1, 1] pixels, the model's space, and on "
-            "ImageNet-standardized pixels, the space Table 1's values suggest)"
-        ),
-    )
-
-
-def _table_group(feature_map: object, codebook_size: object) -> str:
-    return f"{feature_map}; {codebook_size}"
-
-
-def _optional(record: Mapping[str, object], name: str, kind: type[T]) -> T | None:
-    value = record.get(name)
-
-    if value is None or isinstance(value, kind):
-        return value
-
-    raise TypeError(f"`{name}` must be of type `{kind.__name__}`, but is of type `{type(value).__name__}` instead.")
-
-
-def _score(record: Mapping[str, object], name: str) -> float | None:
-    value = record.get(name)
-
-    if value is None or isinstance(value, (int, float)):
-        return value
-
-    raise TypeError(f"`{name}` must be a number, but is of type `{type(value).__name__}` instead.")

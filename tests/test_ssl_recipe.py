@@ -404,8 +404,8 @@ def test_stock_wav2vec2_adapter_reports_per_codebook_figures(monkeypatch: pytest
         ElementwiseMean,
         add_ssl_metrics,
     )
-    from w2v_knnvq.features.extractor import quantize_frames, run_cnn
     from w2v_knnvq.quantizer import code_counts, code_perplexity
+    from w2v_knnvq.wav2vec2.frames import quantize_frames, run_cnn
 
     encoder_config = WAV2VEC2_KNNVQ_ARCHS[ARCH]().encoder_config
 

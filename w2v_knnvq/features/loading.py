@@ -12,7 +12,7 @@ import torch
 from fairseq2.assets import AssetCard, AssetCardError, AssetNotFoundError, AssetStore
 from fairseq2.device import CPU, Device
 from fairseq2.models import ModelHub
-from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY, Wav2Vec2Config, Wav2Vec2Model, get_wav2vec2_model_hub
+from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY, Wav2Vec2Config, get_wav2vec2_model_hub
 from fairseq2.runtime.dependency import get_dependency_resolver
 from fairseq2.utils.validation import ValidationError
 
@@ -27,12 +27,9 @@ from w2v_knnvq.runs import (
 from w2v_knnvq.wav2vec2 import (
     WAV2VEC2_KNNVQ_FAMILY,
     Wav2Vec2KnnVqConfig,
-    Wav2Vec2KnnVqModel,
     get_wav2vec2_knnvq_model_hub,
 )
-
-PretrainingModel = Wav2Vec2KnnVqModel | Wav2Vec2Model
-"""A pretraining model of this project's family or fairseq2's ``wav2vec2`` (Gumbel) family."""
+from w2v_knnvq.wav2vec2.frames import PretrainingModel as PretrainingModel
 
 PretrainingConfig = Wav2Vec2KnnVqConfig | Wav2Vec2Config
 """The configuration of a :data:`PretrainingModel`."""

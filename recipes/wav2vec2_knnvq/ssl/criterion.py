@@ -21,8 +21,8 @@ from fairseq2.datasets import SequenceBatch
 from fairseq2.metrics import MetricBag
 from fairseq2.models.wav2vec2 import Wav2Vec2Model
 
-from w2v_knnvq.features.extractor import PretrainingModel
 from w2v_knnvq.quantizer import code_counts, code_perplexity, code_usage
+from w2v_knnvq.wav2vec2.frames import PretrainingModel
 from w2v_knnvq.wav2vec2.model import Wav2Vec2KnnVqModel
 
 from .metrics import (

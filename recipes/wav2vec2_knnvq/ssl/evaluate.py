@@ -34,12 +34,12 @@ from fairseq2.metrics import MetricBag, sync_and_compute_metrics
 from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY, get_wav2vec2_model_hub
 
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
-from w2v_knnvq.features.extractor import FrameCodes
 from w2v_knnvq.quantizer import CodebookUsage, CodebookUsageReport
 from w2v_knnvq.report import UTTERANCE, UsageTableRow, format_codebook_table, save_usage_histograms
 from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError, find_run_checkpoint, load_run_model
 from w2v_knnvq.tool import tool_parser
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_FAMILY, get_wav2vec2_knnvq_model_hub
+from w2v_knnvq.wav2vec2.frames import FrameCodes
 
 from .criterion import SslCriterion, SslLossSection, adapt_pretraining_model
 from .dataset import SslDatasetSection, create_valid_reader

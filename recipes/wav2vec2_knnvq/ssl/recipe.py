@@ -26,8 +26,8 @@ from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
 
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
-from w2v_knnvq.features.extractor import FrameCodes, PretrainingModel, quantize_frames, run_cnn
 from w2v_knnvq.quantizer import VectorQuantizer, code_counts
+from w2v_knnvq.wav2vec2.frames import FrameCodes, PretrainingModel, quantize_frames, run_cnn
 from w2v_knnvq.wav2vec2.lengths import model_conv_shapes, num_frames
 
 from ...common import (

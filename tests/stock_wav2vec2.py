@@ -8,10 +8,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from fairseq2.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model, get_wav2vec2_model_hub
+from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY, Wav2Vec2Config, Wav2Vec2Model, get_wav2vec2_model_hub
 from fairseq2.runtime.dependency import get_dependency_resolver
 from fairseq2.utils.structured import ValueConverter
 
+from tests.runs import write_run
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS
 
 STOCK_CARD = "test_wav2vec2_tiny"
@@ -66,20 +67,6 @@ def write_stock_card(card_dir: Path, model: Wav2Vec2Model, config: Wav2Vec2Confi
 
 
 def write_stock_run(run_dir: Path, model: Wav2Vec2Model, config: Wav2Vec2Config, *, step: int = 2) -> Path:
-    """Writes what the pretraining recipe leaves behind for the ``wav2vec2`` baseline:
-    ``config.yaml``, ``checkpoints/model.yaml`` and ``checkpoints/step_{step}``. :returns: ``run_dir``."""
-    checkpoints_dir = run_dir / "checkpoints"
-
-    shard_dir = checkpoints_dir / f"step_{step}" / "model" / "pp_00" / "tp_00"
-
-    shard_dir.mkdir(parents=True)
-
-    (run_dir / "config.yaml").write_text(yaml.safe_dump({"model": {"family": "wav2vec2"}}))
-
-    metadata = {"name": "checkpoint", "model_family": "wav2vec2", "model_config": _unstructured(config)}
-
-    (checkpoints_dir / "model.yaml").write_text(yaml.safe_dump(metadata))
-
-    torch.save(model.state_dict(), shard_dir / "sdp_00.pt")
-
-    return run_dir
+    """The run the pretraining recipe leaves behind for the ``wav2vec2`` baseline, with ``model``
+    at ``step``. :returns: ``run_dir``."""
+    return write_run(run_dir, WAV2VEC2_FAMILY, config, {step: model})

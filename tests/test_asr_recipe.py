@@ -478,7 +478,6 @@ def test_eval_model_section_is_only_the_run(resolver: DependencyResolver) -> Non
         validator.validate(FinetunedModelSection(name="wav2vec2_asr_base_10h"))
 
 
-@pytest.mark.e2e
 def test_pretrained_model_is_found_from_any_path_form(resolver: DependencyResolver, pretrained_dir: Path) -> None:
     step_dir = pretrained_dir / f"checkpoints/step_{PRETRAINED_STEP}"
 
@@ -505,7 +504,6 @@ def test_pretrained_model_is_found_from_any_path_form(resolver: DependencyResolv
         resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=pretrained_dir / "missing"))
 
 
-@pytest.mark.e2e
 def test_pretrained_model_needs_the_model_yaml_of_its_run(
     resolver: DependencyResolver, pretrained_dir: Path, tmp_path: Path
 ) -> None:
@@ -520,7 +518,6 @@ def test_pretrained_model_needs_the_model_yaml_of_its_run(
         resolve_pretrained_encoder(resolver, PretrainedEncoderSection(path=run_dir))
 
 
-@pytest.mark.e2e
 def test_encoder_structure_is_shared_and_conflicts_are_refused(
     resolver: DependencyResolver, pretrained_dir: Path
 ) -> None:
@@ -544,7 +541,6 @@ def test_encoder_structure_is_shared_and_conflicts_are_refused(
         share_encoder_config(resolver, pretrained, {"encoder_config": {"model_dim": 768}})
 
 
-@pytest.mark.e2e
 def test_mismatched_encoder_is_refused(pretrained_dir: Path) -> None:
     state_dict = torch.load(
         pretrained_dir / f"checkpoints/step_{PRETRAINED_STEP}" / CHECKPOINT_FILE, map_location="cpu", weights_only=True
@@ -628,7 +624,6 @@ def _run_checkpoint(run_dir: Path) -> RunCheckpoint:
     return RunCheckpoint(card=AssetCard("checkpoint_step_1", {}), checkpoints_dir=run_dir / "checkpoints", step=1)
 
 
-@pytest.mark.e2e
 def test_eval_settings_come_from_the_run_config(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
 
@@ -706,7 +701,6 @@ def _pretrained_copy_with_config(pretrained_dir: Path, destination: Path, normal
     return destination
 
 
-@pytest.mark.e2e
 def test_audio_normalization_must_match_pretraining(
     resolver: DependencyResolver, pretrained_dir: Path, tmp_path: Path
 ) -> None:

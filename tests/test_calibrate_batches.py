@@ -16,8 +16,6 @@ from fairseq2.gang import create_fake_gangs
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, SpeechReadOptions
 
-pytestmark = pytest.mark.e2e
-
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 TOOL = REPO_ROOT / "tools" / "calibrate_batches.py"
@@ -65,6 +63,7 @@ def test_calibration_counts_the_readers_batches(tmp_path: Path, max_num_elements
     assert calibration.utterances_per_step == pytest.approx(sum(batch.num_examples for batch in batches) / len(batches))
 
 
+@pytest.mark.e2e
 def test_command_line_recommends_a_setting(tmp_path: Path) -> None:
     files = make_manifest(
         ManifestConfig(

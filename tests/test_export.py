@@ -49,10 +49,10 @@ def _load_tool(name: str) -> ModuleType:
 @pytest.mark.e2e
 def test_exports_match_our_features(arch: str, tmp_path: Path) -> None:
     # The helper that writes a pretraining run's layout lives beside this file.
-    from tests.test_features import write_run
+    from tests.runs import write_knnvq_run
 
     run_dir = tmp_path / "run"
-    models = write_run(run_dir, arch, steps=(3,))
+    models = write_knnvq_run(run_dir, arch, steps=(3,))
 
     (run_dir / "metrics").mkdir()
     (run_dir / "metrics/valid.jsonl").write_text(
@@ -186,12 +186,12 @@ def test_s3prl_upstream_gives_a_padded_utterance_other_features(tmp_path: Path) 
 
     import soundfile
 
-    from tests.test_features import write_run
+    from tests.runs import write_knnvq_run
     from w2v_knnvq.features import load_pretrained_model
 
     run_dir = tmp_path / "run"
 
-    write_run(run_dir, "tiny_2x320", steps=(3,))
+    write_knnvq_run(run_dir, "tiny_2x320", steps=(3,))
 
     assert _load_tool("export_checkpoint").main([str(run_dir), str(tmp_path / "exported"), "--format", "hf"]) == 0
 

@@ -13,9 +13,7 @@ import pytest
 import torch
 import yaml
 from torch import Tensor
-from torch.nn import Module
 
-from fairseq2.checkpoint import ModelMetadataDumper
 from fairseq2.data.tokenizers import Tokenizer
 from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY, Wav2Vec2EncoderConfig, Wav2Vec2Model, get_wav2vec2_model_hub
 from fairseq2.models.wav2vec2.asr import (
@@ -28,6 +26,7 @@ from fairseq2.models.wav2vec2.asr import (
 from fairseq2.nn import BatchLayout
 from fairseq2.runtime.dependency import get_dependency_resolver
 
+from tests.runs import write_run
 from tests.test_export import TOLERANCE, _load_tool
 from w2v_knnvq.export import ExportError, ctc_vocabulary, load_torchaudio_export, to_huggingface_ctc
 from w2v_knnvq.export.huggingface import huggingface_feature_extractor
@@ -49,24 +48,6 @@ TOKENIZER_NAME = "minispeech_char"
 STEP = 3
 
 NUM_WAVEFORMS = 3
-
-
-def _write_run(run_dir: Path, family: str, config: object, model: Module, recipe_config: dict[str, object]) -> None:
-    """Writes what a recipe leaves behind: ``config.yaml``, ``checkpoints/model.yaml`` and
-    the model of step :data:`STEP`."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_config))
-
-    checkpoints_dir = run_dir / "checkpoints"
-
-    get_dependency_resolver().resolve(ModelMetadataDumper).dump(checkpoints_dir, family, config)
-
-    shard_dir = checkpoints_dir / f"step_{STEP}" / "model" / "pp_00" / "tp_00"
-
-    shard_dir.mkdir(parents=True)
-
-    torch.save(model.state_dict(), shard_dir / "sdp_00.pt")
 
 
 def _tiny_encoder_config() -> Wav2Vec2EncoderConfig:
@@ -111,7 +92,7 @@ def ctc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Wav2Vec2Asr
         "dataset": {"normalize_audio": False},
     }
 
-    _write_run(run_dir, WAV2VEC2_ASR_FAMILY, config, model, recipe_config)
+    write_run(run_dir, WAV2VEC2_ASR_FAMILY, config, {STEP: model}, recipe_config=recipe_config)
 
     # What the ASR evaluation writes (`{split}.json`), which the model card reports.
     (run_dir / "eval").mkdir()
@@ -188,7 +169,6 @@ def test_huggingface_ctc_model_gives_our_logits(
         assert (hf_logits - ours).abs().max() < TOLERANCE
 
 
-@pytest.mark.e2e
 def test_standardizing_feature_extractor_gives_our_logits_of_standardized_audio(
     ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], waveforms: list[Tensor]
 ) -> None:
@@ -313,7 +293,7 @@ def test_stock_wav2vec2_exports_its_encoder(
 
     run_dir = tmp_path / "ssl"
 
-    _write_run(run_dir, WAV2VEC2_FAMILY, config, model, {"dataset": {"normalize_audio": True}})
+    write_run(run_dir, WAV2VEC2_FAMILY, config, {STEP: model}, recipe_config={"dataset": {"normalize_audio": True}})
 
     export_dir = tmp_path / "exported"
 
@@ -367,7 +347,6 @@ def _stock_encoder_output(model: Wav2Vec2Model, waveform: Tensor) -> Tensor:
         return model.encoder(features, layout)
 
 
-@pytest.mark.e2e
 def test_a_tokenizer_that_does_not_fit_is_refused(
     ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

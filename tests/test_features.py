@@ -17,9 +17,7 @@ import soundfile
 import torch
 import yaml
 
-from fairseq2.runtime.dependency import get_dependency_resolver
-from fairseq2.utils.structured import ValueConverter
-
+from tests.runs import KNNVQ_METHOD, write_knnvq_run
 from w2v_knnvq.features import (
     MODEL_SAMPLE_RATE,
     PADDING_CODE,
@@ -30,13 +28,11 @@ from w2v_knnvq.features import (
     load_pretrained_model,
 )
 from w2v_knnvq.features.shards import ShardExtractionError, load_shard, read_index
-from w2v_knnvq.wav2vec2 import Wav2Vec2KnnVqModel, get_wav2vec2_knnvq_model_hub
-
-pytestmark = pytest.mark.e2e
+from w2v_knnvq.wav2vec2 import Wav2Vec2KnnVqModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-METHOD = "softmax-knn-ce"
+METHOD = KNNVQ_METHOD
 
 
 def _tone(num_samples: int, sample_rate: int, seed: int) -> torch.Tensor:
@@ -49,61 +45,11 @@ def _tone(num_samples: int, sample_rate: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(wave.astype(np.float32))
 
 
-def write_run(
-    run_dir: Path, arch: str, *, steps: tuple[int, ...] = (2, 4), model_yaml: bool = True
-) -> dict[int, Wav2Vec2KnnVqModel]:
-    """Writes what the pretraining recipe leaves behind: ``config.yaml``,
-    ``checkpoints/model.yaml`` and one ``sdp_00.pt`` per step (different weights each)."""
-    get_dependency_resolver()
-
-    hub = get_wav2vec2_knnvq_model_hub()
-
-    config = hub.get_arch_config(arch)
-
-    config.quantizer.method = METHOD
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-
-    recipe_config = {
-        "model": {"family": "wav2vec2_knnvq", "arch": arch, "config_overrides": {"quantizer": {"method": METHOD}}}
-    }
-
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(recipe_config))
-
-    checkpoints_dir = run_dir / "checkpoints"
-
-    checkpoints_dir.mkdir(exist_ok=True)
-
-    if model_yaml:
-        unstructured = get_dependency_resolver().resolve(ValueConverter).unstructure(config)
-
-        metadata = {"name": "checkpoint", "model_family": "wav2vec2_knnvq", "model_config": unstructured}
-
-        (checkpoints_dir / "model.yaml").write_text(yaml.safe_dump(metadata))
-
-    models = {}
-
-    for step in steps:
-        torch.manual_seed(step)
-
-        model = hub.create_new_model(config)
-
-        shard_dir = checkpoints_dir / f"step_{step}" / "model" / "pp_00" / "tp_00"
-
-        shard_dir.mkdir(parents=True)
-
-        torch.save(model.state_dict(), shard_dir / "sdp_00.pt")
-
-        models[step] = model
-
-    return models
-
-
 @pytest.fixture(scope="module")
 def run_2x320(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[int, Wav2Vec2KnnVqModel]]:
     run_dir = tmp_path_factory.mktemp("run_2x320")
 
-    return run_dir, write_run(run_dir, "tiny_2x320")
+    return run_dir, write_knnvq_run(run_dir, "tiny_2x320")
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +81,7 @@ def test_loads_last_step_given_step_and_step_file(run_2x320, tmp_path: Path) -> 
 
     # fairseq2's trainer always writes checkpoints/model.yaml; without it the model is unknown.
     bare_run = tmp_path / "bare"
-    write_run(bare_run, "tiny_1x1024", steps=(1,), model_yaml=False)
+    write_knnvq_run(bare_run, "tiny_1x1024", steps=(1,), model_yaml=False)
 
     with pytest.raises(
         PretrainedModelError, match=r"model\.yaml: does not exist, so the model's family and configuration are unknown"
@@ -156,9 +102,9 @@ def test_refuses_other_family_and_mismatched_checkpoint(tmp_path: Path) -> None:
 
     # The weights of a 1x1024 model under a run that says 2x320.
     mismatched = tmp_path / "mismatched"
-    write_run(mismatched, "tiny_2x320", steps=(1,))
+    write_knnvq_run(mismatched, "tiny_2x320", steps=(1,))
     shard_file = mismatched / "checkpoints" / "step_1" / "model" / "pp_00" / "tp_00" / "sdp_00.pt"
-    write_run(tmp_path / "donor", "tiny_1x1024", steps=(1,))
+    write_knnvq_run(tmp_path / "donor", "tiny_1x1024", steps=(1,))
     (tmp_path / "donor" / "checkpoints" / "step_1" / "model" / "pp_00" / "tp_00" / "sdp_00.pt").replace(shard_file)
 
     with pytest.raises(PretrainedModelError, match=r"step_1/model: the weights do not fit .*model\.yaml"):
@@ -423,14 +369,14 @@ def test_cli_directory_input_and_pt_shards(run_2x320, tmp_path: Path, capsys: py
 
 def test_a_sweep_directory_is_found_from_the_output_directory(tmp_path: Path) -> None:
     """Without `common.no_sweep_dir` fairseq2 writes a run to OUT/ws_{world size}.{hash}/."""
-    models = write_run(tmp_path / "out" / "ws_1.f8b8f9db", "tiny_2x320", steps=(3,))
+    models = write_knnvq_run(tmp_path / "out" / "ws_1.f8b8f9db", "tiny_2x320", steps=(3,))
 
     loaded = load_pretrained_model(tmp_path / "out")
 
     assert _same_weights(loaded.model, models[3])
     assert "ws_1.f8b8f9db" in loaded.source
 
-    write_run(tmp_path / "out" / "ws_2.0a1b2c3d", "tiny_2x320", steps=(1,))
+    write_knnvq_run(tmp_path / "out" / "ws_2.0a1b2c3d", "tiny_2x320", steps=(1,))
 
     with pytest.raises(
         PretrainedModelError, match=r"holds the runs of 2 configurations \(ws_1.f8b8f9db, ws_2.0a1b2c3d\)"

@@ -216,7 +216,6 @@ def _load_tool() -> ModuleType:
     return module
 
 
-@pytest.mark.e2e
 def test_tool_writes_loadable_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     wrd = tmp_path / "train.wrd"
     wrd.write_text("JESUS WEPT\nHE'S HERE\n")

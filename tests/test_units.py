@@ -12,8 +12,6 @@ import pytest
 
 from tests.test_features import _load_tool, write_run
 
-pytestmark = pytest.mark.e2e
-
 pytest.importorskip("sklearn")
 
 DEV_DIR = Path(__file__).resolve().parent / "data" / "minispeech" / "dev"

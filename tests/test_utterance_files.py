@@ -74,7 +74,6 @@ def extractor(stock: tuple[Path, Path, Wav2Vec2Model]) -> SpeechFeatureExtractor
     return SpeechFeatureExtractor(load_pretrained_model(stock[0]))
 
 
-@pytest.mark.e2e
 def test_a_stock_run_gives_its_encoder_outputs_and_gumbel_codes(stock, extractor: SpeechFeatureExtractor) -> None:
     run_dir, _, model = stock
 
@@ -145,7 +144,6 @@ def _settings(**overrides: object) -> ShardSettings:
     return replace(ShardSettings(model="stock", layers=[1], layout="per-utterance"), **overrides)  # type: ignore[arg-type]
 
 
-@pytest.mark.e2e
 def test_writes_one_file_per_utterance_and_kind_and_resumes(
     extractor: SpeechFeatureExtractor, audio_dir: Path, tmp_path: Path
 ) -> None:
@@ -199,7 +197,6 @@ def test_writes_one_file_per_utterance_and_kind_and_resumes(
         extract_per_utterance(extractor, utterances, output_dir, _settings(utterance_ids="path"), show_progress=False)
 
 
-@pytest.mark.e2e
 def test_pt_files_hold_the_unpadded_frames(extractor: SpeechFeatureExtractor, audio_dir: Path, tmp_path: Path) -> None:
     utterances = list_utterances(audio_dir)
 
@@ -227,7 +224,6 @@ def _load_tool(name: str) -> ModuleType:
     return module
 
 
-@pytest.mark.e2e
 def test_cli_refuses_options_of_the_other_layout(
     audio_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -45,7 +45,6 @@ def _state(model: torch.nn.Module, prefixes: tuple[str, ...]) -> dict[str, torch
     return {key: value.clone() for key, value in model.state_dict().items() if key.startswith(prefixes)}
 
 
-@pytest.mark.e2e
 def test_copies_encoder_and_projections_but_not_the_quantizer() -> None:
     stock = create_stock_model(tiny_stock_config(), seed=3)
 
@@ -74,7 +73,6 @@ def test_copies_encoder_and_projections_but_not_the_quantizer() -> None:
     assert summary.num_copied_tensors == len(ours)
 
 
-@pytest.mark.e2e
 def test_a_projection_of_another_shape_stays_fresh() -> None:
     # A 1x1024 quantizer of 32 dimensions feeds `final_target_proj` 32 inputs, the stock 2x32 one 64.
     stock = create_stock_model(tiny_stock_config(), seed=3)
@@ -96,7 +94,6 @@ def test_a_projection_of_another_shape_stays_fresh() -> None:
     ]
 
 
-@pytest.mark.e2e
 def test_another_encoder_is_refused_with_both_shapes_and_the_fix() -> None:
     wide = tiny_stock_config()
     wide.encoder_config = replace(wide.encoder_config, ffn_inner_dim=256)

@@ -249,7 +249,6 @@ def test_codebook_shape_has_one_source_of_truth(hub) -> None:
     assert not hasattr(config, "num_codebook_entries") and not hasattr(config, "codebook_sampling_temperature")
 
 
-@pytest.mark.e2e
 def test_one_override_switches_the_method(hub) -> None:
     resolver = get_dependency_resolver()
 
@@ -278,7 +277,6 @@ def test_one_override_switches_the_method(hub) -> None:
 
 @pytest.mark.parametrize("arch", ["tiny_1x1024", "tiny_2x320"])
 @pytest.mark.parametrize("method", TRAIN_METHODS)
-@pytest.mark.e2e
 def test_tiny_forward_backward(hub, arch: str, method: str) -> None:
     config = _tiny(arch, method)
 
@@ -367,7 +365,6 @@ def test_autocast_forward_backward(hub, dtype: torch.dtype) -> None:
     assert grad.abs().sum() > 0
 
 
-@pytest.mark.e2e
 def test_eval_codes_feed_codebook_usage(hub) -> None:
     model = _build(hub, _tiny("tiny_2x320"))
 
@@ -390,7 +387,6 @@ def test_eval_codes_feed_codebook_usage(hub) -> None:
 
 
 @pytest.mark.parametrize("arch", ["tiny_1x1024", "tiny_2x320"])
-@pytest.mark.e2e
 def test_state_dict_round_trips_strictly(hub, arch: str) -> None:
     source = _build(hub, _tiny(arch), seed=0)
     target = _build(hub, _tiny(arch), seed=1)
@@ -622,7 +618,6 @@ def test_encoder_loads_into_wav2vec2_asr(hub) -> None:
         assert torch.equal(encode(pretrained), encode(asr))
 
 
-@pytest.mark.e2e
 def test_regularizer_weight_scales_only_the_regularizer(hub) -> None:
     config = _tiny("tiny_1x1024")
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fairseq2.composition import _register_library
 from fairseq2.error import InvalidOperationError
-from fairseq2.recipe.run import _swap_default_resolver
 from fairseq2.runtime.dependency import DependencyContainer, get_dependency_resolver
 from fairseq2.utils.validation import ValidationError
 
@@ -150,24 +148,23 @@ def test_config_errors_are_clear() -> None:
 
 
 def test_extension_registers_the_family_and_its_archs() -> None:
-    container = DependencyContainer()
-
     # fairseq2's start-up runs the w2v-knnvq extension, which registers the family.
-    _register_library(container)
+    container = get_dependency_resolver()
 
-    # So a recipe that registered it again would fail at start-up.
+    assert isinstance(container, DependencyContainer)
+
+    # So a recipe that registered it again would fail at start-up (and register nothing).
     with pytest.raises(InvalidOperationError, match="already a registered provider"):
         register_image_vqae(container)
 
-    with _swap_default_resolver(container):
-        hub = get_image_vqae_model_hub()
+    hub = get_image_vqae_model_hub()
 
-        assert set(IMAGE_VQAE_ARCHS) <= set(hub.get_archs())
+    assert set(IMAGE_VQAE_ARCHS) <= set(hub.get_archs())
 
-        config = hub.get_arch_config("f64_c32_m8196")
-        assert (config.latent_size, config.latent_channels) == (64, 32)
+    config = hub.get_arch_config("f64_c32_m8196")
+    assert (config.latent_size, config.latent_channels) == (64, 32)
 
-        model = hub.create_new_model(hub.get_arch_config("tiny"), device=torch.device("cpu"))
+    model = hub.create_new_model(hub.get_arch_config("tiny"), device=torch.device("cpu"))
 
     assert isinstance(model, ImageVqaeModel)
     assert model.config.quantizer.codebook_size == 64

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from recipes.image_vqae.config import EUCLIDEAN_HARD_METHODS, method_peak_lr, method_weight_decay
 from tests.cli import recipe_command, run_recipe_command
@@ -91,7 +92,7 @@ def test_knn_training_writes_metrics_checkpoints_and_resumes(knn_run: tuple[Path
     for metrics in train_metrics:
         assert np.isfinite(metrics["Loss"])
         assert metrics["rMSE"] == pytest.approx(metrics["Reconstruction Loss (MSE)"] ** 0.5, rel=1e-4)
-        assert 1.0 <= metrics["Soft Code Perplexity"] <= 64.0
+        assert 1.0 <= metrics["Soft Perplexity (Codebook Mean)"] <= 64.0
         assert metrics["Softmax Temperature"] > 0.0
 
     assert (out_dir / "metrics" / "valid" / "valid.jsonl").is_file()
@@ -106,13 +107,22 @@ def test_baseline_derives_paper_optimizer_settings_and_logs_no_soft_metrics(tmp_
     )
 
     assert "Quantizer method ste-euclid: AdamW peak learning rate 5e-05, weight decay 0." in output
+    # Settled when the configuration is read, so the run's config.yaml records what the optimizer used.
+    recorded = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    optimizer = recorded["optimizer"]["config"]
+    # PyYAML reads a float without a dot (5e-05) as a string.
+    for value in (recorded["peak_lr"], optimizer["lr"]):
+        assert float(value) == 5e-5
+    assert recorded["weight_decay"] == optimizer["weight_decay"] == 0.0
     assert (tmp_path / "checkpoints" / "step_2").is_dir()
 
     # A hard quantizer has no softmax, so it reports neither soft perplexity nor temperature.
     train_metrics = [json.loads(line) for line in (tmp_path / "metrics" / "train.jsonl").read_text().splitlines()]
-    assert train_metrics and "Code Perplexity" in train_metrics[0]
+    assert train_metrics and "Hard Perplexity (Codebook Mean)" in train_metrics[0]
+    # "Code Perplexity" means the sum over codebooks (fairseq2's, the SSL recipe's); not logged here.
+    assert "Code Perplexity" not in train_metrics[0]
     for metrics in train_metrics:
-        assert "Soft Code Perplexity" not in metrics and "Softmax Temperature" not in metrics
+        assert "Soft Perplexity (Codebook Mean)" not in metrics and "Softmax Temperature" not in metrics
 
 
 def test_method_optimizer_settings_follow_the_quantizer_spec() -> None:

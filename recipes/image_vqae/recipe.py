@@ -12,13 +12,12 @@ from typing_extensions import override
 
 # fairseq2.recipe must be imported before fairseq2.evaluator, which imports it back.
 from fairseq2.recipe import Recipe, RecipeContext  # isort: skip
+from fairseq2.error import InternalError
 from fairseq2.evaluator import EvalUnit
 from fairseq2.logging import log
 from fairseq2.metrics import Mean, MetricBag, Sum, format_as_float
 from fairseq2.metrics.recorders import MetricDescriptor
 from fairseq2.recipe.cli import main as run_recipe_cli
-from fairseq2.recipe.config import AdamWConfig, OptimizerSection
-from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
@@ -29,18 +28,16 @@ from w2v_knnvq.image.reader import ImageBatch, ImageFolderReader
 from w2v_knnvq.quantizer import METHODS
 
 from ..common import check_resume, check_warmup, create_trainer, register_checkpoint_save_errors
-from .config import (
-    ImageVqaeRecipeConfig,
-    method_peak_lr,
-    method_weight_decay,
-)
+from .config import ImageVqaeRecipeConfig
 
+# The perplexities are means over the G codebooks; "Code Perplexity" is reserved for
+# fairseq2's meaning, their sum (the SSL recipe's).
 _METRIC_DESCRIPTORS = (
     ("reconstruction_loss", "Reconstruction Loss (MSE)", 91),
     ("quantizer_loss", "Quantizer Loss", 92),
     ("rmse", "rMSE", 93),
-    ("hard_perplexity", "Code Perplexity", 94),
-    ("soft_perplexity", "Soft Code Perplexity", 95),
+    ("hard_perplexity", "Hard Perplexity (Codebook Mean)", 94),
+    ("soft_perplexity", "Soft Perplexity (Codebook Mean)", 95),
     ("temperature", "Softmax Temperature", 96),
 )
 
@@ -188,11 +185,13 @@ class ImageVqaeRecipe(Recipe):
 
         model = context.get_model_as(ImageVqaeModel)
 
-        # The trainer builds the optimizer lazily from this singleton section, so setting the
-        # method's values here takes effect; the recipe config object itself is a fresh copy.
-        optimizer_section = context.resolver.resolve(OptimizerSection)
-
-        self._apply_method_hyperparameters(config, optimizer_section, model.config.quantizer.method)
+        # `ImageVqaeRecipeConfig.structure` settled these when fairseq2 read the configuration.
+        log.info(
+            "Quantizer method {}: AdamW peak learning rate {:g}, weight decay {:g}.",
+            model.config.quantizer.method,
+            config.peak_lr,
+            config.weight_decay,
+        )
 
         dataset_path = self._check_config(config)
 
@@ -222,43 +221,17 @@ class ImageVqaeRecipe(Recipe):
 
     @staticmethod
     def _check_config(config: ImageVqaeRecipeConfig) -> Path:
-        """:returns: ``dataset.path``, which must be set.
+        """:returns: ``dataset.path`` (validated as set).
 
-        :raises RecipeError: if ``dataset.path`` is not set or the warmup is too long.
+        :raises RecipeError: if the warmup is too long.
         """
         path = config.dataset.path
         if path is None:
-            raise RecipeError(
-                "`dataset.path` must point to an image folder in the ImageNet layout "
-                "(PATH/train/CLASS/*.JPEG), but is not set; set it with --config dataset.path=PATH."
-            )
+            raise InternalError("`dataset.path` is `None` after validation.")
 
         check_warmup(config.lr_scheduler.config, config.regime.num_steps)
 
         return path
-
-    @staticmethod
-    def _apply_method_hyperparameters(
-        config: ImageVqaeRecipeConfig, optimizer_section: OptimizerSection, method: str
-    ) -> None:
-        optimizer_config = optimizer_section.config
-        if not isinstance(optimizer_config, AdamWConfig):
-            raise RecipeError(
-                f"`optimizer.name` must be 'adamw' (Appendix B.1), but is '{optimizer_section.name}' instead."
-            )
-
-        optimizer_config.lr = config.peak_lr if config.peak_lr is not None else method_peak_lr(method)
-
-        optimizer_config.weight_decay = (
-            config.weight_decay if config.weight_decay is not None else method_weight_decay(method)
-        )
-
-        log.info(
-            "Quantizer method {}: AdamW peak learning rate {:g}, weight decay {:g}.",
-            method,
-            optimizer_config.lr,
-            optimizer_config.weight_decay,
-        )
 
     @property
     @override

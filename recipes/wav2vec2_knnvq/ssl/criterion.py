@@ -41,7 +41,9 @@ class SslLossSection:
     ``regularizer_weight`` instead."""
 
     feature_penalty_weight: float = 10.0
-    """The weight of the L2 penalty on the CNN features."""
+    """The weight of the L2 penalty on the CNN features: fairseq2's recipe setting of this
+    name, passed as its model's ``features_penalty_weight``; the logged term keeps the
+    name of fairseq2's loss field and metric, ``features_penalty``."""
 
 
 @dataclass(frozen=True)

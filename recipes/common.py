@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Final, TypeVar, final
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Module
 from typing_extensions import override
@@ -23,15 +26,21 @@ from fairseq2.checkpoint import CheckpointDir
 from fairseq2.checkpoint.manager import CheckpointStateNotValidError
 from fairseq2.datasets import DataReader, Seq2SeqBatch, SequenceBatch
 from fairseq2.device import CPU, SupportsDeviceTransfer
-from fairseq2.evaluator import EvalUnit
-from fairseq2.gang import broadcast_flag
+from fairseq2.evaluator import Evaluator, EvalUnit
+from fairseq2.gang import Gang, Gangs, broadcast_flag
 from fairseq2.logging import log
 from fairseq2.metrics import MetricBag, Sum, format_as_int
 from fairseq2.metrics.recorders import MetricDescriptor
 from fairseq2.models import load_model
 from fairseq2.nn.data_parallel import get_data_parallel_facade
 from fairseq2.recipe.cli import register_cli_error
-from fairseq2.recipe.config import CommonSection, CosineAnnealingLRConfig, RegimeSection, TrainerSection
+from fairseq2.recipe.config import (
+    CommonSection,
+    CosineAnnealingLRConfig,
+    EvaluatorSection,
+    RegimeSection,
+    TrainerSection,
+)
 from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyContainer, DependencyResolver, wire_object
 from fairseq2.task import Task
@@ -53,6 +62,8 @@ from w2v_knnvq.runs import (
 from w2v_knnvq.wav2vec2.lengths import model_min_num_samples
 
 BatchT = TypeVar("BatchT", bound=SupportsDeviceTransfer)
+
+T = TypeVar("T")
 
 SKIPPED_AUDIO: Final = "num_skipped_audio"
 """The utterances whose audio could not be used (see :mod:`w2v_knnvq.data.audio_reading`)."""
@@ -527,3 +538,165 @@ class _ValidateFirst(Task):
     @override
     def close(self) -> None:
         self._trainer.close()
+
+
+# Evaluation recipes: the run and checkpoint they evaluate, how they run, what they write.
+
+CHECKPOINT_NAMES: Final = ("best", "last")
+
+EVALUATION_FILE: Final = "evaluation.json"
+"""The figures of an evaluation: the run, its checkpoint's step, and one record per split."""
+
+SUMMARY_FILE: Final = "summary.md"
+"""The tables of an evaluation, in Markdown."""
+
+
+@dataclass(kw_only=True)
+class EvaluatedRunSection:
+    """The ``run`` section of an evaluation recipe: the training run and its checkpoint.
+
+    The model is loaded from the checkpoint with the run's own configuration
+    (``checkpoints/model.yaml``) through the restricted loaders of :mod:`w2v_knnvq.runs`.
+    """
+
+    run_dir: Path | None = None
+    """The output directory of a training run, or its ``checkpoints`` directory; a relative
+    path is taken from the directory the recipe is started in."""
+
+    checkpoint: CheckpointChoice = "last"
+    """``last``, ``best`` (the best validation score; the last step if the run kept no
+    scores), or a step number."""
+
+    def validate(self) -> ValidationResult:
+        result = ValidationResult()
+
+        if self.run_dir is None:
+            result.add_error("`run_dir` must be the output directory of a training run, but is not set.")
+
+        if isinstance(self.checkpoint, str) and self.checkpoint not in CHECKPOINT_NAMES:
+            result.add_error(
+                f"`checkpoint` must be 'best', 'last' or a step number, but is '{self.checkpoint}' instead."
+            )
+
+        if isinstance(self.checkpoint, int) and self.checkpoint < 1:
+            result.add_error(f"`checkpoint` must be a step number of at least 1, but is {self.checkpoint} instead.")
+
+        return result
+
+
+def find_evaluated_checkpoint(section: EvaluatedRunSection, *, section_name: str = "run") -> RunCheckpoint:
+    """The checkpoint that ``section`` names.
+
+    :raises RecipeError: naming ``run.run_dir`` or ``run.checkpoint`` and the fix.
+    """
+    if section.run_dir is None:
+        raise RecipeError(f"`{section_name}.run_dir` must be the output directory of a training run, but is not set.")
+
+    return find_recipe_checkpoint(
+        section.run_dir,
+        section.checkpoint,
+        path_option=f"{section_name}.run_dir",
+        checkpoint_option=f"{section_name}.checkpoint",
+        other_choices=", 'best' or 'last'",
+    )
+
+
+def create_run_evaluator(
+    context: RecipeContext,
+    model: Module,
+    units: Sequence[EvalUnit[BatchT]],
+    readers: Sequence[DataReader[BatchT]],
+) -> Evaluator:
+    """fairseq2's evaluator of ``context`` (``evaluator`` and ``common`` sections, gangs,
+    metric recorders) for ``model``, which the recipe loaded itself from a run's checkpoint
+    instead of through a ``model`` section."""
+    section = context.resolver.resolve(EvaluatorSection)
+
+    return wire_object(
+        context.resolver,
+        Evaluator,
+        model=model,
+        units=units,
+        data_readers=readers,
+        amp=section.amp,
+        amp_dtype=section.amp_dtype,
+        # As fairseq2's evaluator factory seeds it.
+        seed=context.resolver.resolve(CommonSection).seed + 3,
+    )
+
+
+def gather_objects(gang: Gang, value: T) -> list[T]:
+    """``value`` of every rank of ``gang``, in rank order (pickled through
+    ``torch.distributed``). Every rank must call it."""
+    if gang.size == 1:
+        return [value]
+
+    parts: list[T | None] = [None] * gang.size
+
+    dist.all_gather_object(parts, value, group=gang.as_process_group())
+
+    return [part for part in parts if part is not None]
+
+
+def evaluation_figure_dir(output_dir: Path, split: str, splits: Sequence[str]) -> Path:
+    """Where the figures of ``split`` go: the output directory itself, or a folder per
+    split when the evaluation has several."""
+    return output_dir / split if len(splits) > 1 else output_dir
+
+
+def write_evaluation(
+    output_dir: Path, run: RunCheckpoint, records: Sequence[Mapping[str, object]], summary: str
+) -> Path:
+    """Writes ``evaluation.json`` (the run directory, the checkpoint and its step, and
+    ``records`` under ``splits``) and ``summary.md`` (``summary``) into ``output_dir``.
+
+    :param records: One JSON record per split, each with its ``split``.
+    :returns: The path of ``evaluation.json``.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    document = {
+        "run_dir": str(run.run_dir),
+        "checkpoint": str(run.model_dir),
+        "step": run.step,
+        "splits": [dict(record) for record in records],
+    }
+
+    file = output_dir / EVALUATION_FILE
+
+    file.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+
+    (output_dir / SUMMARY_FILE).write_text(summary.rstrip("\n") + "\n", encoding="utf-8")
+
+    return file
+
+
+@final
+class EvaluationTask(Task):
+    """Runs an evaluator, then writes what its units collected (on rank 0 only)."""
+
+    def __init__(self, evaluator: Task, gangs: Gangs, write: Callable[[], None]) -> None:
+        self._evaluator = evaluator
+        # The evaluator closes the gangs when it is done.
+        self._writer = gangs.root.rank == 0
+        self._write = write
+
+    @override
+    def run(self) -> None:
+        self._evaluator.run()
+
+        if self._writer:
+            self._write()
+
+    @override
+    def request_stop(self) -> None:
+        self._evaluator.request_stop()
+
+    @property
+    @override
+    def step_nr(self) -> int:
+        return self._evaluator.step_nr
+
+    @override
+    def close(self) -> None:
+        self._evaluator.close()

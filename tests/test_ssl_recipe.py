@@ -472,28 +472,42 @@ def test_chunked_quantizer_trains_and_validates_as_the_dense_one(
         assert chunked[name] == pytest.approx(dense[name], rel=1e-3), name
 
 
+def _evaluation_command(
+    run_dir: Path, manifest_dir: Path, eval_dir: Path, splits: str, num_processes: int = 1
+) -> list[str]:
+    overrides = [f"run.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}", f"dataset.splits={splits}"]  # fmt: skip
+
+    return recipe_command("recipes.wav2vec2_knnvq.ssl.eval", eval_dir, overrides, num_processes=num_processes)
+
+
+def _split_records(eval_dir: Path) -> dict[str, dict[str, Any]]:
+    document = json.loads((eval_dir / "evaluation.json").read_text())
+
+    return {record["split"]: record for record in document["splits"]}
+
+
 @pytest.mark.e2e
 def test_evaluation_of_a_checkpoint_on_any_split(
     trained_run: tuple[Path, str], manifest_dir: Path, tmp_path: Path
 ) -> None:
-    """The evaluation CLI reproduces the run's own validation usage at the same checkpoint, and
-    adds Table 2's percentiles and Figure 2's histograms, on any split."""
+    """The evaluation recipe reproduces the run's own validation usage at the same checkpoint, and
+    adds Table 2's percentiles and Figure 2's histograms, on any split; on two processes every
+    figure counted over the split is the one of one process."""
     output_dir, _ = trained_run
 
-    command = [
-        sys.executable, "-m", "recipes.wav2vec2_knnvq.ssl.evaluate", str(output_dir),
-        "--manifest-dir", str(manifest_dir), "--splits", "valid", "train", "--output-dir", str(tmp_path),
-    ]  # fmt: skip
-
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_recipe_command(_evaluation_command(output_dir, manifest_dir, tmp_path / "one", "[valid,train]"), timeout=300)
 
     validation = _read_jsonl(output_dir / "metrics/valid.jsonl")[-1]
 
-    record = json.loads((tmp_path / "valid" / "evaluation.json").read_text())
+    document = json.loads((tmp_path / "one" / "evaluation.json").read_text())
+    assert document["checkpoint"].endswith("step_4/model") and document["step"] == 4
+    assert Path(document["run_dir"]) == output_dir.resolve()
 
-    assert record["checkpoint"].endswith("step_4/model")
+    records = _split_records(tmp_path / "one")
+    assert list(records) == ["valid", "train"]
+
+    record = records["valid"]
+    assert record["method"] == METHOD
     assert record["codebook_usage"] == pytest.approx(validation["Codebook Usage"])
     assert record["mean_utterance_codebook_usage"] == pytest.approx(validation["Mean Utterance Codebook Usage"])
     # The loss draws masks and distractors at random: a figure of its own, not the run's.
@@ -504,33 +518,55 @@ def test_evaluation_of_a_checkpoint_on_any_split(
     assert len(percentiles) == 2 and all(1.0 <= p[0] <= p[1] <= p[2] <= p[3] <= 320.0 for p in percentiles)
 
     for split in ("valid", "train"):
-        assert (tmp_path / split / "per_utterance_usage.png").stat().st_size > 0
-        assert (tmp_path / split / "code_popularity.png").stat().st_size > 0
+        assert (tmp_path / "one" / split / "per_utterance_usage.png").stat().st_size > 0
+        assert (tmp_path / "one" / split / "code_popularity.png").stat().st_size > 0
 
-    summary = (tmp_path / "summary.md").read_text()
+    summary = (tmp_path / "one" / "summary.md").read_text()
     assert f"| {METHOD} | 2 |" in summary and "Codebook 2 (train)" in summary
 
-    missing = subprocess.run(
-        [*command[:3], str(tmp_path / "nothing"), *command[4:]], cwd=REPO_ROOT, capture_output=True, text=True
+    # Two processes: each reads half of every split; the counts are gathered before they are reported.
+    run_recipe_command(_evaluation_command(output_dir, manifest_dir, tmp_path / "two", "[valid,train]", 2), timeout=300)
+
+    two = _split_records(tmp_path / "two")
+
+    for split in ("valid", "train"):
+        for name in ("num_utterances", "codebook_usage", "mean_utterance_codebook_usage", "perplexity_percentiles"):
+            np.testing.assert_allclose(two[split][name], records[split][name], rtol=1e-5, err_msg=f"{split}: {name}")
+
+    assert (tmp_path / "two" / "summary.md").read_text() == summary
+
+    missing = run_recipe_command(
+        _evaluation_command(tmp_path / "nothing", manifest_dir, tmp_path / "missing", "[valid]"), expected_returncode=2
     )
-    assert missing.returncode == 1 and "does not exist" in missing.stderr
+    assert "does not exist" in missing.stdout + missing.stderr
+
+
+@pytest.mark.e2e
+def test_evaluation_of_a_single_split_writes_its_figures_beside_its_record(
+    trained_run: tuple[Path, str], manifest_dir: Path, tmp_path: Path
+) -> None:
+    """One split: the histograms lie in the output directory itself; a bad checkpoint name is
+    a configuration error naming the option."""
+    output_dir, _ = trained_run
+
+    command = _evaluation_command(output_dir, manifest_dir, tmp_path, "[valid]")
+
+    run_recipe_command([*command[:-2], "run.checkpoint=2", *command[-2:]], timeout=300)
+
+    assert json.loads((tmp_path / "evaluation.json").read_text())["step"] == 2
+    assert (tmp_path / "per_utterance_usage.png").stat().st_size > 0
+
+    refused = run_recipe_command([*command[:-2], "run.checkpoint=first", *command[-2:]], expected_returncode=2)
+    assert "`checkpoint` must be 'best', 'last' or a step number" in refused.stdout + refused.stderr
 
 
 def _assert_evaluation_matches_validation(
     output_dir: Path, manifest_dir: Path, eval_dir: Path, validation: dict[str, Any]
 ) -> None:
     """A one-process evaluation of the run's last checkpoint gives the usage its validation logged."""
-    evaluation = subprocess.run(
-        [
-            sys.executable, "-m", "recipes.wav2vec2_knnvq.ssl.evaluate", str(output_dir),
-            "--manifest-dir", str(manifest_dir), "--splits", "valid", "--output-dir", str(eval_dir),
-        ],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    run_recipe_command(_evaluation_command(output_dir, manifest_dir, eval_dir, "[valid]"), timeout=300)
 
-    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
-
-    record = json.loads((eval_dir / "valid/evaluation.json").read_text())
+    record = _split_records(eval_dir)["valid"]
 
     assert record["codebook_usage"] == pytest.approx(validation["Codebook Usage"])
     assert record["mean_utterance_codebook_usage"] == pytest.approx(validation["Mean Utterance Codebook Usage"])

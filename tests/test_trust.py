@@ -114,7 +114,7 @@ def _load_export(run_dir: Path) -> object:
 def _load_evaluation(run_dir: Path) -> object:
     from fairseq2.device import CPU
 
-    from recipes.wav2vec2_knnvq.ssl.evaluate import load_pretraining_model
+    from recipes.wav2vec2_knnvq.ssl.eval.recipe import load_pretraining_model
     from w2v_knnvq.runs import find_run_checkpoint
 
     return load_pretraining_model(find_run_checkpoint(run_dir), CPU)

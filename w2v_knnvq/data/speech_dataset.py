@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Final, Literal, final
+from typing import Any, Final, Literal, cast, final
 
 import torch
 from torch import Tensor
@@ -190,6 +190,28 @@ def _bucket_at_cropped_len(
     bucket_by_num_samples(builder, bucket_sizes, min_audio_len)
 
 
+def crop_to_start(batch: SequenceBatch, max_audio_len: int, *, min_audio_len: int = 0) -> SequenceBatch | None:
+    """Cuts each utterance of ``batch`` to its first ``max_audio_len`` samples: the
+    reproducible crop of validation (``crop="start"``) and of the loss an evaluation reports.
+
+    :param batch: ``(N, S_wav)`` zero-padded waveforms and their lengths.
+    :param min_audio_len: Utterances shorter than this are left out.
+    :returns: ``(N', S')`` with ``S'`` the longest cropped length; ``None`` if no utterance
+        is long enough. The result carries no ``example``.
+    """
+    seq_lens = batch.seq_lens
+
+    rows = [row for row, seq_len in enumerate(seq_lens) if seq_len >= min_audio_len]
+    if not rows:
+        return None
+
+    cropped_lens = [min(seq_lens[row], max_audio_len) for row in rows]
+
+    seqs = batch.seqs[rows, : max(cropped_lens)]
+
+    return SequenceBatch(seqs, cropped_lens)
+
+
 @final
 class _WaveformCropper:
     """Turns a bucket of decoded examples into a :class:`SequenceBatch`, or ``None`` if
@@ -222,27 +244,31 @@ class _WaveformCropper:
         if self._options.crop_to_batch_shortest:
             crop_len = min(crop_len, min(len(w) for w in waveforms))
 
-        waveforms = [self._crop(w, crop_len, path) for w, path in zip(waveforms, paths, strict=True)]
+        if self._options.crop == "random":
+            waveforms = [self._crop_randomly(w, crop_len, path) for w, path in zip(waveforms, paths, strict=True)]
 
         collated = self._collater(waveforms)
 
         seqs: Tensor = collated["seqs"]
 
+        batch = SequenceBatch(seqs, collated_seq_lens(collated))
+
+        if self._options.crop == "start":
+            # Every utterance is kept (no `min_audio_len`), so the batch is never `None`.
+            batch = cast(SequenceBatch, crop_to_start(batch, crop_len))
+
         example = {"paths": paths, "num_skipped": self._tracker.take_num_skipped()}
 
-        return SequenceBatch(seqs, collated_seq_lens(collated), example=example)
+        return SequenceBatch(batch.seqs, list(batch.seq_lens), example=example)
 
-    def _crop(self, waveform: Tensor, crop_len: int, path: str) -> Tensor:
+    def _crop_randomly(self, waveform: Tensor, crop_len: int, path: str) -> Tensor:
         excess = len(waveform) - crop_len
         if excess <= 0:
             return waveform
 
-        if self._options.crop == "start":
-            start = 0
-        else:
-            generator = example_generator(self._seed, self._epoch, path)
+        generator = example_generator(self._seed, self._epoch, path)
 
-            start = int(torch.randint(0, excess + 1, (), generator=generator))
+        start = int(torch.randint(0, excess + 1, (), generator=generator))
 
         return waveform[start : start + crop_len]
 

@@ -25,7 +25,7 @@ from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.task import Task
 from fairseq2.trainer import TrainUnit
 
-from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
+from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, crop_to_start
 from w2v_knnvq.quantizer import VectorQuantizer, code_counts
 from w2v_knnvq.wav2vec2.frames import FrameCodes, PretrainingModel, quantize_frames, run_cnn
 from w2v_knnvq.wav2vec2.lengths import model_conv_shapes, num_frames
@@ -245,7 +245,8 @@ class SslEvalUnit(EvalUnit[SequenceBatch]):
 
     @override
     def process_batch(self, batch: SequenceBatch, metric_bag: MetricBag) -> None:
-        loss_batch = self._crop_for_loss(batch)
+        # The utterances long enough for the loss, each cut to its first `max_audio_len` samples.
+        loss_batch = crop_to_start(batch, self._max_audio_len, min_audio_len=self._min_audio_len)
 
         if loss_batch is not None:
             self._criterion(loss_batch, metric_bag)

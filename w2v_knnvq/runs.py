@@ -135,6 +135,31 @@ class RunCheckpoint:
         return value if isinstance(value, bool) else None
 
 
+def run_normalize_audio(run: RunCheckpoint) -> bool:
+    """``dataset.normalize_audio`` of the run, which its ``config.yaml`` must record: the
+    model only knows audio read this way, so whatever reads audio for it (an evaluation, an
+    exported feature extractor) must do the same.
+
+    :raises RunCheckpointError: if the run's ``config.yaml`` is missing or does not say.
+    """
+    if not run.config_file.is_file():
+        raise RunCheckpointError(
+            f"{run.config_file} does not exist, so the audio normalization of the run is unknown; "
+            "keep the run's output directory intact."
+        )
+
+    normalize_audio = run.normalize_audio
+
+    if normalize_audio is None:
+        raise RunCheckpointError(
+            f"`dataset.normalize_audio` in {run.config_file} must be a boolean, but is "
+            f"{run.recipe_option('dataset', 'normalize_audio')!r} instead; the file is not one the recipe wrote, "
+            "keep the run's output directory intact."
+        )
+
+    return normalize_audio
+
+
 def find_run_checkpoint(path: Path, *, checkpoint: CheckpointChoice | None = None) -> RunCheckpoint:
     """Finds the checkpoint that an existing ``path`` names.
 

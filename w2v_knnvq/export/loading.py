@@ -40,7 +40,14 @@ from w2v_knnvq.export.torchaudio import export_torchaudio
 from w2v_knnvq.features.loading import load_pretrained_model
 from w2v_knnvq.files import write_atomically
 from w2v_knnvq.quantizer import QuantizerConfig
-from w2v_knnvq.runs import CheckpointChoice, RunCheckpoint, RunCheckpointError, find_run_checkpoint, load_run_model
+from w2v_knnvq.runs import (
+    CheckpointChoice,
+    RunCheckpoint,
+    RunCheckpointError,
+    find_run_checkpoint,
+    load_run_model,
+    run_normalize_audio,
+)
 from w2v_knnvq.text.tokenizer import check_vocab_size, finetuning_tokenizer_path, load_ctc_tokenizer
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_FAMILY
 
@@ -207,23 +214,9 @@ def _load_ctc_source(run: RunCheckpoint, tokenizer_path: Path | None) -> CtcExpo
         tokenizer=tokenizer,
         tokenizer_path=tokenizer_path,
         checkpoint=str(run.model_dir),
-        normalize_audio=_finetuning_normalize_audio(run),
+        normalize_audio=run_normalize_audio(run),
         run=run,
     )
-
-
-def _finetuning_normalize_audio(run: RunCheckpoint) -> bool:
-    """:raises RunCheckpointError: if the run's ``config.yaml`` does not say; the exported
-    feature extractor must read audio as the model was fine-tuned."""
-    normalize_audio = run.normalize_audio
-
-    if normalize_audio is None:
-        raise RunCheckpointError(
-            f"`dataset.normalize_audio` in {run.config_file} must be a boolean, but is "
-            f"{run.recipe_option('dataset', 'normalize_audio')!r} instead; keep the fine-tuning output directory intact."
-        )
-
-    return normalize_audio
 
 
 def export_source(source: ExportSource, output_dir: Path, formats: Sequence[ExportFormat]) -> list[Path]:

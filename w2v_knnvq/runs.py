@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -33,7 +33,7 @@ from fairseq2.assets import AssetCard, AssetCardError, AssetMetadataError, Stand
 from fairseq2.checkpoint import ModelMetadataLoader
 from fairseq2.device import CPU, Device
 from fairseq2.model_checkpoint import CorruptModelCheckpointError
-from fairseq2.models import ModelHub
+from fairseq2.models import ModelHub, load_model
 from fairseq2.runtime.dependency import get_dependency_resolver
 from fairseq2.utils.uri import Uri
 
@@ -233,21 +233,51 @@ def load_run_model(
     device: Device = CPU,
     dtype: torch.dtype = torch.float32,
 ) -> ModelT:
-    """Loads the model of ``run`` through its family's hub, all shards, in eval mode.
+    """Loads the model of ``run`` through its family's hub, all shards, in eval mode: for
+    callers that know the family in advance (fairseq2's advice for its hubs).
 
     :param family: The family of ``hub``, which ``run`` must hold.
     :param config: Overrides the configuration of ``model.yaml`` (e.g. other dropouts).
     :raises RunCheckpointError: if ``run`` holds a model of another family, or its weights
         do not fit its configuration.
     """
-    if run.family != family:
+    _check_run_family(run, (family,))
+
+    return _load_checked(run, lambda: hub.load_model(run.card, device=device, dtype=dtype, config=config))
+
+
+def load_run_model_of_families(
+    run: RunCheckpoint,
+    families: Collection[str],
+    *,
+    device: Device = CPU,
+    dtype: torch.dtype = torch.float32,
+) -> Module:
+    """Loads the model of ``run`` through fairseq2's ``load_model``, which takes the family
+    from the run's card, all shards, in eval mode: for callers that accept several families.
+
+    :raises RunCheckpointError: if ``run`` holds a model of none of ``families``, or its
+        weights do not fit its configuration.
+    """
+    _check_run_family(run, families)
+
+    return _load_checked(run, lambda: load_model(run.card, device=device, dtype=dtype))
+
+
+def _check_run_family(run: RunCheckpoint, families: Collection[str]) -> None:
+    if run.family not in families:
+        expected = " or ".join(f"`{family}`" for family in families)
+
         raise RunCheckpointError(
-            f"{run.metadata_file}: holds a `{run.family}` model, but a `{family}` model was expected; "
+            f"{run.metadata_file}: holds a `{run.family}` model, but a {expected} model was expected; "
             f"load it with the tools of the `{run.family}` family."
         )
 
+
+def _load_checked(run: RunCheckpoint, load: Callable[[], ModelT]) -> ModelT:
+    """Runs ``load``, naming the file and the fix of what it raises, and sets the model in eval mode."""
     try:
-        model = hub.load_model(run.card, device=device, dtype=dtype, config=config)
+        model = load()
     except (AssetCardError, ValueError) as ex:
         # A file that the weights-only unpickler refused: name the global it refers to.
         check_card_checkpoint(run.card)

@@ -5,30 +5,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, TypeVar
+from typing import Final
 
 import torch
+from torch.nn import Module
 
 from fairseq2.assets import AssetCard, AssetCardError, AssetNotFoundError, AssetStore
 from fairseq2.device import CPU, Device
-from fairseq2.models import ModelHub
-from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY, Wav2Vec2Config, get_wav2vec2_model_hub
+from fairseq2.error import InternalError
+from fairseq2.models import ModelFamily, load_model
+from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY, Wav2Vec2Config, Wav2Vec2Model
 from fairseq2.runtime.dependency import get_dependency_resolver
 from fairseq2.utils.validation import ValidationError
 
 from w2v_knnvq.runs import (
-    RunCheckpoint,
     RunCheckpointError,
     check_card_checkpoint,
     find_run_checkpoint,
-    load_run_model,
+    load_run_model_of_families,
     restricted_card,
 )
-from w2v_knnvq.wav2vec2 import (
-    WAV2VEC2_KNNVQ_FAMILY,
-    Wav2Vec2KnnVqConfig,
-    get_wav2vec2_knnvq_model_hub,
-)
+from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_FAMILY, Wav2Vec2KnnVqConfig, Wav2Vec2KnnVqModel
 from w2v_knnvq.wav2vec2.frames import PretrainingModel as PretrainingModel
 
 PretrainingConfig = Wav2Vec2KnnVqConfig | Wav2Vec2Config
@@ -36,9 +33,6 @@ PretrainingConfig = Wav2Vec2KnnVqConfig | Wav2Vec2Config
 
 FEATURE_FAMILIES: Final = (WAV2VEC2_KNNVQ_FAMILY, WAV2VEC2_FAMILY)
 """The model families that feature extraction loads."""
-
-ModelT = TypeVar("ModelT", bound=PretrainingModel)
-ConfigT = TypeVar("ConfigT", bound=PretrainingConfig)
 
 
 class PretrainedModelError(RunCheckpointError):
@@ -120,19 +114,11 @@ def _load_from_card(name: str, device: Device, dtype: torch.dtype) -> Pretrained
             "write a card with `base: " + name + "` and a `checkpoint` path, or pass a checkpoint directly."
         )
 
-    if family == WAV2VEC2_FAMILY:
-        return _load_card_model(get_wav2vec2_model_hub(), card, device, dtype)
-
-    return _load_card_model(get_wav2vec2_knnvq_model_hub(), card, device, dtype)
-
-
-def _load_card_model(
-    hub: ModelHub[ModelT, ConfigT], card: AssetCard, device: Device, dtype: torch.dtype
-) -> PretrainedModel:
-    config = _config_from_card(hub, card)
+    config = _config_from_card(card)
 
     try:
-        model = hub.load_model(card, config=config, device=device, dtype=dtype)
+        # fairseq2's `load_model` takes the family from the card.
+        model = load_model(card, device=device, dtype=dtype, config=config)
     except AssetCardError:
         # A file that the weights-only unpickler refused: name the global it refers to.
         try:
@@ -151,22 +137,13 @@ def _load_from_path(path: Path, step: int | None, device: Device, dtype: torch.d
 
         _check_family(run.family, str(run.metadata_file))
 
-        if run.family == WAV2VEC2_FAMILY:
-            return _load_run_model(run, get_wav2vec2_model_hub(), device, dtype)
+        model = load_run_model_of_families(run, FEATURE_FAMILIES, device=device, dtype=dtype)
 
-        return _load_run_model(run, get_wav2vec2_knnvq_model_hub(), device, dtype)
+        config = _config_from_card(run.card)
     except PretrainedModelError:
         raise
     except RunCheckpointError as ex:
         raise PretrainedModelError(str(ex)) from ex
-
-
-def _load_run_model(
-    run: RunCheckpoint, hub: ModelHub[ModelT, ConfigT], device: Device, dtype: torch.dtype
-) -> PretrainedModel:
-    model = load_run_model(run, hub, run.family, device=device, dtype=dtype)
-
-    config = _config_from_card(hub, run.card)
 
     return _ready(model, config, str(run.model_dir), normalize_audio=bool(run.normalize_audio))
 
@@ -179,16 +156,25 @@ def _check_family(family: str, source: str) -> None:
         )
 
 
-def _config_from_card(hub: ModelHub[ModelT, ConfigT], card: AssetCard) -> ConfigT:
+def _config_from_card(card: AssetCard) -> PretrainingConfig:
+    """The configuration of the card's model, read by its family (one of :data:`FEATURE_FAMILIES`)."""
+    family = get_dependency_resolver().resolve(ModelFamily, key=card.field("model_family").as_(str))
+
     try:
-        return hub.get_model_config(card)
+        config = family.get_model_config(card)
     except (AssetCardError, ValidationError, ValueError) as ex:
         raise PretrainedModelError(f"{card.name}: the model configuration cannot be read ({ex}).") from ex
 
+    if not isinstance(config, (Wav2Vec2KnnVqConfig, Wav2Vec2Config)):
+        raise InternalError(f"The `{family.name}` family gives a `{type(config).__name__}` configuration.")
 
-def _ready(
-    model: PretrainingModel, config: PretrainingConfig, source: str, *, normalize_audio: bool
-) -> PretrainedModel:
+    return config
+
+
+def _ready(model: Module, config: PretrainingConfig, source: str, *, normalize_audio: bool) -> PretrainedModel:
+    if not isinstance(model, (Wav2Vec2KnnVqModel, Wav2Vec2Model)):
+        raise InternalError(f"A model of {source} is a `{type(model).__name__}`, not a pretraining model.")
+
     model.eval()
 
     model.requires_grad_(False)

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import IO, Final, TypeVar, final
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 from torch.nn import Module
 from typing_extensions import override
@@ -27,7 +26,7 @@ from fairseq2.checkpoint.manager import CheckpointStateNotValidError
 from fairseq2.datasets import DataReader, Seq2SeqBatch, SequenceBatch
 from fairseq2.device import CPU, SupportsDeviceTransfer
 from fairseq2.evaluator import Evaluator, EvalUnit
-from fairseq2.gang import Gang, Gangs, broadcast_flag
+from fairseq2.gang import Gangs, broadcast_flag
 from fairseq2.logging import log
 from fairseq2.metrics import MetricBag, Sum, format_as_int
 from fairseq2.metrics.recorders import MetricDescriptor
@@ -62,8 +61,6 @@ from w2v_knnvq.runs import (
 from w2v_knnvq.wav2vec2.lengths import model_min_num_samples
 
 BatchT = TypeVar("BatchT", bound=SupportsDeviceTransfer)
-
-T = TypeVar("T")
 
 SKIPPED_AUDIO: Final = "num_skipped_audio"
 """The utterances whose audio could not be used (see :mod:`w2v_knnvq.data.audio_reading`)."""
@@ -623,19 +620,6 @@ def create_run_evaluator(
         # As fairseq2's evaluator factory seeds it.
         seed=context.resolver.resolve(CommonSection).seed + 3,
     )
-
-
-def gather_objects(gang: Gang, value: T) -> list[T]:
-    """``value`` of every rank of ``gang``, in rank order (pickled through
-    ``torch.distributed``). Every rank must call it."""
-    if gang.size == 1:
-        return [value]
-
-    parts: list[T | None] = [None] * gang.size
-
-    dist.all_gather_object(parts, value, group=gang.as_process_group())
-
-    return [part for part in parts if part is not None]
 
 
 def evaluation_figure_dir(output_dir: Path, split: str, splits: Sequence[str]) -> Path:

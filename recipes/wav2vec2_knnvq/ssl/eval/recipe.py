@@ -36,16 +36,17 @@ from fairseq2.evaluator import EvalUnit
 from fairseq2.gang import Gangs
 from fairseq2.logging import log
 from fairseq2.metrics import MetricBag
-from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY, get_wav2vec2_model_hub
+from fairseq2.models.wav2vec2 import WAV2VEC2_FAMILY
 from fairseq2.recipe.cli import main as run_recipe_cli
 from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.task import Task
 
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset
+from w2v_knnvq.gather import gather_objects
 from w2v_knnvq.quantizer import CodebookUsage, CodebookUsageReport
 from w2v_knnvq.report import UTTERANCE, UsageTableRow, format_codebook_table, save_usage_histograms
-from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError, load_run_model
+from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError, load_run_model_of_families
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_FAMILY, get_wav2vec2_knnvq_model_hub
 from w2v_knnvq.wav2vec2.frames import FrameCodes
 
@@ -54,7 +55,6 @@ from ....common import (
     create_run_evaluator,
     evaluation_figure_dir,
     find_evaluated_checkpoint,
-    gather_objects,
     lock_output_dir,
     register_bad_audio_handling,
     write_evaluation,
@@ -290,10 +290,7 @@ def _quiet_empty_mean_warning() -> None:
 def load_pretraining_model(run: RunCheckpoint, device: Device) -> Module:
     """Loads the model of ``run`` (``wav2vec2_knnvq`` or fairseq2's ``wav2vec2``) in eval
     mode, with the restricted loaders of :mod:`w2v_knnvq.runs`."""
-    if run.family == WAV2VEC2_FAMILY:
-        return load_run_model(run, get_wav2vec2_model_hub(), WAV2VEC2_FAMILY, device=device)
-
-    return load_run_model(run, get_wav2vec2_knnvq_model_hub(), WAV2VEC2_KNNVQ_FAMILY, device=device)
+    return load_run_model_of_families(run, (WAV2VEC2_KNNVQ_FAMILY, WAV2VEC2_FAMILY), device=device)
 
 
 def run_method(run: RunCheckpoint) -> tuple[str, int | None]:

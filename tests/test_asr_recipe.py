@@ -27,8 +27,9 @@ from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyResolver, get_dependency_resolver
 from fairseq2.utils.validation import ObjectValidator, ValidationError
 
+from recipes.common import EvaluatedRunSection
 from recipes.wav2vec2_knnvq.asr.dataset import batch_utterance_ids
-from recipes.wav2vec2_knnvq.asr.eval.config import AsrEvalDatasetSection, FinetunedModelSection
+from recipes.wav2vec2_knnvq.asr.eval.config import AsrEvalDatasetSection
 from recipes.wav2vec2_knnvq.asr.eval.finetune_run import (
     find_finetuned_checkpoint,
     run_normalize_audio,
@@ -116,7 +117,7 @@ def _run_eval(
             "--no-rich",
             *extra_args,
             "--config",
-            f"model.run_dir={finetune_dir}",
+            f"run.run_dir={finetune_dir}",
             f"dataset.config_overrides.manifest_dir={manifest_dir}",
             "dataset.split=valid",
             *overrides,
@@ -326,6 +327,16 @@ def test_eval_writes_transcripts_and_figures(finetune_dir: Path, manifest_dir: P
 
     assert printed == record
 
+    # The evaluations' common layout: the run, the step and the split's record; the table.
+    document = json.loads((output_dir / "evaluation.json").read_text())
+
+    assert document["splits"] == [record] and Path(document["run_dir"]) == finetune_dir.resolve()
+    assert document["checkpoint"] == record["checkpoint"] and document["step"] == _best_step(finetune_dir)
+
+    summary = (output_dir / "summary.md").read_text()
+
+    assert f"| greedy | {record['wer']:.2f} | {record['cer']:.2f} |" in summary
+
     refs = (output_dir / "valid.ref.txt").read_text().splitlines()
     hyps = (output_dir / "valid.hyp.txt").read_text().splitlines()
 
@@ -415,13 +426,13 @@ def test_eval_decodes_with_a_lexicon_of_the_training_words(
 def test_eval_names_the_saved_steps_of_a_missing_checkpoint(
     finetune_dir: Path, manifest_dir: Path, tmp_path: Path
 ) -> None:
-    result = _run_eval(finetune_dir, manifest_dir, tmp_path / "eval", "model.checkpoint=7", expected_returncode=2)
+    result = _run_eval(finetune_dir, manifest_dir, tmp_path / "eval", "run.checkpoint=7", expected_returncode=2)
 
     steps = sorted({_best_step(finetune_dir), NUM_STEPS})
 
     saved = f"{finetune_dir / 'checkpoints'} ({steps})"
 
-    assert f"`model.checkpoint` must be one of the steps saved in {saved}" in result.stderr
+    assert f"`run.checkpoint` must be one of the steps saved in {saved}" in result.stderr
     assert "but is 7 instead" in result.stderr
 
     assert not (tmp_path / "eval/valid.json").exists()
@@ -458,24 +469,30 @@ def test_finetuned_checkpoint_is_chosen_by_name_or_step(finetune_dir: Path, pret
     best_step = _best_step(finetune_dir)
 
     for checkpoint, step in (("best", best_step), ("last", NUM_STEPS), (NUM_STEPS, NUM_STEPS)):
-        run = find_finetuned_checkpoint(FinetunedModelSection(run_dir=finetune_dir, checkpoint=checkpoint))
+        run = find_finetuned_checkpoint(EvaluatedRunSection(run_dir=finetune_dir, checkpoint=checkpoint))
 
         assert run.step == step, checkpoint
 
     with pytest.raises(RecipeError, match=r"must hold a `wav2vec2_asr` model, but .* describes a `wav2vec2_knnvq`"):
-        find_finetuned_checkpoint(FinetunedModelSection(run_dir=pretrained_dir, checkpoint="last"))
+        find_finetuned_checkpoint(EvaluatedRunSection(run_dir=pretrained_dir, checkpoint="last"))
 
 
-def test_eval_model_section_is_only_the_run(resolver: DependencyResolver) -> None:
+def test_the_evaluated_run_is_validated(resolver: DependencyResolver) -> None:
+    """The ``run`` section of every evaluation recipe: a run directory and a checkpoint."""
     validator = resolver.resolve(ObjectValidator)
 
-    validator.validate(FinetunedModelSection(run_dir=Path("run"), checkpoint=20))
+    validator.validate(EvaluatedRunSection(run_dir=Path("run"), checkpoint=20))
 
     with pytest.raises(ValidationError, match="`checkpoint` must be 'best', 'last' or a step number, but is 'first'"):
-        validator.validate(FinetunedModelSection(checkpoint="first"))
+        validator.validate(EvaluatedRunSection(run_dir=Path("run"), checkpoint="first"))
 
-    with pytest.raises(ValidationError, match=r"`name` must not be set.*read from `run_dir`"):
-        validator.validate(FinetunedModelSection(name="wav2vec2_asr_base_10h"))
+    with pytest.raises(ValidationError, match="`checkpoint` must be a step number of at least 1, but is 0"):
+        validator.validate(EvaluatedRunSection(run_dir=Path("run"), checkpoint=0))
+
+    with pytest.raises(
+        ValidationError, match="`run_dir` must be the output directory of a training run, but is not set"
+    ):
+        validator.validate(EvaluatedRunSection())
 
 
 def test_pretrained_model_is_found_from_any_path_form(resolver: DependencyResolver, pretrained_dir: Path) -> None:
@@ -865,7 +882,7 @@ def test_two_processes_fine_tune_and_evaluate_as_one(manifest_dir: Path, pretrai
 
     for num_processes in (1, 2):
         eval_overrides = [
-            f"model.run_dir={run_dir}",
+            f"run.run_dir={run_dir}",
             f"dataset.config_overrides.manifest_dir={ddp_manifest_dir}",
             "dataset.split=valid_equal",
         ]
@@ -877,6 +894,10 @@ def test_two_processes_fine_tune_and_evaluate_as_one(manifest_dir: Path, pretrai
         run_recipe_command(eval_command)
 
         records[num_processes] = json.loads((eval_dir / "valid_equal.json").read_text())
+
+        (split_record,) = json.loads((eval_dir / "evaluation.json").read_text())["splits"]
+
+        assert split_record == records[num_processes]
 
         (metrics,) = _read_jsonl(eval_dir / "metrics/eval/valid_equal.jsonl")
 
@@ -928,7 +949,7 @@ def test_finetuning_transcribes_its_own_training_utterances(
     _run(
         [
             sys.executable, "-m", "recipes.wav2vec2_knnvq.asr.eval", "--no-rich", "--lm", str(lm), "--config",
-            f"model.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
+            f"run.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
             "dataset.split=train4", "--", str(tmp_path / "eval"),
         ],
         env=dict(_env(), FAIRSEQ2_DEVICE="cpu"),

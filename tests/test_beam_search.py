@@ -211,7 +211,7 @@ def test_decoding_options_become_config_overrides() -> None:
         "--lm",
         "lm.arpa",
         "--config",
-        "model.run_dir=run",
+        "run.run_dir=run",
         "--beam-size=8",
         "--beam-search",
         "--",
@@ -219,7 +219,7 @@ def test_decoding_options_become_config_overrides() -> None:
     ]
 
     assert expand_decoding_options(argv) == [
-        "--no-rich", "--config", "model.run_dir=run",
+        "--no-rich", "--config", "run.run_dir=run",
         "--config", 'decoding.lm="lm.arpa"', "decoding.beam_size=8", "decoding.beam_search=true",
         "--", "out",
     ]  # fmt: skip

@@ -1,71 +1,23 @@
 """The configuration of the evaluation recipe.
 
-Only the fine-tuning run and the split are required; the model, its tokenizer and the
-audio normalization come from the run.
+Only the fine-tuning run (``run``, as in every evaluation recipe) and the split are required;
+the model, its tokenizer and the audio normalization come from the run.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
 
-from fairseq2.recipe.config import (
-    CommonSection,
-    DatasetSection,
-    EvaluatorSection,
-    GangSection,
-    ReferenceModelSection,
-)
+from fairseq2.recipe.config import CommonSection, DatasetSection, EvaluatorSection, GangSection
 from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.data.asr_dataset import ASR_MANIFEST_DATASET_FAMILY
 from w2v_knnvq.data.audio_reading import DEFAULT_MAX_BAD_AUDIO_FRACTION, bad_audio_fraction_error
 from w2v_knnvq.data.manifest_dataset import split_name_error
-from w2v_knnvq.runs import CheckpointChoice
 from w2v_knnvq.text import beam_search_setting_errors
 
-CHECKPOINT_NAMES: Final = ("best", "last")
-
-
-@dataclass(kw_only=True)
-class FinetunedModelSection(ReferenceModelSection):
-    """A checkpoint of a fine-tuning run of :mod:`recipes.wav2vec2_knnvq.asr`.
-
-    The recipe points ``path``, ``family`` and ``config_overrides`` at the checkpoint and
-    its ``checkpoints/model.yaml`` before the model is loaded, so they stay unset here.
-    """
-
-    run_dir: Path = field(default_factory=Path)
-    """The output directory of the fine-tuning run, or its ``checkpoints`` directory; a
-    relative path is taken from the directory the recipe is started in."""
-
-    checkpoint: CheckpointChoice = "best"
-    """``best`` (the lowest validation WER; the last step if the run kept no scores),
-    ``last``, or a step number."""
-
-    def validate(self) -> ValidationResult:
-        result = ValidationResult()
-
-        for name, value in (
-            ("name", self.name),
-            ("path", self.path),
-            ("family", self.family),
-            ("arch", self.arch),
-            ("config_overrides", self.config_overrides),
-        ):
-            if value is not None:
-                result.add_error(f"`{name}` must not be set, but is {value!r}; the model is read from `run_dir`.")
-
-        if isinstance(self.checkpoint, str) and self.checkpoint not in CHECKPOINT_NAMES:
-            result.add_error(
-                f"`checkpoint` must be 'best', 'last' or a step number, but is '{self.checkpoint}' instead."
-            )
-
-        if isinstance(self.checkpoint, int) and self.checkpoint < 1:
-            result.add_error(f"`checkpoint` must be a step number of at least 1, but is {self.checkpoint} instead.")
-
-        return result
+from ....common import EvaluatedRunSection
 
 
 @dataclass(kw_only=True)
@@ -174,7 +126,8 @@ class DecodingSection:
 
 @dataclass(kw_only=True)
 class AsrEvalRecipeConfig:
-    model: FinetunedModelSection = field(default_factory=lambda: FinetunedModelSection())
+    run: EvaluatedRunSection = field(default_factory=lambda: EvaluatedRunSection(checkpoint="best"))
+    """The fine-tuning run; ``checkpoint`` ``best`` (the default) has the lowest validation WER."""
 
     dataset: AsrEvalDatasetSection = field(default_factory=lambda: AsrEvalDatasetSection())
 

@@ -4,46 +4,42 @@ and the audio normalization the model was trained with."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Final
 
-from fairseq2.recipe.config import ReferenceModelSection
+from fairseq2.device import Device
+from fairseq2.models.wav2vec2.asr import WAV2VEC2_ASR_FAMILY, Wav2Vec2AsrModel, get_wav2vec2_asr_model_hub
 from fairseq2.recipe.error import RecipeError
 
-from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError
+from w2v_knnvq import runs
+from w2v_knnvq.runs import RunCheckpoint, RunCheckpointError, load_run_model
 from w2v_knnvq.text import finetuning_tokenizer_path
 
-from ....common import find_recipe_checkpoint
-from .config import FinetunedModelSection
-
-ASR_MODEL_FAMILY: Final = "wav2vec2_asr"
+from ....common import EvaluatedRunSection, find_evaluated_checkpoint
 
 
-def find_finetuned_checkpoint(section: FinetunedModelSection) -> RunCheckpoint:
+def find_finetuned_checkpoint(section: EvaluatedRunSection) -> RunCheckpoint:
     """:raises RecipeError: if ``section.run_dir`` holds no such checkpoint of a
     ``wav2vec2_asr`` model."""
-    run = find_recipe_checkpoint(
-        section.run_dir,
-        section.checkpoint,
-        path_option="model.run_dir",
-        checkpoint_option="model.checkpoint",
-        other_choices=", 'best' or 'last'",
-    )
+    run = find_evaluated_checkpoint(section)
 
-    if run.family != ASR_MODEL_FAMILY:
+    if run.family != WAV2VEC2_ASR_FAMILY:
         raise RecipeError(
-            f"`model.run_dir` must hold a `{ASR_MODEL_FAMILY}` model, but {run.metadata_file} describes a "
+            f"`run.run_dir` must hold a `{WAV2VEC2_ASR_FAMILY}` model, but {run.metadata_file} describes a "
             f"`{run.family}` model instead; give the output directory of the fine-tuning recipe."
         )
 
     return run
 
 
-def point_at_checkpoint(section: ReferenceModelSection, run: RunCheckpoint) -> None:
-    """Makes fairseq2 load the model of ``run`` from ``section``: its step's model
-    directory, with the family and configuration of ``checkpoints/model.yaml``."""
-    section.path = run.model_dir
-    section.family = run.family
-    section.config_overrides = run.card.field("model_config").value
+def load_finetuned_model(run: RunCheckpoint, device: Device) -> Wav2Vec2AsrModel:
+    """The model of ``run`` in eval mode, with the family and configuration of its
+    ``checkpoints/model.yaml``, loaded through the restricted loaders of :mod:`w2v_knnvq.runs`.
+
+    :raises RecipeError: if the checkpoint cannot be loaded or holds a pickle that could run code.
+    """
+    try:
+        return load_run_model(run, get_wav2vec2_asr_model_hub(), WAV2VEC2_ASR_FAMILY, device=device)
+    except RunCheckpointError as ex:
+        raise RecipeError(f"`run.run_dir`: {ex}") from None
 
 
 def check_run_config(run: RunCheckpoint) -> None:
@@ -60,17 +56,10 @@ def run_normalize_audio(run: RunCheckpoint) -> bool:
 
     :raises RecipeError: if the run's ``config.yaml`` does not say.
     """
-    check_run_config(run)
-
-    normalize_audio = run.normalize_audio
-
-    if normalize_audio is None:
-        raise RecipeError(
-            f"`dataset.normalize_audio` in {run.config_file} must be a boolean, but is "
-            f"{run.recipe_option('dataset', 'normalize_audio')!r} instead; the file is not one the fine-tuning recipe wrote."
-        )
-
-    return normalize_audio
+    try:
+        return runs.run_normalize_audio(run)
+    except RunCheckpointError as ex:
+        raise RecipeError(str(ex)) from None
 
 
 def run_tokenizer_path(run: RunCheckpoint) -> Path:

@@ -3,15 +3,18 @@ search with a lexicon and a KenLM language model, scored side by side (WER and C
 
 Run through fairseq2's recipe CLI, e.g.::
 
-    python -m recipes.wav2vec2_knnvq.asr.eval --config model.run_dir=FINETUNE_DIR \\
+    python -m recipes.wav2vec2_knnvq.asr.eval --config run.run_dir=FINETUNE_DIR \\
         dataset.config_overrides.manifest_dir=manifests dataset.split=test-clean -- EVAL_DIR
 
 ``FINETUNE_DIR`` is the output directory of ``python -m recipes.wav2vec2_knnvq.asr`` (or
-its ``checkpoints`` directory); ``model.checkpoint`` picks ``best`` (the default), ``last``
-or a step number. The run's ``config.yaml`` names the tokenizer (unless ``tokenizer.path``
-is set) and whether the audio is normalized, as in training. The split is read and scored
-by the fine-tuning recipe's validation reader and unit; :mod:`.report` lists what is
-written to ``EVAL_DIR``, next to fairseq2's ``config.yaml``, logs and metrics.
+its ``checkpoints`` directory); ``run.checkpoint`` picks ``best`` (the default), ``last``
+or a step number. The model is loaded from that checkpoint with the run's
+``checkpoints/model.yaml``. The run's ``config.yaml`` names the tokenizer (unless
+``tokenizer.path`` is set) and whether the audio is normalized, as in training. The split is
+read and scored by the fine-tuning recipe's validation reader and unit, on one process or
+several (``torchrun``). Rank 0 writes ``EVAL_DIR/evaluation.json`` (the run, the step and the
+split's record), ``EVAL_DIR/summary.md`` (the WER and CER table) and the transcript files of
+:mod:`.transcripts`, next to fairseq2's ``config.yaml``, logs and metrics.
 
 Beam search runs with any of (before ``--``)::
 
@@ -42,7 +45,6 @@ from fairseq2.logging import log
 from fairseq2.metrics import MetricBag
 from fairseq2.models.wav2vec2.asr import Wav2Vec2AsrModel
 from fairseq2.recipe.cli import main as run_recipe_cli
-from fairseq2.recipe.config import ReferenceModelSection
 from fairseq2.recipe.error import RecipeError
 from fairseq2.runtime.dependency import DependencyContainer
 from fairseq2.task import Task
@@ -50,7 +52,13 @@ from fairseq2.task import Task
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset, AsrReadOptions
 from w2v_knnvq.text import check_vocab_size
 
-from ....common import lock_output_dir, register_bad_audio_handling
+from ....common import (
+    EvaluationTask,
+    create_run_evaluator,
+    lock_output_dir,
+    register_bad_audio_handling,
+    write_evaluation,
+)
 from ..criterion import CtcCriterion
 from ..dataset import create_valid_reader, register_asr_manifest_dataset
 from ..metrics import register_asr_metric_descriptors
@@ -60,11 +68,11 @@ from .config import AsrEvalDatasetSection, AsrEvalRecipeConfig
 from .decoding import beam_settings, create_beam_decoder, expand_decoding_options
 from .finetune_run import (
     find_finetuned_checkpoint,
-    point_at_checkpoint,
+    load_finetuned_model,
     run_normalize_audio,
     run_tokenizer_path,
 )
-from .report import EvalReport, TranscriptCollector, rates_table
+from .transcripts import TranscriptCollector, TranscriptFiles, rates_table
 
 
 @final
@@ -83,7 +91,7 @@ class AsrEvalRecipe(Recipe):
 
         lock_output_dir(context)
 
-        run = find_finetuned_checkpoint(config.model)
+        run = find_finetuned_checkpoint(config.run)
 
         log.info("Evaluating the checkpoint of step {} in {}.", run.step, run.checkpoints_dir)
 
@@ -93,11 +101,9 @@ class AsrEvalRecipe(Recipe):
 
         tokenizer = load_recipe_tokenizer(tokenizer_path)
 
-        # The model is loaded on the first `get_model()` from the (singleton) model
-        # section, so it must point at the checkpoint by then.
-        point_at_checkpoint(context.resolver.resolve(ReferenceModelSection, key="model"), run)
+        model = load_finetuned_model(run, context.device)
 
-        _check_vocab_size(tokenizer, context.get_model_as(Wav2Vec2AsrModel), tokenizer_path)
+        _check_vocab_size(tokenizer, model, tokenizer_path)
 
         dataset = context.get_dataset_as(AsrManifestDataset)
 
@@ -117,7 +123,7 @@ class AsrEvalRecipe(Recipe):
         if config.decoding.enabled:
             beam_decoder = create_beam_decoder(config.decoding, tokenizer, dataset, run, context.output_dir, context.gangs)  # fmt: skip
 
-        report = EvalReport(
+        files = TranscriptFiles(
             output_dir=context.output_dir,
             split=config.dataset.split,
             settings={
@@ -129,13 +135,19 @@ class AsrEvalRecipe(Recipe):
             beam_settings=None if beam_decoder is None else beam_settings(beam_decoder.options),
         )
 
-        criterion = CtcCriterion(context.get_data_parallel_model())
+        criterion = CtcCriterion(model)
 
         transcripts = TranscriptCollector(beam_decoder)
 
-        unit = AsrReportUnit(criterion, tokenizer.create_decoder(), transcripts, report, context.gangs)
+        unit = AsrReportUnit(criterion, tokenizer.create_decoder(), transcripts, files, context.gangs)
 
-        return context.create_evaluator([unit], [reader])
+        def write() -> None:
+            if unit.record is None:
+                raise RecipeError(f"The split `{config.dataset.split}` was not scored.")
+
+            write_evaluation(context.output_dir, run, [unit.record], rates_table(unit.record))
+
+        return EvaluationTask(create_run_evaluator(context, model, [unit], [reader]), context.gangs, write)
 
     @property
     @override
@@ -180,25 +192,27 @@ def create_eval_reader(
 @final
 class AsrReportUnit(EvalUnit[Seq2SeqBatch]):
     """The fine-tuning recipe's validation (CTC loss, WER and CER of greedy decoding) of
-    one split, which also writes the split's transcriptions and figures on rank 0."""
+    one split, which also writes the split's transcriptions on rank 0 and keeps its record."""
 
     def __init__(
         self,
         criterion: CtcCriterion,
         decoder: TokenDecoder,
         transcripts: TranscriptCollector,
-        report: EvalReport,
+        files: TranscriptFiles,
         gangs: Gangs,
     ) -> None:
         self._transcripts = transcripts
         self._unit = AsrEvalUnit(criterion, decoder, hypothesis_sink=self._transcripts)
-        self._report = report
+        self._files = files
         self._gangs = gangs
+        self.record: dict[str, object] | None = None
+        """The split's record (rank 0, once finalized)."""
 
     @property
     @override
     def name(self) -> str:
-        return self._report.split
+        return self._files.split
 
     @override
     def prepare_metric_bag(self, metric_bag: MetricBag) -> None:
@@ -215,9 +229,11 @@ class AsrReportUnit(EvalUnit[Seq2SeqBatch]):
         if self._gangs.root.rank != 0:
             return
 
-        record = self._report.write(transcriptions)
+        record = self._files.write(transcriptions)
 
-        log.info("Wrote the {} transcriptions of {} and their figures to {}.", len(transcriptions), self._report.split, self._report.output_dir)  # fmt: skip
+        self.record = record
+
+        log.info("Wrote the {} transcriptions of {} to {}.", len(transcriptions), self._files.split, self._files.output_dir)  # fmt: skip
 
         for line in rates_table(record).splitlines():
             log.info(line)

@@ -1,13 +1,14 @@
 """The transcriptions of an evaluated split and the files they are written to.
 
-Written to the output directory:
+Written to the output directory, beside the evaluation's ``evaluation.json`` and
+``summary.md``:
 
 - ``{split}.hyp.txt`` and ``{split}.ref.txt``: one transcript per line, in manifest order;
 - ``{split}.beam.hyp.txt``: the same for beam-search decoding, when it runs;
 - ``{split}.tsv``: ``id<TAB>ref<TAB>hyp`` (and ``<TAB>beam_hyp``) with a header line;
 - ``{split}.json``: WER and CER of greedy decoding in percent with their edit counts and the
   settings used, and under ``beam_search`` the same for beam-search decoding with its
-  settings; also printed to standard output.
+  settings (the split's record of ``evaluation.json``); also printed to standard output.
 """
 
 from __future__ import annotations
@@ -18,11 +19,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import final
 
-import torch.distributed as dist
-
 from fairseq2.datasets import Seq2SeqBatch
 from fairseq2.gang import Gang
 
+from w2v_knnvq.gather import gather_objects
 from w2v_knnvq.text import CtcBeamSearchDecoder, EditCounts, ErrorRateMetric, ErrorRates
 
 from ..criterion import CtcOutput
@@ -74,12 +74,7 @@ class TranscriptCollector:
 
     def gather(self, gang: Gang) -> list[Transcription]:
         """The transcriptions of all ranks of ``gang``, in manifest order. Every rank must call it."""
-        if gang.size == 1:
-            parts = [self._transcriptions]
-        else:
-            parts = [[] for _ in range(gang.size)]
-
-            dist.all_gather_object(parts, self._transcriptions, group=gang.as_process_group())
+        parts = gather_objects(gang, self._transcriptions)
 
         return sorted((t for part in parts for t in part), key=lambda t: t.index)
 
@@ -99,7 +94,7 @@ def score(transcriptions: Sequence[Transcription], *, beam: bool = False) -> Err
 
 
 @dataclass(frozen=True, kw_only=True)
-class EvalReport:
+class TranscriptFiles:
     """Where and how the transcriptions of one split are written."""
 
     output_dir: Path

@@ -12,12 +12,12 @@ $(STAMP): pyproject.toml tools/bootstrap.sh
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python -m recipes.wav2vec2_knnvq.demo
+	$(VENV)/bin/python -m recipes.studies.demo
 
 # CTC fine-tuning of a pretrained and of a randomly initialized encoder on a synthesized
 # hour of speech, evaluated on held-out voices (about twenty minutes on two cores).
 asr-demo: $(STAMP)
-	$(VENV)/bin/python -m recipes.wav2vec2_knnvq.asr_demo
+	$(VENV)/bin/python -m recipes.studies.asr_demo
 
 # The tests run after the linters, the format check and the type check, which fail fast.
 test: lint

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.cli import REPO_ROOT
+from tests.cli import REPO_ROOT, run_recipe_command
 
 MINISPEECH = REPO_ROOT / "tests" / "data" / "minispeech"
 
@@ -23,13 +22,11 @@ CHECKPOINT_FILE = "model/pp_00/tp_00/sdp_00.pt"
 @pytest.mark.e2e
 def test_asr_demo_reports_both_initializations_on_held_out_voices(tmp_path: Path) -> None:
     command = [
-        sys.executable, "-m", "recipes.wav2vec2_knnvq.asr_demo", "--output-dir", str(tmp_path),
+        sys.executable, "-m", "recipes.studies.asr_demo", "--output-dir", str(tmp_path),
         "--corpus-dir", str(MINISPEECH), "--pretrain-steps", "4", "--finetune-steps", "4",
     ]  # fmt: skip
 
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
-
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    completed = run_recipe_command(command)
 
     report = (tmp_path / "report.md").read_text()
 
@@ -81,7 +78,7 @@ def test_asr_demo_reports_both_initializations_on_held_out_voices(tmp_path: Path
 
 
 def test_language_model_comes_from_the_corpus_text_when_there_is_one(tmp_path: Path) -> None:
-    from recipes.wav2vec2_knnvq.asr_demo import write_language_model
+    from recipes.studies.asr_demo import write_language_model
 
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus/lm_text.txt").write_text("IN THE BEGINNING\n\nTHE WORD WAS\n")

@@ -17,7 +17,7 @@ from w2v_knnvq.report import main as report_main
 @pytest.mark.e2e
 def test_study_runs_the_grid_and_reports_it(tmp_path: Path) -> None:
     command = [
-        sys.executable, "-m", "recipes.wav2vec2_knnvq.study", "--output-dir", str(tmp_path),
+        sys.executable, "-m", "recipes.studies.study", "--output-dir", str(tmp_path),
         "--methods", "ste-euclid", "softmax-knn-ce", "--k", "1", "3", "--num-steps", "2",
     ]  # fmt: skip
 
@@ -25,7 +25,7 @@ def test_study_runs_the_grid_and_reports_it(tmp_path: Path) -> None:
 
     # One run per non-KNN method, one per (KNN method, K).
     for name in ("ste-euclid", "softmax-knn-ce-k1", "softmax-knn-ce-k3"):
-        record = json.loads((tmp_path / name / "eval" / "valid" / "evaluation.json").read_text())
+        (record,) = json.loads((tmp_path / name / "eval" / "evaluation.json").read_text())["splits"]
 
         assert record["method"] == ("ste-euclid" if name == "ste-euclid" else "softmax-knn-ce")
         assert record["knn_k"] == (None if name == "ste-euclid" else int(name[-1]))
@@ -38,9 +38,9 @@ def test_study_runs_the_grid_and_reports_it(tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_study_refuses_an_unknown_method(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "recipes.wav2vec2_knnvq.study", "--output-dir", str(tmp_path)]
+    command = [sys.executable, "-m", "recipes.studies.study", "--output-dir", str(tmp_path)]
 
-    completed = run_recipe_command([*command, "--methods", "no-such-method"], expected_returncode=1)
+    completed = run_recipe_command([*command, "--methods", "no-such-method"], expected_returncode=2)
 
     assert "must be one of" in completed.stderr
 
@@ -90,6 +90,31 @@ def test_report_gathers_speech_and_image_evaluations(tmp_path: Path, capsys: pyt
 
     assert report_main([str(tmp_path / "run"), "-o", str(tmp_path / "report.md")]) == 0
     assert "| softmax-knn-ce | 2 | 25.0% | 50.0% |" in (tmp_path / "report.md").read_text()
+
+
+def test_report_reads_one_file_with_a_record_per_split(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An evaluation of several splits in one ``evaluation.json``: a column group per split,
+    the run's fields shared, the figures in a folder per split."""
+    record = {key: value for key, value in SPEECH_RECORD.items() if key not in ("method", "knn_k", "split")}
+
+    document = {
+        "run_dir": "run",
+        "method": "softmax-knn-ce",
+        "knn_k": 2,
+        "splits": [{**record, "split": "dev-clean"}, {**record, "split": "test-clean", "codebook_usage": [1.0, 0.75]}],
+    }
+
+    (tmp_path / "eval" / "test-clean").mkdir(parents=True)
+    (tmp_path / "eval" / "evaluation.json").write_text(json.dumps(document))
+    (tmp_path / "eval" / "test-clean" / "per_utterance_usage.png").write_bytes(b"png")
+
+    assert report_main([str(tmp_path / "eval")]) == 0
+
+    out = capsys.readouterr().out
+
+    assert "| Codebook 1 (dev-clean) | Codebook 2 (dev-clean) | Codebook 1 (test-clean) |" in out
+    assert "| softmax-knn-ce | 2 | 25.0% | 50.0% | 100.0% | 75.0% |" in out
+    assert f"- {tmp_path / 'eval' / 'test-clean' / 'per_utterance_usage.png'}" in out
 
 
 def test_report_names_what_is_not_an_evaluation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -437,9 +437,30 @@ def find_evaluations(paths: Sequence[Path]) -> list[Path]:
     return files
 
 
+def evaluation_records(document: Mapping[str, object]) -> list[dict[str, object]]:
+    """The records of an evaluation's JSON document: the document itself (one file per split
+    or image set), or each record of its ``splits`` with the document's other fields (the
+    run, its checkpoint) added.
+
+    :raises TypeError: if ``splits`` is not a list of JSON objects.
+    """
+    splits = document.get("splits")
+
+    if splits is None:
+        return [dict(document)]
+
+    if not isinstance(splits, list) or not all(isinstance(record, dict) for record in splits):
+        raise TypeError("`splits` must be a list of JSON objects")
+
+    shared = {name: value for name, value in document.items() if name != "splits"}
+
+    return [{**shared, **record} for record in splits]
+
+
 def gather(files: Sequence[Path]) -> str:
     """One Markdown report of the evaluation records ``files``: a speech section (Tables 3 and
-    2), an image section (Tables 1 and 2) and the Figure 2 histograms beside the files.
+    2), an image section (Tables 1 and 2) and the Figure 2 histograms beside the files (or in
+    a folder per split).
 
     :raises ValueError: naming a file that is no evaluation record.
     """
@@ -449,21 +470,31 @@ def gather(files: Sequence[Path]) -> str:
 
     for file in files:
         try:
-            record = json.loads(file.read_text(encoding="utf-8"))
+            document = json.loads(file.read_text(encoding="utf-8"))
 
-            if not isinstance(record, dict):
-                raise TypeError(f"a JSON object is expected, but the file holds a {type(record).__name__}")
+            if not isinstance(document, dict):
+                raise TypeError(f"a JSON object is expected, but the file holds a {type(document).__name__}")
 
-            if "feature_map" in record:
-                image.append(image_table_row(record))
-            else:
-                speech.append(speech_table_row(record))
+            records = evaluation_records(document)
+
+            for record in records:
+                if "feature_map" in record:
+                    image.append(image_table_row(record))
+                else:
+                    speech.append(speech_table_row(record))
         except (json.JSONDecodeError, KeyError, TypeError) as ex:
             raise ValueError(
                 f"{file} is no evaluation record ({ex!r}); give files written by the speech or image evaluation."
             ) from None
 
-        plots += [f"- {file.parent / name}" for name in HISTOGRAMS if (file.parent / name).is_file()]
+        folders = [file.parent] + [file.parent / str(record["split"]) for record in records if "split" in record]
+
+        plots += [
+            f"- {folder / name}"
+            for folder in dict.fromkeys(folders)
+            for name in HISTOGRAMS
+            if (folder / name).is_file()
+        ]
 
     sections = []
 

@@ -209,7 +209,7 @@ def _tiny_encoder() -> Wav2Vec2EncoderConfig:
 
 
 def _small_encoder() -> Wav2Vec2EncoderConfig:
-    # Learns to recognize speech on a CPU in minutes (recipes/wav2vec2_knnvq/asr_demo.py):
+    # Learns to recognize speech on a CPU in minutes (recipes/studies/asr_demo.py):
     # the tiny CNN with half its channels below 800 Hz, at about 60% of its cost, and four
     # pre-norm layers of 128 dimensions, which train stably at the demo's learning rate.
     return Wav2Vec2EncoderConfig(

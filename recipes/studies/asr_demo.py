@@ -17,7 +17,7 @@ In about twenty minutes on two CPU cores, this job
 
 Every stage resumes or skips what is already done, so a rerun only finishes what is missing::
 
-    python -m recipes.wav2vec2_knnvq.asr_demo [--output-dir outputs/asr_demo] [--arch ARCH]
+    w2v-knnvq-asr-demo [--output-dir outputs/asr_demo] [--arch ARCH]
         [--pretrain-steps N] [--finetune-steps N] [--corpus-dir DIR]
 
 The corpus needs the TTS engines (``tools/bootstrap.sh`` installs them as root).
@@ -25,12 +25,10 @@ The corpus needs the TTS engines (``tools/bootstrap.sh`` installs them as root).
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,10 +46,11 @@ from w2v_knnvq.text import (
 )
 from w2v_knnvq.tool import tool_parser
 
-from .demo import REPO_ROOT, pretrain_command
+from .jobs import REPO_ROOT, Job, JobError, read_result, recipe_module, run_jobs, threads_per_job
+from .pretraining import PRESET as SSL_PRESET
+from .pretraining import pretrain_command
 
-SSL_PRESET = Path(__file__).resolve().parent / "ssl" / "configs" / "tiny_cpu.yaml"
-ASR_PRESET = Path(__file__).resolve().parent / "asr" / "configs" / "tiny_cpu.yaml"
+ASR_PRESET = Path(__file__).resolve().parents[1] / "wav2vec2_knnvq" / "asr" / "configs" / "tiny_cpu.yaml"
 SYNTHESIZER = REPO_ROOT / "tools" / "synthesize_corpus.py"
 
 CORPUS_OPTIONS = (
@@ -103,7 +102,11 @@ def synthesize_corpus(corpus_dir: Path) -> None:
 
     command = [sys.executable, str(SYNTHESIZER), "--output-dir", str(corpus_dir), *CORPUS_OPTIONS]
 
-    _check_run(subprocess.run(command, cwd=REPO_ROOT), "The corpus synthesis")
+    # Its progress goes to the terminal: the synthesis is the longest stage of a first run.
+    returncode = subprocess.run(command, cwd=REPO_ROOT, check=False).returncode
+
+    if returncode != 0:
+        raise JobError(f"The corpus synthesis failed with exit status {returncode}; rerun to finish it.")
 
 
 def write_manifests(corpus_dir: Path, manifest_dir: Path) -> None:
@@ -115,7 +118,7 @@ def write_manifests(corpus_dir: Path, manifest_dir: Path) -> None:
 
 def finetune_command(
     run: FinetuneRun, run_dir: Path, pretrained_dir: Path, manifest_dir: Path, num_steps: int, num_threads: int
-) -> list[str]:
+) -> tuple[str, ...]:
     """The ASR recipe's tiny preset with the CNN trained too, at a higher learning rate than
     the preset's short smoke run, without dropout and with speed perturbation."""
     validate_every = max(1, num_steps // 4)
@@ -145,8 +148,8 @@ def finetune_command(
         f"dataset.speed_perturbation=[{','.join(str(factor) for factor in SPEED_FACTORS)}]",
     )
 
-    return [
-        sys.executable, "-m", f"{__package__}.asr", "--no-rich", "--config-file", str(ASR_PRESET), "--config",
+    return (
+        sys.executable, "-m", recipe_module("wav2vec2_knnvq.asr"), "--no-rich", "--config-file", str(ASR_PRESET), "--config",
         f"pretrained_encoder.path={pretrained_dir}",
         f"pretrained_encoder.load_weights={str(run.load_weights).lower()}",
         f"dataset.config_overrides.manifest_dir={manifest_dir}",
@@ -164,26 +167,7 @@ def finetune_command(
         *regularization,
         f"common.torch.num_threads={num_threads}",
         "--", str(run_dir),
-    ]  # fmt: skip
-
-
-def run_in_parallel(jobs: Sequence[tuple[str, list[str], Path]]) -> None:
-    """Starts every ``(name, command, log file)`` at once and waits for all."""
-    running = []
-
-    for name, command, log_file in jobs:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-
-        log = log_file.open("w", encoding="utf-8")
-
-        running.append((name, subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT), log, log_file))  # fmt: skip
-
-    for name, process, log, log_file in running:
-        returncode = process.wait()
-
-        log.close()
-
-        _check_run(subprocess.CompletedProcess(process.args, returncode), f"{name} (log: {log_file})")
+    )  # fmt: skip
 
 
 def write_language_model(corpus_dir: Path, manifest_dir: Path, lm_dir: Path) -> tuple[Path, list[str]]:
@@ -219,29 +203,57 @@ def write_run_lexicon(run_dir: Path, lines: Sequence[str]) -> Path:
     return write_lexicon(lines, ctc_vocabulary(tokenizer), run_dir / "lexicon.txt").file
 
 
-def evaluate(run_dir: Path, manifest_dir: Path, split: str, lm_file: Path, lexicon: Path) -> dict[str, object]:
-    """Greedy and beam-search decoding of ``split`` with the run's best checkpoint; returns
-    ``{split}.json``."""
-    eval_dir = run_dir / "eval"
-
-    command = [
-        sys.executable, "-m", f"{__package__}.asr.eval", "--no-rich",
-        "--lm", str(lm_file), "--lexicon", str(lexicon), "--lm-weight", str(LM_WEIGHT), "--word-score", str(WORD_SCORE),
-        "--config", f"model.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
-        f"dataset.split={split}", "--", str(eval_dir),
-    ]  # fmt: skip
-
-    with (run_dir / f"eval_{split}.log").open("w", encoding="utf-8") as log:
-        result = subprocess.run(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-
-    _check_run(result, f"The evaluation of {run_dir} on {split} (log: {run_dir / f'eval_{split}.log'})")
-
-    record: dict[str, object] = json.loads((eval_dir / f"{split}.json").read_text(encoding="utf-8"))
-
-    return record
+EVAL_SPLITS = ("test", "dev")
 
 
-def report_table(rows: Sequence[tuple[FinetuneRun, dict[str, Any], dict[str, Any]]], num_steps: int, arch: str) -> str:
+def evaluate_all(
+    finetuning: Sequence[Job], manifest_dir: Path, lm_file: Path, lm_lines: Sequence[str]
+) -> list[dict[str, dict[str, Any]]]:
+    """Greedy and beam-search decoding of the test and dev splits with each run's best
+    checkpoint, one evaluation at a time (the two splits of a run share its ``eval`` folder).
+
+    :returns: The ``{split}.json`` record of each split, for each run in order.
+    :raises JobError: if an evaluation fails.
+    """
+    jobs: list[list[Job]] = []
+
+    for run in finetuning:
+        run_dir, eval_dir = run.output_dir, run.output_dir / "eval"
+
+        lexicon = write_run_lexicon(run_dir, lm_lines)
+
+        jobs.append([])
+
+        for split in EVAL_SPLITS:
+            command = (
+                sys.executable, "-m", recipe_module("wav2vec2_knnvq.asr.eval"), "--no-rich",
+                "--lm", str(lm_file), "--lexicon", str(lexicon), "--lm-weight", str(LM_WEIGHT), "--word-score", str(WORD_SCORE),
+                "--config", f"run.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
+                f"dataset.split={split}", "--", str(eval_dir),
+            )  # fmt: skip
+
+            jobs[-1].append(
+                Job(
+                    name=f"Evaluating {run_dir.name} on {split}",
+                    command=command,
+                    output_dir=eval_dir,
+                    log_file=run_dir / f"eval_{split}.log",
+                    result_file=eval_dir / f"{split}.json",
+                    after=(run,),
+                )
+            )
+
+    run_jobs([job for split_jobs in jobs for job in split_jobs])
+
+    return [
+        {split: read_result(job) for split, job in zip(EVAL_SPLITS, split_jobs, strict=True)} for split_jobs in jobs
+    ]
+
+
+def report_table(
+    rows: Sequence[tuple[FinetuneRun, Mapping[str, Any], Mapping[str, Any]]], num_steps: int, arch: str
+) -> str:
+    """The Markdown table of CER and WER, one row of ``(run, test record, dev record)`` per run."""
     lines = [
         f"CTC fine-tuning of the `{arch}` encoder, {num_steps} steps each; dev and test voices are not in "
         f"the training data. Greedy decoding, and beam search with a word {LM_ORDER}-gram (LM; "
@@ -264,13 +276,67 @@ def report_table(rows: Sequence[tuple[FinetuneRun, dict[str, Any], dict[str, Any
     return "\n".join(lines)
 
 
-def _check_run(result: subprocess.CompletedProcess[bytes] | subprocess.CompletedProcess[str], what: str) -> None:
-    if result.returncode != 0:
-        raise SystemExit(f"{what} failed with exit code {result.returncode}.")
+def run_asr_demo(output_dir: Path, corpus_dir: Path | None, arch: str, pretrain_steps: int, finetune_steps: int) -> str:
+    """Every stage of the job; returns the table also written to ``output_dir/report.md``.
+
+    :raises JobError: if a stage fails.
+    """
+    manifest_dir, pretrained_dir = output_dir / "manifests", output_dir / "pretrain"
+
+    if corpus_dir is None:
+        corpus_dir = output_dir / "corpus"
+
+        synthesize_corpus(corpus_dir)
+    else:
+        corpus_dir = corpus_dir.resolve()
+
+    write_manifests(corpus_dir, manifest_dir)
+
+    ssl_overrides = (f"model.arch={arch}", "dataset.valid_split=dev", f"dataset.config_overrides.manifest_dir={manifest_dir}")  # fmt: skip
+
+    pretraining = Job(
+        name=f"Pretraining with {METHOD} ({pretrain_steps} steps)",
+        command=pretrain_command(
+            METHOD, pretrained_dir, pretrain_steps, threads_per_job(1, 1), ssl_overrides, preset=SSL_PRESET
+        ),
+        output_dir=pretrained_dir,
+        log_file=pretrained_dir / "pretrain.log",
+    )
+
+    run_jobs([pretraining])
+
+    num_threads = threads_per_job(len(RUNS), len(RUNS))
+
+    finetuning = [
+        Job(
+            name=f"Fine-tuning {run.name} ({finetune_steps} steps)",
+            command=finetune_command(
+                run, output_dir / run.name, pretrained_dir, manifest_dir, finetune_steps, num_threads
+            ),
+            output_dir=output_dir / run.name,
+            log_file=output_dir / run.name / "finetune.log",
+            after=(pretraining,),
+        )
+        for run in RUNS
+    ]
+
+    run_jobs(finetuning, parallel=len(RUNS))
+
+    lm_file, lm_lines = write_language_model(corpus_dir, manifest_dir, output_dir / "lm")
+
+    evaluations = evaluate_all(finetuning, manifest_dir, lm_file, lm_lines)
+
+    rows = [(run, records["test"], records["dev"]) for run, records in zip(RUNS, evaluations, strict=True)]
+
+    table = report_table(rows, finetune_steps, arch)
+
+    (output_dir / "report.md").write_text(table + "\n", encoding="utf-8")
+
+    return table
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = tool_parser(__doc__)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = tool_parser(__doc__, prog="w2v-knnvq-asr-demo")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "asr_demo")
     parser.add_argument("--arch", default=DEFAULT_ARCH, help="the wav2vec2_knnvq architecture (default: %(default)s)")
     parser.add_argument("--pretrain-steps", type=int, default=1000)
@@ -284,67 +350,19 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     output_dir: Path = args.output_dir.resolve()
 
-    manifest_dir, pretrained_dir = output_dir / "manifests", output_dir / "pretrain"
-
     start = time.monotonic()
 
-    if args.corpus_dir is None:
-        corpus_dir = output_dir / "corpus"
+    try:
+        table = run_asr_demo(output_dir, args.corpus_dir, args.arch, args.pretrain_steps, args.finetune_steps)
+    except JobError as ex:
+        print(f"error: {ex}", file=sys.stderr)
 
-        synthesize_corpus(corpus_dir)
-    else:
-        corpus_dir = args.corpus_dir.resolve()
-
-    write_manifests(corpus_dir, manifest_dir)
-
-    num_threads = os.cpu_count() or 2
-
-    print(f"== Pretraining with {METHOD} ({args.pretrain_steps} steps) -> {pretrained_dir}", flush=True)
-
-    ssl_overrides = (
-        f"model.arch={args.arch}",
-        "dataset.valid_split=dev",
-        f"dataset.config_overrides.manifest_dir={manifest_dir}",
-    )
-
-    ssl_command = pretrain_command(METHOD, pretrained_dir, args.pretrain_steps, num_threads, ssl_overrides, preset=SSL_PRESET)  # fmt: skip
-
-    run_in_parallel([("The pretraining", ssl_command, pretrained_dir / "pretrain.log")])
-
-    print(f"== Fine-tuning {len(RUNS)} runs at once ({args.finetune_steps} steps each)", flush=True)
-
-    jobs = []
-
-    for run in RUNS:
-        run_dir = output_dir / run.name
-
-        command = finetune_command(run, run_dir, pretrained_dir, manifest_dir, args.finetune_steps, max(1, num_threads // len(RUNS)))  # fmt: skip
-
-        jobs.append((run.name, command, run_dir / "finetune.log"))
-
-    run_in_parallel(jobs)
-
-    lm_file, lm_lines = write_language_model(corpus_dir, manifest_dir, output_dir / "lm")
-
-    print("== Evaluating on the held-out voices", flush=True)
-
-    rows: list[tuple[FinetuneRun, dict[str, Any], dict[str, Any]]] = []
-
-    for run in RUNS:
-        run_dir = output_dir / run.name
-
-        lexicon = write_run_lexicon(run_dir, lm_lines)
-
-        test, dev = (evaluate(run_dir, manifest_dir, split, lm_file, lexicon) for split in ("test", "dev"))
-
-        rows.append((run, test, dev))
-
-    table = report_table(rows, args.finetune_steps, args.arch)
-
-    (output_dir / "report.md").write_text(table + "\n", encoding="utf-8")
+        return 1
 
     print(f"\n{table}\n\nTranscripts: {output_dir}/<run>/eval/test.tsv  ({time.monotonic() - start:.0f} s in all)")
 
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,31 +1,36 @@
 """A study: a grid of quantizer methods and K values on a pretraining preset, one run each,
 every run evaluated on the validation split, then one report in the paper's table layouts.
 
-    python -m recipes.wav2vec2_knnvq.study [--output-dir outputs/study] [--methods ...] [--k 1 2 4]
+    w2v-knnvq-study [--output-dir outputs/study] [--methods ...] [--k 1 2 4]
         [--num-steps 150] [--preset recipes/wav2vec2_knnvq/ssl/configs/tiny_cpu.yaml]
 
 Methods default to all fourteen; K values apply to the KNN methods (one run per K), the other
 methods run once. On the bundled corpus by default (``MINISPEECH_MANIFEST_DIR`` or
 ``--manifest-dir`` points at other manifests with ``train`` and ``valid`` splits). Runs go to
 ``OUTPUT_DIR/{method}`` or ``OUTPUT_DIR/{method}-k{K}``, the report to ``OUTPUT_DIR/report.md``;
-a rerun resumes finished runs instantly.
+a rerun resumes unfinished runs and skips finished ones.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from w2v_knnvq.quantizer import METHOD_NAMES, METHODS
+from w2v_knnvq.report import find_evaluations, gather
 from w2v_knnvq.tool import tool_parser
 
-from w2v_knnvq.report import find_evaluations, gather
-from .demo import PRESET, REPO_ROOT, PretrainingRun, evaluate_all, pretrain_all, result_table, write_manifests
+from .jobs import REPO_ROOT, JobError
+from .pretraining import PRESET, PretrainingRun, evaluate_all, pretrain_all, result_table, write_manifests
 
 
 def study_runs(methods: Sequence[str], knn_ks: Sequence[int]) -> list[PretrainingRun]:
-    """One run per non-KNN method and one per (KNN method, K)."""
+    """One run per non-KNN method and one per (KNN method, K).
+
+    :raises ValueError: naming an unknown method.
+    """
     runs = []
 
     for method in methods:
@@ -44,8 +49,8 @@ def study_runs(methods: Sequence[str], knn_ks: Sequence[int]) -> list[Pretrainin
     return runs
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = tool_parser(__doc__)
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = tool_parser(__doc__, prog="w2v-knnvq-study")
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "study")
     parser.add_argument("--methods", nargs="+", default=list(METHOD_NAMES))
     parser.add_argument("--k", type=int, nargs="+", default=[2], help="K values of the KNN methods")
@@ -53,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--preset", type=Path, default=PRESET)
     parser.add_argument("--manifest-dir", type=Path, default=None, help="default: manifests of the bundled corpus")
     args = parser.parse_args(argv)
+
+    try:
+        runs = study_runs(args.methods, args.k)
+    except ValueError as ex:
+        parser.error(str(ex))
 
     output_dir: Path = args.output_dir.resolve()
 
@@ -63,20 +73,25 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     start = time.monotonic()
 
-    runs = study_runs(args.methods, args.k)
+    try:
+        jobs = pretrain_all(runs, output_dir, manifest_dir, args.num_steps, preset=args.preset.resolve())
 
-    pretrain_all(runs, output_dir, manifest_dir, args.num_steps, preset=args.preset.resolve())
+        records = evaluate_all(jobs, manifest_dir, args.num_steps)
+    except JobError as ex:
+        print(f"error: {ex}", file=sys.stderr)
 
-    results = evaluate_all([run.name for run in runs], output_dir, manifest_dir)
+        return 1
 
-    report = gather(find_evaluations([output_dir / run.name / "eval" for run in runs]))
+    report = gather(find_evaluations([job.output_dir / "eval" for job in jobs]))
 
     (output_dir / "report.md").write_text(report, encoding="utf-8")
 
-    print(f"\n{result_table(results, args.num_steps)}\n")
+    print(f"\n{result_table(records, args.num_steps)}\n")
 
     print(f"Report: {output_dir / 'report.md'} ({len(runs)} runs, {time.monotonic() - start:.0f} s in all)")
 
+    return 0
+
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -23,7 +23,7 @@ from fairseq2.models.wav2vec2 import Wav2Vec2Masker
 from fairseq2.nn import BatchLayout
 
 from recipes.image_vqae.recipe import ImageVqaeTrainUnit
-from w2v_knnvq.image import IMAGE_VQAE_ARCHS, ImageVqaeModel
+from w2v_knnvq.image import IMAGE_VQAE_ARCHS, ImageVqaeModel, create_image_vqae_model
 from w2v_knnvq.image.reader import ImageBatch
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
 
@@ -56,7 +56,7 @@ def _image_model() -> ImageVqaeModel:
 
     torch.manual_seed(0)
 
-    return ImageVqaeModel(config)
+    return create_image_vqae_model(config)
 
 
 def _images() -> Tensor:

@@ -12,6 +12,7 @@ from fairseq2.utils.validation import ValidationError
 from w2v_knnvq.image import (
     IMAGE_VQAE_ARCHS,
     ImageVqaeModel,
+    create_image_vqae_model,
     get_image_vqae_config,
     get_image_vqae_model_hub,
     register_image_vqae,
@@ -51,7 +52,8 @@ def test_arch_maps_images_to_documented_latents_and_back(arch: str) -> None:
     assert config.quantizer.num_codebooks == 1
 
     # Encoder and decoder at full size on the meta device (no memory, no compute).
-    model = ImageVqaeModel(config, device=torch.device("meta"))
+    with torch.device("meta"):
+        model = create_image_vqae_model(config)
 
     images = torch.empty((2, 3, config.image_size, config.image_size), device="meta")
 
@@ -62,7 +64,7 @@ def test_arch_maps_images_to_documented_latents_and_back(arch: str) -> None:
     assert reconstruction.shape == images.shape
 
     # The quantizer maps latent pixels to codes; a few real pixels suffice on CPU.
-    quantizer = ImageVqaeModel(config).quantizer.eval()
+    quantizer = create_image_vqae_model(config).quantizer.eval()
 
     output = quantizer(torch.randn(1, 2, 3, channels))
     assert output.quantized.shape == (1, 2, 3, channels)
@@ -71,7 +73,7 @@ def test_arch_maps_images_to_documented_latents_and_back(arch: str) -> None:
 
 
 def test_every_conv_but_input_and_output_is_depthwise_separable() -> None:
-    model = ImageVqaeModel(get_image_vqae_config("tiny"))
+    model = create_image_vqae_model(get_image_vqae_config("tiny"))
 
     convs = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
 
@@ -91,7 +93,7 @@ def test_tiny_model_trains_on_cpu(method: str) -> None:
     config = get_image_vqae_config("tiny")
     config.quantizer.method = method
 
-    model = ImageVqaeModel(config).train()
+    model = create_image_vqae_model(config).train()
 
     images = torch.rand(4, 3, 32, 32) * 2 - 1
 
@@ -112,7 +114,7 @@ def test_tiny_model_trains_on_cpu(method: str) -> None:
 
 
 def test_eval_mode_quantizes_hard() -> None:
-    model = ImageVqaeModel(get_image_vqae_config("tiny")).eval()
+    model = create_image_vqae_model(get_image_vqae_config("tiny")).eval()
 
     with torch.no_grad():
         output = model(torch.rand(2, 3, 32, 32) * 2 - 1)
@@ -126,13 +128,13 @@ def test_config_errors_are_clear() -> None:
     config.quantizer = QuantizerConfig(input_dim=16, codebook_dim=16, codebook_size=64)
 
     with pytest.raises(ValidationError, match=r"input_dim.*latent channels 8"):
-        ImageVqaeModel(config)
+        create_image_vqae_model(config)
 
     config = get_image_vqae_config("tiny")
     config.stage_sizes = [32, 8, 8]
 
     with pytest.raises(ValidationError, match="halve"):
-        ImageVqaeModel(config)
+        create_image_vqae_model(config)
 
     config = get_image_vqae_config("tiny")
     config.quantizer.method = "bogus"
@@ -142,7 +144,7 @@ def test_config_errors_are_clear() -> None:
     with pytest.raises(ValueError, match=r"`arch` must be an image autoencoder architecture .*, but is 'f8' instead"):
         get_image_vqae_config("f8")
 
-    model = ImageVqaeModel(get_image_vqae_config("tiny"))
+    model = create_image_vqae_model(get_image_vqae_config("tiny"))
     with pytest.raises(ValueError, match=r"\(N, 3, 32, 32\)"):
         model(torch.zeros(1, 3, 64, 64))
 

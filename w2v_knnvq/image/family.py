@@ -6,12 +6,8 @@ from fairseq2.composition import register_model_family
 from fairseq2.runtime.dependency import DependencyContainer
 
 from w2v_knnvq.image.config import IMAGE_VQAE_FAMILY, ImageVqaeConfig, register_image_vqae_configs
+from w2v_knnvq.image.factory import create_image_vqae_model
 from w2v_knnvq.image.model import ImageVqaeModel
-
-
-def create_image_vqae_model(config: ImageVqaeConfig) -> ImageVqaeModel:
-    """Build a freshly initialized model (on the current default device, ``meta`` included)."""
-    return ImageVqaeModel(config)
 
 
 def register_image_vqae(container: DependencyContainer) -> None:

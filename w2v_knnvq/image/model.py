@@ -10,8 +10,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn import Conv2d, GroupNorm, Module, ModuleList, SiLU
 
-from fairseq2.utils.validation import ValidationError
-
 from w2v_knnvq.image.config import ImageVqaeConfig
 from w2v_knnvq.quantizer import QuantizerOutput, VectorQuantizer
 
@@ -215,18 +213,17 @@ class ImageVqaeOutput:
 class ImageVqaeModel(Module):
     """Encoder, pixel-wise vector quantizer and decoder, trained with an L2 reconstruction loss."""
 
-    def __init__(self, config: ImageVqaeConfig, *, device: torch.device | None = None) -> None:
+    def __init__(
+        self, config: ImageVqaeConfig, encoder: ImageEncoder, quantizer: VectorQuantizer, decoder: ImageDecoder
+    ) -> None:
+        """:param config: What the parts were built from (:class:`~w2v_knnvq.image.factory.ImageVqaeFactory`
+        builds them and validates it)."""
         super().__init__()
 
-        result = config.validate()
-
-        if result.has_error():
-            raise ValidationError(result)
-
         self.config = config
-        self.encoder = ImageEncoder(config, device=device)
-        self.quantizer = VectorQuantizer(config.quantizer, device=device)
-        self.decoder = ImageDecoder(config, device=device)
+        self.encoder = encoder
+        self.quantizer = quantizer
+        self.decoder = decoder
 
     def encode(self, images: Tensor) -> Tensor:
         """Map ``(N, 3, H, W)`` images to ``(N, C, h, w)`` continuous latents."""

@@ -141,8 +141,11 @@ class QuantizerConfig:
     def errors(self) -> list[str]:
         """What makes this configuration unusable, one sentence per setting; empty if nothing.
 
-        Model families report these while validating their configuration (fairseq2 then names
-        the section); :meth:`check` raises the first.
+        The one check of a quantizer configuration. The core knows nothing of fairseq2, so the
+        model families report these in their configuration's ``validate()`` (fairseq2 then
+        names the section, and their factories validate a configuration built in code once,
+        before any module is built); :meth:`from_method` raises the first. Modules do not
+        validate what they are built from.
         """
         errors = []
 
@@ -191,13 +194,6 @@ class QuantizerConfig:
 
         return errors
 
-    def check(self) -> None:
-        """:raises ValueError: with the first of :meth:`errors`."""
-        errors = self.errors()
-
-        if errors:
-            raise ValueError(errors[0])
-
     @property
     def spec(self) -> MethodSpec:
         return METHODS[self.method]
@@ -236,6 +232,9 @@ class QuantizerConfig:
 
         config = replace(config, **overrides)
 
-        config.check()
+        errors = config.errors()
+
+        if errors:
+            raise ValueError(errors[0])
 
         return config

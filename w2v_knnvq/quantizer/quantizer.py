@@ -127,8 +127,6 @@ class VectorQuantizer(Module):
 
         self.process_group = process_group
 
-        config.check()
-
         if config.input_dim is None:
             raise ValueError(
                 "`config.input_dim` must be set, but is `None` instead; give the dimensionality of the vectors to quantize."

@@ -1,4 +1,4 @@
-"""The image autoencoder recipe through its CLI, and the evaluation tool on its output."""
+"""The image autoencoder recipe and its evaluation recipe through their CLI."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,7 +18,14 @@ from recipes.image_vqae.config import EUCLIDEAN_HARD_METHODS, method_peak_lr, me
 from tests.cli import recipe_command, run_recipe_command
 from w2v_knnvq.image import IMAGE_VQAE_FAMILY, get_image_vqae_model_hub
 from w2v_knnvq.image.data import list_image_files, load_image
-from w2v_knnvq.image.metrics import frechet_distance, make_fid_features
+from w2v_knnvq.image.metrics import (
+    FrechetInceptionDistance,
+    InceptionScore,
+    RootMeanSquaredError,
+    frechet_distance,
+    make_fid_features,
+)
+from w2v_knnvq.report import format_image_tables, image_table_row
 from w2v_knnvq.runs import CheckpointStepNotFoundError, find_run_checkpoint, load_run_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,15 +69,26 @@ def _train(out_dir: Path, *overrides: str) -> str:
     return result.stdout + result.stderr
 
 
-def _tool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(REPO / "tools" / "evaluate_image_vqae.py"), *args],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
+def _evaluate(
+    out_dir: Path, eval_dir: Path, *overrides: str, expected_returncode: int = 0, num_processes: int = 1
+) -> str:
+    """Runs the evaluation recipe on the miniimages `val` split, on the CPU."""
+    command = recipe_command(
+        "recipes.image_vqae.eval",
+        eval_dir,
+        [f"run.run_dir={out_dir}", f"dataset.path={MINIIMAGES}", *overrides],
+        num_processes=num_processes,
     )
+
+    result = run_recipe_command(command, expected_returncode=expected_returncode, env={"FAIRSEQ2_DEVICE": "cpu"})
+
+    return result.stdout + result.stderr
+
+
+def _split_record(eval_dir: Path) -> dict[str, Any]:
+    (record,) = json.loads((eval_dir / "evaluation.json").read_text())["splits"]
+
+    return record
 
 
 @pytest.fixture(scope="module")
@@ -188,28 +207,18 @@ def test_image_hub_loads_the_runs_checkpoint_outside_the_recipe(knn_run: tuple[P
 
 
 @pytest.mark.e2e
-def test_evaluation_tool_writes_table_plots_and_merges(knn_run: tuple[Path, str, str], tmp_path: Path) -> None:
+def test_evaluation_writes_record_plots_and_tables(knn_run: tuple[Path, str, str], tmp_path: Path) -> None:
     out_dir = knn_run[0]
 
-    result = _tool(
-        "evaluate",
-        str(out_dir),
-        str(MINIIMAGES / "val"),
-        str(tmp_path / "a"),
-        "--max-images",
-        "4",
-        "--batch-size",
-        "4",
-        "--device",
-        "cpu",
-        "--checkpoint",
-        "4",
-    )
-    assert result.returncode == 0, result.stderr
-    assert "Inception Score skipped" in result.stdout
+    output = _evaluate(out_dir, tmp_path / "a", "dataset.max_images=4", "dataset.batch_size=4", "run.checkpoint=4")
+    assert "Inception Score skipped" in output
 
-    evaluation = json.loads((tmp_path / "a" / "evaluation.json").read_text())
-    assert evaluation["checkpoint"] == "step_4"
+    document = json.loads((tmp_path / "a" / "evaluation.json").read_text())
+    assert document["step"] == 4 and Path(document["checkpoint"]).parent.name == "step_4"
+    assert Path(document["run_dir"]) == out_dir.resolve()
+
+    evaluation = _split_record(tmp_path / "a")
+    assert evaluation["split"] == "val"
     assert evaluation["method"] == "softmax-knn-ce" and evaluation["knn_k"] == 1
     assert evaluation["feature_map"] == "8x8x8" and evaluation["num_images"] == 4
     assert 0.0 < evaluation["code_use"][0] <= 1.0
@@ -221,40 +230,57 @@ def test_evaluation_tool_writes_table_plots_and_merges(knn_run: tuple[Path, str,
     assert 1.0 <= percentiles[0] <= percentiles[1] <= percentiles[2] <= percentiles[3] <= 64.0
     assert len(evaluation["per_image_usage"]) == 4 and len(evaluation["code_popularity"][0]) == 64
 
+    # One split: its histograms lie beside its record.
     for plot in ("per_image_usage.png", "code_popularity.png"):
         assert (tmp_path / "a" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    table = (tmp_path / "a" / "table.md").read_text()
+    table = (tmp_path / "a" / "summary.md").read_text()
     assert "| softmax-knn-ce | 1 |" in table and "Code Use (8x8x8; 64)" in table
     assert "rMSE [-1, 1]" in table and "rMSE (ImageNet-std.)" in table and "ImageNet-standardized pixels" in table
 
-    # A second evaluation of another method merges into one table.
+    # The record of another method's evaluation merges into one table.
     other = dict(evaluation, method="hg-ppl", knn_k=None, fid=None, perplexity_percentiles=None)
-    (tmp_path / "b.json").write_text(json.dumps(other))
 
-    result = _tool(
-        "table", str(tmp_path / "a" / "evaluation.json"), str(tmp_path / "b.json"), "-o", str(tmp_path / "merged.md")
-    )
-    assert result.returncode == 0, result.stderr
-
-    merged = (tmp_path / "merged.md").read_text()
+    merged = format_image_tables([image_table_row(evaluation), image_table_row(other)])
     assert "| softmax-knn-ce | 1 |" in merged and "| hg-ppl | — |" in merged
     assert merged.count("| hg-ppl |") == 1  # hg-ppl has no perplexity row in the Table 2 part
 
     # A step the run did not keep is refused with the steps it has.
-    result = _tool(
-        "evaluate",
-        str(out_dir),
-        str(MINIIMAGES / "val"),
-        str(tmp_path / "c"),
-        "--device",
-        "cpu",
-        "--no-fid",
-        "--checkpoint",
-        "2",
-    )
-    assert result.returncode != 0
-    assert "has no checkpoint of step 2; available steps: 4" in result.stderr
+    output = _evaluate(out_dir, tmp_path / "c", "scores.fid=false", "run.checkpoint=2", expected_returncode=2)
+    assert "`run.checkpoint` must be one of the steps saved in" in output and "([4])" in output
+
+
+def test_scores_of_parts_added_up_are_those_of_the_whole_set() -> None:
+    """What the processes of an evaluation accumulate over their parts of a set, added in
+    order, gives the rMSE, FID and IS of the whole set."""
+    torch.manual_seed(0)
+    images, reconstructions = torch.rand(12, 3, 8, 8) * 2 - 1, torch.rand(12, 3, 8, 8) * 2 - 1
+
+    def features(batch: torch.Tensor) -> np.ndarray:
+        return batch.mean(dim=(2, 3)).numpy().astype(np.float64)
+
+    def probabilities(batch: torch.Tensor) -> np.ndarray:
+        return torch.softmax(batch.flatten(1)[:, :5], dim=1).numpy().astype(np.float64)
+
+    def scores(parts: list[slice]) -> tuple[float, float, float]:
+        totals = (RootMeanSquaredError(imagenet_standardized=True), FrechetInceptionDistance(features), InceptionScore(probabilities, num_splits=3))  # fmt: skip
+
+        for part in parts:
+            rmse, fid, inception = RootMeanSquaredError(imagenet_standardized=True), FrechetInceptionDistance(features), InceptionScore(probabilities, num_splits=3)  # fmt: skip
+
+            rmse.update(reconstructions[part], images[part])
+            fid.update(images[part], reconstructions[part])
+            inception.update(reconstructions[part])
+
+            totals[0].add_state(rmse.state)
+            totals[1].add_state(fid.state)
+            totals[2].add_state(inception.state)
+
+        return totals[0].compute(), totals[1].compute(), totals[2].compute()
+
+    whole = scores([slice(0, 12)])
+
+    assert scores([slice(0, 5), slice(5, 12)]) == pytest.approx(whole, rel=1e-9)
 
 
 def test_frechet_distance_matches_gaussian_formula() -> None:
@@ -323,11 +349,24 @@ def test_two_processes_validate_as_one(tmp_path: Path) -> None:
 
     (validation,) = [json.loads(line) for line in (out_dir / "metrics/valid/valid.jsonl").read_text().splitlines()]
 
-    result = _tool("evaluate", str(out_dir), str(MINIIMAGES / "val"), str(tmp_path / "eval"), "--device", "cpu", "--no-fid")  # fmt: skip
+    _evaluate(out_dir, tmp_path / "eval", "scores.fid=false")
 
-    assert result.returncode == 0, result.stderr
-
-    evaluation = json.loads((tmp_path / "eval/evaluation.json").read_text())
+    evaluation = _split_record(tmp_path / "eval")
 
     assert evaluation["num_images"] == validation["Number of Examples"]
     assert evaluation["rmse"] == pytest.approx(validation["rMSE"], rel=1e-5)
+
+    # Two processes each reconstruct a part of the folder; the gathered figures are those of one.
+    _evaluate(out_dir, tmp_path / "eval2", "scores.fid=false", num_processes=2)
+
+    two = _split_record(tmp_path / "eval2")
+
+    assert two.keys() == evaluation.keys()
+
+    for name, value in evaluation.items():
+        if isinstance(value, float):
+            assert two[name] == pytest.approx(value, rel=1e-6), name
+        elif isinstance(value, list):
+            np.testing.assert_allclose(two[name], value, rtol=1e-6, err_msg=name)
+        else:
+            assert two[name] == value, name

@@ -14,9 +14,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from fairseq2.gang import Gang
+
+from w2v_knnvq.gather import gather_objects
 from w2v_knnvq.image.config import ImageVqaeConfig
 from w2v_knnvq.image.data import iterate_image_batches
 from w2v_knnvq.image.metrics import (
@@ -30,7 +34,7 @@ from w2v_knnvq.quantizer import CodebookUsage, CodebookUsageReport, QuantizerCon
 from w2v_knnvq.report import IMAGE, UsageTableRow, image_table_group, save_usage_histograms
 
 ProgressFn = Callable[[int, int], None]
-"""Called after each batch with the images done and the images in all."""
+"""Called after each batch with the images done and the images to do (of this process)."""
 
 
 @dataclass(kw_only=True)
@@ -72,7 +76,8 @@ class ImageVqaeEvaluation:
         return f"{self.method}, {self.feature_map}, M={self.codebook_size}"
 
     def to_json(self) -> dict[str, object]:
-        """The JSON record of the evaluation tool; the usage report as lists of floats."""
+        """The split's record in an image evaluation's ``evaluation.json``; the usage
+        report as lists of floats."""
         percentiles = self.usage.perplexity_percentiles
 
         return {
@@ -111,6 +116,22 @@ class ImageVqaeEvaluation:
         return save_usage_histograms(self.usage, output_dir, title=self.title, sample=IMAGE)
 
 
+@dataclass
+class _PartFigures:
+    """What one process accumulated over its part of the image set."""
+
+    codes: list[tuple[Tensor, Tensor | None]]
+    """Per batch, the codes ``(N, L, G)`` and individual perplexities ``(N, L, G)`` (or ``None``)."""
+
+    rmse: tuple[float, int]
+
+    rmse_imagenet: tuple[float, int]
+
+    fid: tuple[list[np.ndarray], list[np.ndarray]] | None
+
+    inception: list[np.ndarray] | None
+
+
 @torch.no_grad()
 def evaluate_image_vqae(
     model: ImageVqaeModel,
@@ -121,6 +142,7 @@ def evaluate_image_vqae(
     fid_features: ImageFeatureFn | None = None,
     class_probabilities: ImageFeatureFn | None = None,
     progress: ProgressFn | None = None,
+    gang: Gang | None = None,
 ) -> ImageVqaeEvaluation:
     """Reconstruct every image of ``files`` with hard quantization and score the result.
 
@@ -128,17 +150,29 @@ def evaluate_image_vqae(
     ``[-1, 1]`` pixel range; FID compares the reconstructions with the inputs, IS scores the
     reconstructions. Both are skipped when their network is not given.
 
+    :param progress: Called with the images done and the images of this process's part.
+    :param gang: Evaluate with all processes of ``gang``: each reconstructs a contiguous part
+        of ``files``, and what the parts accumulated is gathered in file order, so every
+        process returns the figures of the whole set, those of one process. Every process of
+        ``gang`` must call it.
+
     :raises ValueError: if ``files`` is empty.
     """
     config = model.config
 
-    usage = CodebookUsage(config.quantizer.num_codebooks, config.quantizer.codebook_size)
+    rank, size = (0, 1) if gang is None else (gang.rank, gang.size)
+
+    part = files[len(files) * rank // size : len(files) * (rank + 1) // size]
+
+    codes: list[tuple[Tensor, Tensor | None]] = []
     rmse = RootMeanSquaredError()
     rmse_imagenet = RootMeanSquaredError(imagenet_standardized=True)
     fid = None if fid_features is None else FrechetInceptionDistance(fid_features)
     inception = None if class_probabilities is None else InceptionScore(class_probabilities)
 
-    for images in iterate_image_batches(files, size=config.image_size, batch_size=batch_size):
+    num_done = 0
+
+    for images in iterate_image_batches(part, size=config.image_size, batch_size=batch_size):
         images = images.to(device)
 
         output = model(images)
@@ -146,7 +180,7 @@ def evaluate_image_vqae(
         rmse.update(output.reconstruction, images)
         rmse_imagenet.update(output.reconstruction, images)
 
-        update_codebook_usage(usage, output.quantizer_output, config.quantizer)
+        codes.append(usage_inputs(output.quantizer_output, config.quantizer))
 
         reconstruction = output.reconstruction.float().clamp(-1.0, 1.0)
 
@@ -156,44 +190,78 @@ def evaluate_image_vqae(
         if inception is not None:
             inception.update(reconstruction)
 
-        if progress is not None:
-            progress(usage.num_samples, len(files))
+        num_done += images.size(0)
 
-    return _evaluation(
-        config,
-        usage.compute(),
-        rmse=rmse.compute(),
-        rmse_imagenet=rmse_imagenet.compute(),
-        fid=None if fid is None else fid.compute(),
-        inception_score=None if inception is None else inception.compute(),
+        if progress is not None:
+            progress(num_done, len(part))
+
+    figures = _PartFigures(
+        codes=codes,
+        rmse=rmse.state,
+        rmse_imagenet=rmse_imagenet.state,
+        fid=None if fid is None else fid.state,
+        inception=None if inception is None else inception.state,
     )
 
+    parts = [figures] if gang is None else gather_objects(gang, figures)
 
-def update_codebook_usage(usage: CodebookUsage, output: QuantizerOutput, config: QuantizerConfig) -> None:
-    """Add the codes of a batch of N images, one sample each, to ``usage``.
+    return _evaluation(config, parts, fid_features=fid_features, class_probabilities=class_probabilities)
+
+
+def usage_inputs(output: QuantizerOutput, config: QuantizerConfig) -> tuple[Tensor, Tensor | None]:
+    """The codes of a batch of N images, one sample each, as :class:`CodebookUsage` takes them.
 
     :param output: The quantizer's output of ``(N, h, w)`` latent pixels: codes
         ``(N, h, w, G)`` and, for smoothed methods, individual perplexities ``(N, h, w, G)``.
+    :returns: The codes ``(N, h * w, G)`` and the perplexities in the same shape (``None``
+        for the other methods), on the CPU.
     """
     codes = output.codes.reshape(output.codes.size(0), -1, config.num_codebooks)
 
     perplexity: Tensor | None = None
 
     if output.individual_perplexity is not None and config.spec.smoothed:
-        perplexity = output.individual_perplexity.reshape(codes.shape)
+        perplexity = output.individual_perplexity.reshape(codes.shape).float().cpu()
+
+    return codes.cpu(), perplexity
+
+
+def update_codebook_usage(usage: CodebookUsage, output: QuantizerOutput, config: QuantizerConfig) -> None:
+    """Add the codes of a batch of N images, one sample each, to ``usage`` (see :func:`usage_inputs`)."""
+    codes, perplexity = usage_inputs(output, config)
 
     usage.update(codes, perplexity=perplexity)
 
 
 def _evaluation(
     config: ImageVqaeConfig,
-    usage: CodebookUsageReport,
+    parts: Sequence[_PartFigures],
     *,
-    rmse: float,
-    rmse_imagenet: float,
-    fid: float | None,
-    inception_score: float | None,
+    fid_features: ImageFeatureFn | None,
+    class_probabilities: ImageFeatureFn | None,
 ) -> ImageVqaeEvaluation:
+    """The figures of the whole set from those of its ``parts``, in file order."""
+    usage = CodebookUsage(config.quantizer.num_codebooks, config.quantizer.codebook_size)
+    rmse = RootMeanSquaredError()
+    rmse_imagenet = RootMeanSquaredError(imagenet_standardized=True)
+    fid = None if fid_features is None else FrechetInceptionDistance(fid_features)
+    inception = None if class_probabilities is None else InceptionScore(class_probabilities)
+
+    for part in parts:
+        for codes, perplexity in part.codes:
+            usage.update(codes, perplexity=perplexity)
+
+        rmse.add_state(part.rmse)
+        rmse_imagenet.add_state(part.rmse_imagenet)
+
+        if fid is not None and part.fid is not None:
+            fid.add_state(part.fid)
+
+        if inception is not None and part.inception is not None:
+            inception.add_state(part.inception)
+
+    report = usage.compute()
+
     quantizer = config.quantizer
 
     return ImageVqaeEvaluation(
@@ -201,9 +269,9 @@ def _evaluation(
         knn_k=quantizer.knn_k if quantizer.spec.regularizer == "knn" else None,
         feature_map=f"{config.latent_size}x{config.latent_size}x{config.latent_channels}",
         codebook_size=quantizer.codebook_size,
-        rmse=rmse,
-        rmse_imagenet=rmse_imagenet,
-        fid=fid,
-        inception_score=inception_score,
-        usage=usage,
+        rmse=rmse.compute(),
+        rmse_imagenet=rmse_imagenet.compute(),
+        fid=None if fid is None else fid.compute(),
+        inception_score=None if inception is None else inception.compute(),
+        usage=report,
     )

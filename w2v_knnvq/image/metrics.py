@@ -57,6 +57,17 @@ class RootMeanSquaredError:
         self._squared_error += float(error.sum())
         self._num_values += error.numel()
 
+    @property
+    def state(self) -> tuple[float, int]:
+        """The summed squared error and the number of values, e.g. to gather them from
+        several processes (:meth:`add_state`)."""
+        return self._squared_error, self._num_values
+
+    def add_state(self, state: tuple[float, int]) -> None:
+        """Adds what another instance accumulated (its :attr:`state`)."""
+        self._squared_error += state[0]
+        self._num_values += state[1]
+
     def compute(self) -> float:
         """:raises ValueError: if no value was accumulated."""
         if self._num_values == 0:
@@ -82,6 +93,17 @@ class FrechetInceptionDistance:
         self._real.append(self._features(real))
         self._fake.append(self._features(fake))
 
+    @property
+    def state(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """The features of the real and the reconstructed images, e.g. to gather them from
+        several processes (:meth:`add_state`)."""
+        return self._real, self._fake
+
+    def add_state(self, state: tuple[list[np.ndarray], list[np.ndarray]]) -> None:
+        """Appends the features another instance accumulated (its :attr:`state`)."""
+        self._real.extend(state[0])
+        self._fake.extend(state[1])
+
     def compute(self) -> float:
         return frechet_distance(np.concatenate(self._real), np.concatenate(self._fake))
 
@@ -98,6 +120,17 @@ class InceptionScore:
     def update(self, images: Tensor) -> None:
         """:param images: ``(N, 3, H, W)`` in ``[-1, 1]``."""
         self._probabilities.append(self._class_probabilities(images))
+
+    @property
+    def state(self) -> list[np.ndarray]:
+        """The class probabilities of the images so far, e.g. to gather them from several
+        processes (:meth:`add_state`)."""
+        return self._probabilities
+
+    def add_state(self, state: list[np.ndarray]) -> None:
+        """Appends the probabilities another instance accumulated (its :attr:`state`); the
+        split of the score follows the order of the images."""
+        self._probabilities.extend(state)
 
     def compute(self) -> float:
         return inception_score(np.concatenate(self._probabilities), self._num_splits)

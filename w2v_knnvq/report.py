@@ -211,7 +211,7 @@ def format_usage_tables(rows: Iterable[UsageTableRow], columns: Sequence[ScoreCo
 
 def speech_table_row(record: Mapping[str, object]) -> UsageTableRow:
     """The Table 3 row of a pretraining evaluation's JSON record (``evaluation.json`` of
-    ``recipes.wav2vec2_knnvq.ssl.evaluate``), in the column group of its split.
+    ``recipes.wav2vec2_knnvq.ssl.eval``), in the column group of its split.
 
     :raises KeyError: if ``record`` lacks ``method``, ``split`` or ``codebook_usage``.
     """

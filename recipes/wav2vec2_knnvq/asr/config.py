@@ -9,6 +9,7 @@ in ``configs/`` spell every choice out.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -108,3 +109,39 @@ class AsrRecipeConfig:
     )
 
     common: CommonSection = field(default_factory=lambda: CommonSection())
+
+    def validate(self) -> ValidationResult:
+        """The fields of ``model.config_overrides`` that the recipe completes at run time
+        (``target_vocab_size`` from the tokenizer, ``encoder_config`` from the pretrained
+        model) must have the form it completes, so a wrong form is a configuration error."""
+        result = ValidationResult()
+
+        overrides = self.model.config_overrides
+
+        if overrides is None:
+            return result
+
+        if not isinstance(overrides, Mapping):
+            result.add_error(
+                "`model.config_overrides` must be a mapping of model configuration fields, "
+                f"but is of type `{type(overrides).__name__}` instead."
+            )
+
+            return result
+
+        encoder_overrides = overrides.get("encoder_config")
+
+        if encoder_overrides is not None and not isinstance(encoder_overrides, Mapping):
+            result.add_error(
+                "`model.config_overrides.encoder_config` must be a mapping of encoder fields, "
+                f"but is of type `{type(encoder_overrides).__name__}` instead."
+            )
+
+        vocab_size = overrides.get("target_vocab_size")
+
+        if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
+            result.add_error(
+                f"`model.config_overrides.target_vocab_size` must be an integer, but is {vocab_size!r} instead."
+            )
+
+        return result

@@ -8,7 +8,7 @@ starts from the model named by ``pretrained_encoder``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from pathlib import Path
 from typing import TypeAlias, final
 
@@ -20,6 +20,7 @@ from typing_extensions import override
 from fairseq2.recipe import Recipe, RecipeContext  # isort: skip
 from fairseq2.data.tokenizers import TokenDecoder, Tokenizer
 from fairseq2.datasets import Seq2SeqBatch
+from fairseq2.error import InternalError
 from fairseq2.evaluator import EvalUnit
 from fairseq2.logging import log
 from fairseq2.metrics import MetricBag
@@ -113,8 +114,11 @@ class AsrRecipe(Recipe):
             context.gangs,
         )
 
-        # The model is built on the first `get_model()` from the (singleton) model
-        # section, so its overrides must be complete by then.
+        # These values come from the tokenizer the run trains into its output directory and
+        # from a model found through the run's asset store: neither exists when fairseq2 reads
+        # the configuration (`SupportsStructure` there cannot reach them), so the recipe
+        # completes the (singleton) model section here, before its first `get_model()`, and
+        # `setup_model` refuses a model that fairseq2 built without them.
         model_overrides = _model_overrides(context.resolver.resolve(ModelSection))
 
         _set_target_vocab_size(model_overrides, tokenizer, tokenizer_path)
@@ -157,6 +161,8 @@ class AsrRecipe(Recipe):
 
     @override
     def setup_model(self, context: RecipeContext, model: Module, newly_initialized: bool) -> Module:
+        _check_completed_model(model, context.resolver.resolve(ModelSection))
+
         # A resumed run restores the whole model from its own checkpoint afterwards.
         if newly_initialized:
             pretrained = context.resolver.resolve(PretrainedEncoder)
@@ -180,18 +186,41 @@ class AsrRecipe(Recipe):
 
 
 def _model_overrides(section: ModelSection) -> MutableMapping[str, object]:
+    """``model.config_overrides``, a mapping (:meth:`AsrRecipeConfig.validate`), created if unset."""
     overrides = section.config_overrides
 
     if overrides is None:
         overrides = section.config_overrides = {}
 
     if not isinstance(overrides, MutableMapping):
-        raise RecipeError(
-            "`model.config_overrides` must be a mapping of model configuration fields, "
-            f"but is of type `{type(overrides)}` instead."
-        )
+        raise InternalError(f"`model.config_overrides` is of type `{type(overrides)}` after validation.")
 
     return overrides
+
+
+def _check_completed_model(model: Module, section: ModelSection) -> None:
+    """:raises RecipeError: if fairseq2 built ``model`` before the recipe completed ``section``
+    (a fairseq2 whose build order differs from 0.8.1's): its CTC head or encoder would not be
+    the ones the tokenizer and the pretrained model need."""
+    overrides = section.config_overrides
+
+    completed = False
+
+    if isinstance(overrides, Mapping) and isinstance(model, Wav2Vec2AsrModel):
+        encoder_overrides = overrides.get("encoder_config")
+
+        completed = (
+            isinstance(encoder_overrides, Mapping)
+            and model.final_proj.output_dim == overrides.get("target_vocab_size")
+            and model.model_dim == encoder_overrides.get("model_dim")
+        )
+
+    if not completed:
+        raise RecipeError(
+            "The ASR model was built before the recipe set `target_vocab_size` and the encoder structure in "
+            "`model.config_overrides` (fairseq2's recipe runner builds the model at another point than 0.8.1's); "
+            "run the recipe with fairseq2 0.8.1."
+        )
 
 
 def _set_target_vocab_size(overrides: MutableMapping[str, object], tokenizer: Tokenizer, tokenizer_path: Path) -> None:

@@ -154,12 +154,18 @@ def run_jobs(
         else:
             pending.append(job)
 
-    failed = threading.Event()
+    stop = threading.Event()
 
     with ThreadPoolExecutor(max_workers=parallel) as executor:
-        futures: list[Future[str | None]] = [executor.submit(_run_job, job, cwd, say, failed) for job in pending]
+        futures: list[Future[str | None]] = [executor.submit(_run_job, job, cwd, say, stop) for job in pending]
 
-        failures = [failure for future in as_completed(futures) if (failure := future.result()) is not None]
+        try:
+            failures = [failure for future in as_completed(futures) if (failure := future.result()) is not None]
+        except BaseException:
+            # Interrupted (Ctrl-C reaches the running jobs too): no queued job starts.
+            stop.set()
+
+            raise
 
     if failures:
         raise JobError("\n\n".join(failures))
@@ -167,10 +173,10 @@ def run_jobs(
     return pending
 
 
-def _run_job(job: Job, cwd: Path, say: Callable[[str], None], failed: threading.Event) -> str | None:
-    """Runs ``job`` unless one failed before it started; returns its failure message, if any,
-    and sets ``failed``."""
-    if failed.is_set():
+def _run_job(job: Job, cwd: Path, say: Callable[[str], None], stop: threading.Event) -> str | None:
+    """Runs ``job`` unless ``stop`` is set (a job failed, or the driver was interrupted);
+    returns its failure message, if it fails, and sets ``stop``."""
+    if stop.is_set():
         return None
 
     job.output_dir.mkdir(parents=True, exist_ok=True)
@@ -187,7 +193,7 @@ def _run_job(job: Job, cwd: Path, say: Callable[[str], None], failed: threading.
         ).returncode
 
     if returncode != 0:
-        failed.set()
+        stop.set()
 
         return (
             f"{job.name} failed with exit status {returncode}.\n"

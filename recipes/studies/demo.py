@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runs = pretrain_all(args.methods, output_dir, manifest_dir, args.num_steps)
 
-        records = evaluate_all(runs, manifest_dir, args.num_steps)
+        records = evaluate_all(runs, manifest_dir)
     except JobError as ex:
         print(f"error: {ex}", file=sys.stderr)
 

@@ -125,8 +125,8 @@ def pretrain_all(
     return jobs
 
 
-def evaluate_all(pretraining: Sequence[Job], manifest_dir: Path, num_steps: int) -> list[dict[str, Any]]:
-    """Evaluates step ``num_steps`` of each run on the whole validation split with the
+def evaluate_all(pretraining: Sequence[Job], manifest_dir: Path) -> list[dict[str, Any]]:
+    """Evaluates the last checkpoint of each run on the whole validation split with the
     pretraining evaluation recipe, two at a time, into ``{run}/eval`` (``evaluation.json``,
     Figure 2's histograms, ``summary.md``; log ``{run}/eval.log``).
 
@@ -142,7 +142,7 @@ def evaluate_all(pretraining: Sequence[Job], manifest_dir: Path, num_steps: int)
 
         command = (
             sys.executable, "-m", recipe_module("wav2vec2_knnvq.ssl.eval"), "--no-rich", "--config",
-            f"run.run_dir={run.output_dir}", f"run.checkpoint={num_steps}",
+            f"run.run_dir={run.output_dir}", "run.checkpoint=last",
             f"dataset.config_overrides.manifest_dir={manifest_dir}", f"dataset.splits=[{VALID_SPLIT}]",
             f"common.torch.num_threads={num_threads}", "--", str(eval_dir),
         )  # fmt: skip

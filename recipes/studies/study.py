@@ -76,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         jobs = pretrain_all(runs, output_dir, manifest_dir, args.num_steps, preset=args.preset.resolve())
 
-        records = evaluate_all(jobs, manifest_dir, args.num_steps)
+        records = evaluate_all(jobs, manifest_dir)
     except JobError as ex:
         print(f"error: {ex}", file=sys.stderr)
 

@@ -117,6 +117,30 @@ def test_report_reads_one_file_with_a_record_per_split(tmp_path: Path, capsys: p
     assert f"- {tmp_path / 'eval' / 'test-clean' / 'per_utterance_usage.png'}" in out
 
 
+def test_report_tabulates_asr_evaluations_apart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The ``evaluation.json`` of an ASR evaluation in a searched folder holds error rates, not
+    codebook usage: they go to a table of their own."""
+    (tmp_path / "run" / "eval").mkdir(parents=True)
+    (tmp_path / "run" / "eval" / "evaluation.json").write_text(json.dumps(SPEECH_RECORD))
+    (tmp_path / "asr" / "eval").mkdir(parents=True)
+    asr = {"run_dir": "asr", "step": 4, "splits": [{"split": "valid", "wer": 12.5, "cer": 4.0, "num_utterances": 3}]}
+    (tmp_path / "asr" / "eval" / "evaluation.json").write_text(json.dumps(asr))
+
+    assert report_main([str(tmp_path)]) == 0
+
+    out = capsys.readouterr().out
+
+    assert f"| {SPEECH_RECORD['method']} |" in out and "valid" in out
+    assert "## Speech recognition" in out
+    assert "| asr | valid | 12.50 | 4.00 | — | — |" in out
+
+    beam = {**asr["splits"][0], "beam_search": {"wer": 10.0, "cer": 3.25, "lm": "lm.arpa"}}
+    (tmp_path / "asr" / "eval" / "evaluation.json").write_text(json.dumps({**asr, "splits": [beam]}))
+
+    assert report_main([str(tmp_path / "asr")]) == 0
+    assert "| asr | valid | 12.50 | 4.00 | 10.00 | 3.25 |" in capsys.readouterr().out
+
+
 def test_report_names_what_is_not_an_evaluation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "bad.json").write_text("[]")
 

@@ -6,7 +6,8 @@ The histograms take a :class:`~w2v_knnvq.quantizer.CodebookUsageReport`; the tab
 :meth:`UsageTableRow.from_report`, or from a stored evaluation's JSON record by
 :func:`speech_table_row` or :func:`image_table_row`) and the modality's own score columns
 (rMSE, FID, IS for images). :func:`gather` reads ``evaluation.json`` files only, so it reports
-on runs of any recipe without importing it::
+on runs of any recipe without importing it (the error rates of speech recognition evaluations
+in a table of their own)::
 
     w2v-knnvq-report EVAL_DIR_OR_JSON [...] [-o report.md]
 
@@ -412,6 +413,40 @@ def _score(record: Mapping[str, object], name: str) -> float | None:
     raise TypeError(f"`{name}` must be a number, but is of type `{type(value).__name__}` instead.")
 
 
+ERROR_RATE_HEADER: Final = ("Run", "Split", "WER", "CER", "WER, beam search", "CER, beam search")
+
+
+def error_rate_row(record: Mapping[str, object]) -> list[str]:
+    """The row of :func:`format_error_rate_table` of a speech recognition evaluation's record
+    (greedy ``wer`` and ``cer`` in percent, ``beam_search`` with its own if it ran).
+
+    :raises KeyError: if ``record`` lacks ``split``, ``wer`` or ``cer``.
+    :raises TypeError: if a rate is no number.
+    """
+    beam = record.get("beam_search")
+
+    rates = [record, beam] if isinstance(beam, Mapping) else [record]
+
+    cells = [f"{_rate(values, name):.2f}" for values in rates for name in ("wer", "cer")]
+
+    return [str(record.get("run_dir", MISSING)), str(record["split"]), *cells, *[MISSING] * (4 - len(cells))]
+
+
+def _rate(record: Mapping[str, object], name: str) -> float:
+    value = record[name]
+
+    if not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, but is of type `{type(value).__name__}` instead.")
+
+    return float(value)
+
+
+def format_error_rate_table(rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown table of the word and character error rates (percent) of speech recognition
+    evaluations, one row per run and split (:func:`error_rate_row`)."""
+    return "\n".join([*_header_lines(ERROR_RATE_HEADER), *(_line(row) for row in rows)]) + "\n"
+
+
 HISTOGRAMS: Final = ("per_utterance_usage.png", "per_image_usage.png", "code_popularity.png")
 """The Figure 2 histograms that :func:`gather` lists when they sit beside an evaluation."""
 
@@ -459,13 +494,14 @@ def evaluation_records(document: Mapping[str, object]) -> list[dict[str, object]
 
 def gather(files: Sequence[Path]) -> str:
     """One Markdown report of the evaluation records ``files``: a speech section (Tables 3 and
-    2), an image section (Tables 1 and 2) and the Figure 2 histograms beside the files (or in
-    a folder per split).
+    2), an image section (Tables 1 and 2), a speech recognition section (WER and CER) and the
+    Figure 2 histograms beside the files (or in a folder per split).
 
     :raises ValueError: naming a file that is no evaluation record.
     """
     speech: list[UsageTableRow] = []
     image: list[UsageTableRow] = []
+    recognition: list[list[str]] = []
     plots: list[str] = []
 
     for file in files:
@@ -480,6 +516,8 @@ def gather(files: Sequence[Path]) -> str:
             for record in records:
                 if "feature_map" in record:
                     image.append(image_table_row(record))
+                elif "wer" in record and "codebook_usage" not in record:
+                    recognition.append(error_rate_row(record))
                 else:
                     speech.append(speech_table_row(record))
         except (json.JSONDecodeError, KeyError, TypeError) as ex:
@@ -503,6 +541,9 @@ def gather(files: Sequence[Path]) -> str:
 
     if image:
         sections.append("## Images\n\n" + format_image_tables(image))
+
+    if recognition:
+        sections.append("## Speech recognition\n\n" + format_error_rate_table(recognition))
 
     if plots:
         sections.append("## Figure 2 histograms\n\n" + "\n".join(plots) + "\n")

@@ -17,7 +17,6 @@ import torch
 import yaml
 
 from fairseq2.assets import AssetCard
-from fairseq2.checkpoint import ModelMetadataDumper
 from fairseq2.data.tokenizers import Tokenizer
 from fairseq2.datasets import DataReader, Seq2SeqBatch, SyncMode
 from fairseq2.device import CPU
@@ -46,11 +45,12 @@ from recipes.wav2vec2_knnvq.asr.pretrained import (
 from recipes.wav2vec2_knnvq.asr.recipe import _set_target_vocab_size
 from recipes.wav2vec2_knnvq.asr.tokenizer import CtcTokenizerSection, prepare_ctc_tokenizer
 from tests.cli import recipe_command, run_recipe_command
+from tests.runs import write_knnvq_run
 from w2v_knnvq.data.asr_dataset import AsrManifestDataset, AsrReadOptions
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.runs import RunCheckpoint, find_run_checkpoint
 from w2v_knnvq.text import load_ctc_tokenizer, word_edits, write_arpa
-from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
+from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS
 from w2v_knnvq.wav2vec2.lengths import RECEPTIVE_FIELD
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -173,25 +173,11 @@ def manifest_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def pretrained_dir(resolver: DependencyResolver, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def pretrained_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny ``wav2vec2_knnvq`` model saved in the pretraining recipe's output layout."""
     output_dir = tmp_path_factory.mktemp("pretrained")
 
-    checkpoint_dir = output_dir / "checkpoints"
-
-    config = WAV2VEC2_KNNVQ_ARCHS["tiny_2x320"]()
-
-    torch.manual_seed(0)
-
-    model = create_wav2vec2_knnvq_model(config)
-
-    resolver.resolve(ModelMetadataDumper).dump(checkpoint_dir, "wav2vec2_knnvq", config)
-
-    model_file = checkpoint_dir / f"step_{PRETRAINED_STEP}" / CHECKPOINT_FILE
-
-    model_file.parent.mkdir(parents=True)
-
-    torch.save(model.state_dict(), model_file)
+    write_knnvq_run(output_dir, "tiny_2x320", steps=(PRETRAINED_STEP,))
 
     return output_dir
 

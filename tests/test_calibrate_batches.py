@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -13,6 +12,7 @@ import pytest
 from fairseq2.device import CPU
 from fairseq2.gang import create_fake_gangs
 
+from tests.cli import run_recipe_command
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, SpeechReadOptions
 
@@ -76,14 +76,9 @@ def test_command_line_recommends_a_setting(tmp_path: Path) -> None:
 
     command = [sys.executable, str(TOOL), str(files.tsv_path), "--utterances-per-step", "8", "--ranks", "2"]
 
-    completed = subprocess.run(
-        [*command, "--max-audio-len", "48000", "--min-audio-len", "16000", "--epochs", "10"],
-        capture_output=True,
-        text=True,
-    )
+    completed = run_recipe_command([*command, "--max-audio-len", "48000", "--min-audio-len", "16000", "--epochs", "10"])
 
-    assert completed.returncode == 0, completed.stderr
     assert "dataset.max_num_elements=" in completed.stdout and "regime.num_steps=" in completed.stdout
 
-    missing = subprocess.run([*command[:2], str(tmp_path / "none.tsv"), *command[3:]], capture_output=True, text=True)
-    assert missing.returncode == 2 and "none.tsv" in missing.stderr
+    missing = run_recipe_command([*command[:2], str(tmp_path / "none.tsv"), *command[3:]], expected_returncode=2)
+    assert "none.tsv" in missing.stderr

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -9,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import soundfile
+
+from tests.cli import run_recipe_command
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,20 +80,16 @@ def test_bundled_corpus_is_small_with_disjoint_speakers() -> None:
     assert len(set(transcripts)) == len(transcripts)
 
 
-def _run_tool(*args: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+def _run_tool(*args: str, expected_returncode: int = 0, path: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {} if path is None else {"PATH": path}
 
-    if path is not None:
-        env["PATH"] = path
-
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=env, timeout=120)
+    return run_recipe_command([sys.executable, str(TOOL), *args], expected_returncode=expected_returncode, env=env)
 
 
 @pytest.mark.e2e
 def test_synthesizer_names_missing_packages(tmp_path: Path) -> None:
-    result = _run_tool("--output-dir", str(tmp_path / "corpus"), path=str(tmp_path))
+    result = _run_tool("--output-dir", str(tmp_path / "corpus"), expected_returncode=1, path=str(tmp_path))
 
-    assert result.returncode != 0
     assert "missing TTS packages: bible-kjv espeak-ng festival flite" in result.stderr
     assert "apt-get install" in result.stderr
     assert not (tmp_path / "corpus").exists()
@@ -109,7 +106,6 @@ def test_synthesizer_is_deterministic_and_builds_librispeech_layout(tmp_path: Pa
     for name, num_jobs in (("a", "2"), ("b", "1")):
         result = _run_tool("--output-dir", str(tmp_path / name), "--seed", "3", "--num-jobs", num_jobs, *sizes)
 
-        assert result.returncode == 0, result.stderr
         assert "synthesizing utterances: 100%" in result.stderr and "16/16" in result.stderr
 
     files_a, files_b = (
@@ -129,7 +125,6 @@ def test_synthesizer_is_deterministic_and_builds_librispeech_layout(tmp_path: Pa
         assert len(transcripts) == size
         assert all(path.is_file() for path in transcripts)
 
-    again = _run_tool("--output-dir", str(tmp_path / "a"), *sizes)
+    again = _run_tool("--output-dir", str(tmp_path / "a"), *sizes, expected_returncode=1)
 
-    assert again.returncode != 0
     assert "already exist" in again.stderr

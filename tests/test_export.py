@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
-from types import ModuleType
 
 os.environ.setdefault("FAIRSEQ2_EXTENSION_TRACE", "1")
 
@@ -16,6 +14,7 @@ import torch
 
 from fairseq2.models.transformer import TransformerNormOrder
 
+from tools import export_checkpoint
 from w2v_knnvq import __version__
 from w2v_knnvq.export import (
     ExportError,
@@ -35,16 +34,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4
 
 
-def _load_tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    return module
-
-
 @pytest.mark.parametrize("arch", ["tiny_1x1024", "tiny_2x320"])
 @pytest.mark.e2e
 def test_exports_match_our_features(arch: str, tmp_path: Path) -> None:
@@ -61,7 +50,7 @@ def test_exports_match_our_features(arch: str, tmp_path: Path) -> None:
 
     export_dir = tmp_path / "exported"
 
-    assert _load_tool("export_checkpoint").main([str(run_dir), str(export_dir)]) == 0
+    assert export_checkpoint.main([str(run_dir), str(export_dir)]) == 0
 
     assert sorted(path.name for path in (export_dir / "hf").iterdir()) == [
         "README.md",
@@ -193,7 +182,7 @@ def test_s3prl_upstream_gives_a_padded_utterance_other_features(tmp_path: Path) 
 
     write_knnvq_run(run_dir, "tiny_2x320", steps=(3,))
 
-    assert _load_tool("export_checkpoint").main([str(run_dir), str(tmp_path / "exported"), "--format", "hf"]) == 0
+    assert export_checkpoint.main([str(run_dir), str(tmp_path / "exported"), "--format", "hf"]) == 0
 
     upstream = expert.UpstreamExpert(str(tmp_path / "exported/hf")).eval()
 

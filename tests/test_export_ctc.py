@@ -27,7 +27,8 @@ from fairseq2.nn import BatchLayout
 from fairseq2.runtime.dependency import get_dependency_resolver
 
 from tests.runs import write_run
-from tests.test_export import TOLERANCE, _load_tool
+from tests.test_export import TOLERANCE
+from tools import export_checkpoint
 from w2v_knnvq.export import ExportError, ctc_vocabulary, load_torchaudio_export, to_huggingface_ctc
 from w2v_knnvq.export.huggingface import huggingface_feature_extractor
 from w2v_knnvq.features import read_audio
@@ -107,7 +108,7 @@ def ctc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Wav2Vec2Asr
 def exported(ctc_run: tuple[Path, Wav2Vec2AsrModel, Tokenizer], tmp_path_factory: pytest.TempPathFactory) -> Path:
     export_dir = tmp_path_factory.mktemp("exported")
 
-    assert _load_tool("export_checkpoint").main([str(ctc_run[0]), str(export_dir)]) == 0
+    assert export_checkpoint.main([str(ctc_run[0]), str(export_dir)]) == 0
 
     return export_dir
 
@@ -297,7 +298,7 @@ def test_stock_wav2vec2_exports_its_encoder(
 
     export_dir = tmp_path / "exported"
 
-    assert _load_tool("export_checkpoint").main([str(run_dir / "checkpoints"), str(export_dir)]) == 0
+    assert export_checkpoint.main([str(run_dir / "checkpoints"), str(export_dir)]) == 0
 
     hf_model = transformers.Wav2Vec2Model.from_pretrained(export_dir / "hf").eval()
 
@@ -326,12 +327,7 @@ def test_stock_wav2vec2_exports_its_encoder(
 
     capsys.readouterr()
 
-    assert (
-        _load_tool("export_checkpoint").main(
-            [str(run_dir), str(tmp_path / "other"), "--tokenizer", str(tokenizer_card)]
-        )
-        == 1
-    )
+    assert export_checkpoint.main([str(run_dir), str(tmp_path / "other"), "--tokenizer", str(tokenizer_card)]) == 1
 
     assert "holds a `wav2vec2` model, which has no CTC head" in capsys.readouterr().err
 
@@ -352,7 +348,7 @@ def test_a_tokenizer_that_does_not_fit_is_refused(
 ) -> None:
     other = train_char_tokenizer(["ABBA CAB ABC"], tmp_path / "tokenizer", "other")
 
-    tool = _load_tool("export_checkpoint")
+    tool = export_checkpoint
 
     assert tool.main([str(ctc_run[0]), str(tmp_path / "exported"), "--tokenizer", str(other)]) == 1
 
@@ -378,7 +374,7 @@ def test_a_relative_tokenizer_path_names_the_option(
         yaml.safe_dump({"tokenizer": {"path": "tok/minispeech_char.yaml"}, "dataset": {"normalize_audio": False}})
     )
 
-    assert _load_tool("export_checkpoint").main([str(run_dir), str(tmp_path / "exported")]) == 1
+    assert export_checkpoint.main([str(run_dir), str(tmp_path / "exported")]) == 1
 
     error = capsys.readouterr().err
 

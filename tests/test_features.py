@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
 from pathlib import Path
-from types import ModuleType
 
 os.environ.setdefault("FAIRSEQ2_EXTENSION_TRACE", "1")
 
@@ -18,6 +16,7 @@ import torch
 import yaml
 
 from tests.runs import KNNVQ_METHOD, write_knnvq_run
+from tools import extract_features
 from w2v_knnvq.features import (
     MODEL_SAMPLE_RATE,
     PADDING_CODE,
@@ -241,16 +240,6 @@ def test_files_resampling_stereo_and_bad_audio(
         extractor.extract([torch.full((16_000,), float("nan"))])
 
 
-def _load_tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    return module
-
-
 def test_cli_writes_shards_and_resumes_without_duplicates(
     run_2x320, extractor: SpeechFeatureExtractor, tmp_path: Path
 ) -> None:
@@ -271,7 +260,7 @@ def test_cli_writes_shards_and_resumes_without_duplicates(
     manifest = tmp_path / "dev.tsv"
     manifest.write_text("\n".join(manifest_lines) + "\n")
 
-    tool = _load_tool("extract_features")
+    tool = extract_features
 
     output_dir = tmp_path / "features"
 
@@ -347,7 +336,7 @@ def test_cli_directory_input_and_pt_shards(run_2x320, tmp_path: Path, capsys: py
 
     (audio_dir / "notes.txt").write_text("not audio")
 
-    tool = _load_tool("extract_features")
+    tool = extract_features
 
     output_dir = tmp_path / "features"
 

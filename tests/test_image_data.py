@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from PIL import Image
 
 from fairseq2.gang import FakeGang, Gangs
 
+from tests.cli import run_recipe_command
 from w2v_knnvq.image.data import ImageReadError, list_image_files, load_image, to_uint8
 from w2v_knnvq.image.reader import ImageFolderReader
 
@@ -133,7 +133,7 @@ def test_reader_gives_every_rank_the_same_number_of_images() -> None:
 def test_make_image_set_tool(tmp_path: Path) -> None:
     pytest.importorskip("skimage")
 
-    subprocess.run(
+    run_recipe_command(
         [
             sys.executable,
             str(REPO / "tools" / "make_image_set.py"),
@@ -144,9 +144,7 @@ def test_make_image_set_tool(tmp_path: Path) -> None:
             "2",
             "--val-per-class",
             "1",
-        ],
-        check=True,
-        capture_output=True,
+        ]
     )
 
     assert len(list_image_files(tmp_path / "train")) == 16

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests.cli import run_recipe_command
 from w2v_knnvq.data.manifest import (
     BadFilesError,
     CorpusScan,
@@ -49,15 +49,9 @@ def _trans_lines(split_dir: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def _run_tool(*args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-
-    return subprocess.run(
-        [sys.executable, str(REPO_ROOT / "tools" / "make_manifest.py"), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=60,
+def _run_tool(*args: str, expected_returncode: int) -> subprocess.CompletedProcess[str]:
+    return run_recipe_command(
+        [sys.executable, str(REPO_ROOT / "tools" / "make_manifest.py"), *args], expected_returncode=expected_returncode
     )
 
 
@@ -196,18 +190,18 @@ def test_bad_files_are_skipped_with_flag(tmp_path: Path, damaged_corpus: tuple[P
 
     output_dir = tmp_path / "manifests"
 
-    refused = _run_tool(str(corpus_dir), "--splits", "dev", "--output-dir", str(output_dir))
+    refused = _run_tool(str(corpus_dir), "--splits", "dev", "--output-dir", str(output_dir), expected_returncode=1)
 
-    assert refused.returncode == 1
     assert "no manifest written" in refused.stderr
     assert "checking audio: 100%" in refused.stderr and "16/16" in refused.stderr
     assert all(name in refused.stderr for name in reasons)
     assert not (output_dir / "dev.tsv").exists()
     assert not (output_dir / "dev.wrd").exists()
 
-    skipped = _run_tool(str(corpus_dir), "--splits", "dev", "--output-dir", str(output_dir), "--skip-bad")
+    skipped = _run_tool(
+        str(corpus_dir), "--splits", "dev", "--output-dir", str(output_dir), "--skip-bad", expected_returncode=0
+    )
 
-    assert skipped.returncode == 0, skipped.stderr
     assert "Skipping 4 bad file(s)" in skipped.stderr
     assert all(name in skipped.stderr for name in reasons)
 
@@ -253,9 +247,8 @@ def test_missing_or_empty_directories_are_named(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match=r"Split directory .*empty is empty"):
         scan_corpus(tmp_path, ["empty"], show_progress=False)
 
-    result = _run_tool(str(missing_corpus), "--splits", "dev", "--output-dir", str(tmp_path))
+    result = _run_tool(str(missing_corpus), "--splits", "dev", "--output-dir", str(tmp_path), expected_returncode=2)
 
-    assert result.returncode == 2
     assert str(missing_corpus) in result.stderr
 
 

@@ -3,7 +3,6 @@ too short for the model is measured as fairseq2's CNN and masker measure it."""
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ from fairseq2.nn.utils.mask import compute_row_mask
 from fairseq2.recipe.error import RecipeError
 
 from recipes.common import training_min_audio_len
-from tests.cli import REPO_ROOT, recipe_command, recipe_env
+from tests.cli import recipe_command, run_recipe_command
 from tests.test_ssl_recipe import ARCH, TINY_CPU_CONFIG
 from w2v_knnvq.quantizer import QuantizerConfig
 from w2v_knnvq.wav2vec2 import WAV2VEC2_KNNVQ_ARCHS, create_wav2vec2_knnvq_model
@@ -118,11 +117,10 @@ def _run_ssl(tmp_path: Path, *overrides: str) -> str:
         config_file=TINY_CPU_CONFIG,
     )
 
-    result = subprocess.run(command, cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=120)
+    result = run_recipe_command(command, expected_returncode=2)
 
     output = result.stdout + result.stderr
 
-    assert result.returncode == 2, output[-3000:]
     assert "unexpected error" not in output.lower(), output[-3000:]
     assert not list((tmp_path / "run").glob("checkpoints/step_*"))
 

@@ -381,7 +381,6 @@ def test_invalid_mask_settings_stop_the_run_before_it_starts(manifest_dir: Path,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-@pytest.mark.e2e
 def test_stock_wav2vec2_adapter_reports_per_codebook_figures(monkeypatch: pytest.MonkeyPatch) -> None:
     """fairseq2's Gumbel wav2vec 2.0 runs through the same criterion as a baseline."""
     # The Gumbel quantizer compiles a matmul on first use, which takes long on a CPU.

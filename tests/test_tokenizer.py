@@ -1,8 +1,6 @@
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import sentencepiece as spm
@@ -14,6 +12,7 @@ from fairseq2.data.tokenizers import Tokenizer
 from fairseq2.data.tokenizers.hub import GlobalTokenizerLoader
 from fairseq2.runtime.dependency import get_dependency_resolver, wire_object
 
+from tools import train_tokenizer
 from w2v_knnvq.text.ctc import ctc_greedy_decode, ctc_greedy_token_ids
 from w2v_knnvq.text.tokenizer import (
     CTC_BLANK_ID,
@@ -205,22 +204,11 @@ def test_check_vocab_size() -> None:
         check_vocab_size(32, 30, Path("tok.model"))
 
 
-def _load_tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_tokenizer", REPO_ROOT / "tools" / "train_tokenizer.py")
-    assert spec is not None and spec.loader is not None
-
-    module = importlib.util.module_from_spec(spec)
-
-    spec.loader.exec_module(module)
-
-    return module
-
-
 def test_tool_writes_loadable_tokenizer(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     wrd = tmp_path / "train.wrd"
     wrd.write_text("JESUS WEPT\nHE'S HERE\n")
 
-    tool = _load_tool()
+    tool = train_tokenizer
 
     assert tool.main([str(wrd), "--output-dir", str(tmp_path / "out"), "--name", "tiny"]) == 0
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_features import _load_tool, write_run
+from tests.runs import write_knnvq_run
+from tools import extract_features, learn_units
 
 pytest.importorskip("sklearn")
 
@@ -23,7 +24,7 @@ NUM_UTTERANCES = 16
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
 
-    write_run(run_dir, "tiny_2x320", steps=(2,))
+    write_knnvq_run(run_dir, "tiny_2x320", steps=(2,))
 
     return run_dir
 
@@ -34,7 +35,7 @@ def features(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     one utterance per forward pass, so that the parts must equal the whole bit for bit."""
     output_dir = tmp_path_factory.mktemp("features")
 
-    tool = _load_tool("extract_features")
+    tool = extract_features
 
     for rank in range(3):
         args = [str(run_dir), str(DEV_DIR), str(output_dir), "--layers", "1", "--layout", "fairseq", "--nshard", "3", "--rank", str(rank), "--batch-size", "1"]  # fmt: skip
@@ -59,7 +60,7 @@ def test_parts_are_fairseqs_contiguous_ranges_and_equal_the_whole(
 
     assert [list(part_range(16, 3, rank)) for rank in range(3)] == [list(range(6)), list(range(6, 12)), list(range(12, 16))]  # fmt: skip
 
-    tool = _load_tool("extract_features")
+    tool = extract_features
 
     whole_args = [
         str(run_dir),
@@ -100,7 +101,7 @@ def test_parts_are_fairseqs_contiguous_ranges_and_equal_the_whole(
 
 
 def test_kmeans_units_of_a_layer(features: Path, tmp_path: Path) -> None:
-    tool = _load_tool("learn_units")
+    tool = learn_units
 
     km_dir = tmp_path / "km"
 
@@ -146,7 +147,7 @@ def test_kmeans_units_of_a_layer(features: Path, tmp_path: Path) -> None:
 
 
 def test_the_quantizers_codes_as_one_product_id_or_streams(features: Path, tmp_path: Path) -> None:
-    tool = _load_tool("learn_units")
+    tool = learn_units
 
     common = [str(features), "--kind", "codes", "--split", "dev", "--nshard", "3", "--rank", "1"]
 
@@ -171,7 +172,7 @@ def test_the_quantizers_codes_as_one_product_id_or_streams(features: Path, tmp_p
 def test_wrong_parts_and_options_are_named(
     run_dir: Path, features: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    extract = _load_tool("extract_features")
+    extract = extract_features
 
     assert extract.main([str(run_dir), str(DEV_DIR), str(tmp_path), "--layout", "fairseq", "--nshard", "2", "--rank", "2"]) == 1  # fmt: skip
     assert "`rank` must be in [0, 2) with `nshard` at least 1, but is 2 instead." in capsys.readouterr().err
@@ -179,7 +180,7 @@ def test_wrong_parts_and_options_are_named(
     assert extract.main([str(run_dir), str(DEV_DIR), str(tmp_path), "--nshard", "2"]) == 1
     assert "--nshard, --rank and --split apply to --layout fairseq only" in capsys.readouterr().err
 
-    units = _load_tool("learn_units")
+    units = learn_units
 
     assert units.main(["write", str(features), "--kind", "layer1", "--split", "dev", "--nshard", "4", "-o", str(tmp_path)]) == 1  # fmt: skip
     assert "--kind layer1 needs --kmeans" in capsys.readouterr().err

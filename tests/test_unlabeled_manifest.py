@@ -4,7 +4,6 @@ the same audio checks as LibriSpeech, through the API and the command line."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile
 
+from tests.cli import run_recipe_command
 from w2v_knnvq.data.manifest import BadFilesError, ManifestError, read_manifest
 from w2v_knnvq.data.unlabeled import UnlabeledManifestConfig, make_unlabeled_manifests
 
@@ -161,17 +161,14 @@ def test_command_line(tmp_path: Path) -> None:
 
     command = [sys.executable, str(REPO_ROOT / "tools" / "make_manifest.py"), str(tmp_path / "audio"), "--unlabeled"]
 
-    completed = subprocess.run(
-        [*command, "--ext", "wav", "ogg", "--valid-percent", "0.1", "--output-dir", str(tmp_path / "out")],
-        capture_output=True,
-        text=True,
+    completed = run_recipe_command(
+        [*command, "--ext", "wav", "ogg", "--valid-percent", "0.1", "--output-dir", str(tmp_path / "out")]
     )
 
-    assert completed.returncode == 0, completed.stderr
     assert "wrote 12 entries to" in completed.stderr and "and 1 to" in completed.stderr
 
-    missing_splits = subprocess.run(command[:3] + ["--output-dir", str(tmp_path / "x")], capture_output=True, text=True)
-    assert missing_splits.returncode == 2 and "`--splits` must name at least one split folder" in missing_splits.stderr
+    missing_splits = run_recipe_command(command[:3] + ["--output-dir", str(tmp_path / "x")], expected_returncode=2)
+    assert "`--splits` must name at least one split folder" in missing_splits.stderr
 
 
 def test_long_recordings_become_windows_that_are_read_alone(tmp_path: Path) -> None:

@@ -3,14 +3,11 @@ per utterance (``--layout per-utterance``)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 
 os.environ.setdefault("FAIRSEQ2_EXTENSION_TRACE", "1")
 
@@ -22,7 +19,9 @@ import torch
 from fairseq2.models.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from fairseq2.nn import BatchLayout
 
+from tests.cli import run_recipe_command
 from tests.stock_wav2vec2 import STOCK_CARD, create_stock_model, tiny_stock_config, write_stock_card, write_stock_run
+from tools import extract_features
 from w2v_knnvq.features import SpeechFeatureExtractor, load_pretrained_model
 from w2v_knnvq.features.shards import ShardExtractionError, ShardSettings, Utterance, list_utterances
 from w2v_knnvq.features.utterance_files import extract_per_utterance, load_utterance, utterance_ids
@@ -214,20 +213,10 @@ def test_pt_files_hold_the_unpadded_frames(extractor: SpeechFeatureExtractor, au
     torch.testing.assert_close(tensor, alone, atol=1e-5, rtol=0)
 
 
-def _load_tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-
-    return module
-
-
 def test_cli_refuses_options_of_the_other_layout(
     audio_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    tool = _load_tool("extract_features")
+    tool = extract_features
 
     assert tool.main(["stock", str(audio_dir), str(tmp_path), "--layout", "per-utterance", "--shard-size", "4"]) == 1
     assert "--shard-size applies to --layout shards only" in capsys.readouterr().err
@@ -249,11 +238,8 @@ def test_cli_extracts_a_stock_asset_card_per_utterance(
         "--layout", "per-utterance", "--utterance-ids", "path", "--layers", "0",
     ]  # fmt: skip
 
-    env = dict(os.environ, FAIRSEQ2_USER_ASSET_DIR=str(card_dir), FAIRSEQ2_EXTENSION_TRACE="1")
+    result = run_recipe_command(command, env={"FAIRSEQ2_USER_ASSET_DIR": str(card_dir)})
 
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-
-    assert result.returncode == 0, result.stderr[-4000:]
     assert "3 utterances (3 written now)" in result.stderr
 
     assert sorted(path.name for path in (output_dir / "layer0").iterdir()) == [

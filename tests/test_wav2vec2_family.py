@@ -11,7 +11,6 @@ os.environ.setdefault("FAIRSEQ2_EXTENSION_TRACE", "1")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from fairseq2.utils.config import ConfigMerger
 from fairseq2.utils.structured import ValueConverter
 from fairseq2.utils.validation import StandardObjectValidator, ValidationError
 
+from tests.cli import run_recipe_command
 from w2v_knnvq.quantizer import CodebookUsage, QuantizerConfig
 from w2v_knnvq.wav2vec2 import (
     WAV2VEC2_KNNVQ_ARCHS,
@@ -406,15 +406,8 @@ def test_state_dict_round_trips_strictly(hub, arch: str) -> None:
         assert torch.equal(source_output.quantizer_output.codes, target_output.quantizer_output.codes)  # fmt: skip
 
 
-def _subprocess_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
-
-    env.update(FAIRSEQ2_EXTENSION_TRACE="1", TORCHDYNAMO_DISABLE="1", FAIRSEQ2_NO_PROGRESS="1")
-    env.update(extra)
-
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-
-    return env
+_SUBPROCESS_ENV = {"TORCHDYNAMO_DISABLE": "1", "FAIRSEQ2_NO_PROGRESS": "1"}
+"""Beside :func:`tests.cli.recipe_env`: no compilation, no progress bars."""
 
 
 _LOAD_BY_NAME = """
@@ -464,7 +457,7 @@ def test_save_and_load_by_name_reproduces_outputs(hub, tmp_path: Path) -> None:
     seqs, _ = _batch()
     torch.save(seqs, tmp_path / "seqs.pt")
 
-    result = subprocess.run(
+    run_recipe_command(
         [
             sys.executable,
             "-c",
@@ -473,13 +466,8 @@ def test_save_and_load_by_name_reproduces_outputs(hub, tmp_path: Path) -> None:
             str(tmp_path / "seqs.pt"),
             str(tmp_path / "out.pt"),
         ],
-        env=_subprocess_env(FAIRSEQ2_USER_ASSET_DIR=str(card_dir)),
-        capture_output=True,
-        text=True,
-        timeout=300,
+        env=_SUBPROCESS_ENV | {"FAIRSEQ2_USER_ASSET_DIR": str(card_dir)},
     )
-
-    assert result.returncode == 0, result.stderr[-4000:]
 
     loaded = torch.load(tmp_path / "out.pt")
 
@@ -574,15 +562,9 @@ def test_wav2vec2_asr_checkpoint_is_refused(hub, tmp_path: Path) -> None:
 
 @pytest.mark.e2e
 def test_extension_registers_cards_through_the_entry_point(hub) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "fairseq2.assets", "list", "--kind", "model"],
-        env=_subprocess_env(COLUMNS="200"),
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_recipe_command(
+        [sys.executable, "-m", "fairseq2.assets", "list", "--kind", "model"], env=_SUBPROCESS_ENV | {"COLUMNS": "200"}
     )
-
-    assert result.returncode == 0, result.stderr[-4000:]
 
     output = result.stdout + result.stderr
 

@@ -153,15 +153,13 @@ class SslEvalRecipe(Recipe):
         evaluator = create_run_evaluator(context, model, units, readers)
 
         def write() -> None:
-            title = f"{method}, {{}}"
-
             for split, evaluation in evaluations.items():
                 if config.output.histograms:
                     figure_dir = evaluation_figure_dir(context.output_dir, split, splits)
 
                     figure_dir.mkdir(parents=True, exist_ok=True)
 
-                    save_usage_histograms(evaluation.report, figure_dir, title=title.format(split), sample=UTTERANCE)
+                    save_usage_histograms(evaluation.report, figure_dir, title=f"{method}, {split}", sample=UTTERANCE)
 
             records = [{"method": method, "knn_k": knn_k, **evaluations[split].record()} for split in splits]
 
@@ -253,13 +251,13 @@ class SplitUnit(EvalUnit[SequenceBatch]):
     def finalize(self, metric_bag: MetricBag) -> None:
         usage = self._recorder.gather(self._gangs, self._shape)
 
-        if self._gangs.root.rank == 0:
-            try:
-                self._report = usage.compute()
-            except ValueError:
-                raise RecipeError(
-                    f"The split `{self._split}` has no utterance long enough for the model's CNN; give another split."
-                ) from None
+        # Every rank holds the frames of all ranks now, so all of them stop on an empty split.
+        try:
+            self._report = usage.compute()
+        except ValueError:
+            raise RecipeError(
+                f"The split `{self._split}` has no utterance long enough for the model's CNN; give another split."
+            ) from None
 
     @override
     def process_metric_values(self, values: MutableMapping[str, object]) -> None:

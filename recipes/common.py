@@ -48,6 +48,8 @@ from fairseq2.utils.validation import ValidationResult
 from fairseq2.validator import StandardValidator
 
 from w2v_knnvq.data.audio_reading import BadAudioBudgetError
+from w2v_knnvq.data.manifest_dataset import split_name_error
+from w2v_knnvq.report import EVALUATION_FILE, SUMMARY_FILE
 from w2v_knnvq.runs import (
     CheckpointChoice,
     CheckpointStepNotFoundError,
@@ -541,12 +543,6 @@ class _ValidateFirst(Task):
 
 CHECKPOINT_NAMES: Final = ("best", "last")
 
-EVALUATION_FILE: Final = "evaluation.json"
-"""The figures of an evaluation: the run, its checkpoint's step, and one record per split."""
-
-SUMMARY_FILE: Final = "summary.md"
-"""The tables of an evaluation, in Markdown."""
-
 
 @dataclass(kw_only=True)
 class EvaluatedRunSection:
@@ -620,6 +616,19 @@ def create_run_evaluator(
         # As fairseq2's evaluator factory seeds it.
         seed=context.resolver.resolve(CommonSection).seed + 3,
     )
+
+
+def manifest_splits_errors(option: str, splits: Sequence[str]) -> list[str]:
+    """The validation errors of the manifest splits ``option`` an evaluation reads: at least
+    one, each a manifest name (:func:`~w2v_knnvq.data.manifest_dataset.split_name_error`), none twice."""
+    errors = [] if splits else [f"`{option}` must name at least one split, but is empty."]
+
+    errors += [error for split in splits if (error := split_name_error(option, split)) is not None]
+
+    if len(set(splits)) != len(splits):
+        errors.append(f"`{option}` must name each split once, but is {list(splits)} instead.")
+
+    return errors
 
 
 def evaluation_figure_dir(output_dir: Path, split: str, splits: Sequence[str]) -> Path:

@@ -45,7 +45,9 @@ def test_asr_demo_reports_both_initializations_on_held_out_voices(tmp_path: Path
     train_words = {word for file in lm_text for line in file.read_text().splitlines() for word in line.split()[1:]}
 
     for name, run in (("pretrained (softmax-knn-ce)", "finetune_pretrained"), ("random initialization", "finetune_random_init")):  # fmt: skip
-        splits = [json.loads((tmp_path / run / f"eval/{split}.json").read_text()) for split in ("test", "dev")]
+        records = json.loads((tmp_path / run / "eval/evaluation.json").read_text())["splits"]
+
+        splits = [next(record for record in records if record["split"] == split) for split in ("test", "dev")]
 
         expected = [
             round(value, 1)

@@ -119,7 +119,7 @@ def _run_eval(
             "--config",
             f"run.run_dir={finetune_dir}",
             f"dataset.config_overrides.manifest_dir={manifest_dir}",
-            "dataset.split=valid",
+            "dataset.splits=[valid]",
             *overrides,
             "--",
             str(output_dir),
@@ -305,23 +305,28 @@ def test_encoder_comes_from_pretrained_model_and_cnn_stays_frozen(finetune_dir: 
 def test_eval_writes_transcripts_and_figures(finetune_dir: Path, manifest_dir: Path, tmp_path: Path) -> None:
     output_dir = tmp_path / "eval"
 
-    result = _run_eval(finetune_dir, manifest_dir, output_dir)
+    # Two splits in one evaluation, each with its record, transcripts and table.
+    result = _run_eval(finetune_dir, manifest_dir, output_dir, "dataset.splits=[valid,train4]")
 
-    printed = json.loads(result.stdout.strip().splitlines()[-1])
+    printed = [json.loads(line) for line in result.stdout.strip().splitlines()[-2:]]
 
-    record = json.loads((output_dir / "valid.json").read_text())
-
-    assert printed == record
-
-    # The evaluations' common layout: the run, the step and the split's record; the table.
+    # The evaluations' common layout: the run, the step and a record per split; the tables.
     document = json.loads((output_dir / "evaluation.json").read_text())
 
-    assert document["splits"] == [record] and Path(document["run_dir"]) == finetune_dir.resolve()
+    assert [record["split"] for record in document["splits"]] == ["valid", "train4"]
+    assert document["splits"] == printed and Path(document["run_dir"]) == finetune_dir.resolve()
+
+    record, train_record = document["splits"]
+
     assert document["checkpoint"] == record["checkpoint"] and document["step"] == _best_step(finetune_dir)
+    assert train_record["num_utterances"] == NUM_TRAIN_UTTERANCES
+    assert len((output_dir / "train4.tsv").read_text().splitlines()) == NUM_TRAIN_UTTERANCES + 1
 
     summary = (output_dir / "summary.md").read_text()
 
-    assert f"| greedy | {record['wer']:.2f} | {record['cer']:.2f} |" in summary
+    for split_record in document["splits"]:
+        assert f"## {split_record['split']}" in summary
+        assert f"| greedy | {split_record['wer']:.2f} | {split_record['cer']:.2f} |" in summary
 
     refs = (output_dir / "valid.ref.txt").read_text().splitlines()
     hyps = (output_dir / "valid.hyp.txt").read_text().splitlines()
@@ -373,7 +378,7 @@ def test_eval_decodes_with_a_lexicon_of_the_training_words(
 
     result = _run_eval(finetune_dir, manifest_dir, output_dir, extra_args=("--beam-search", "--beam-size", "8"))
 
-    record = json.loads((output_dir / "valid.json").read_text())
+    (record,) = json.loads((output_dir / "evaluation.json").read_text())["splits"]
 
     lexicon_words = [line.split("\t")[0] for line in (output_dir / "lexicon.txt").read_text().splitlines()]
 
@@ -421,7 +426,7 @@ def test_eval_names_the_saved_steps_of_a_missing_checkpoint(
     assert f"`run.checkpoint` must be one of the steps saved in {saved}" in result.stderr
     assert "but is 7 instead" in result.stderr
 
-    assert not (tmp_path / "eval/valid.json").exists()
+    assert not (tmp_path / "eval/evaluation.json").exists()
 
 
 @pytest.mark.e2e
@@ -440,14 +445,16 @@ def test_eval_never_writes_over_its_manifest_or_outside_its_output_dir(
 
     assert "must not be the manifest directory" in result.stderr
     assert (inputs / "valid.tsv").read_bytes() == manifest
-    assert not (inputs / "valid.json").exists()
+    assert not (inputs / "evaluation.json").exists()
 
     (inputs / "sub").mkdir()
 
-    result = _run_eval(finetune_dir, inputs / "sub", tmp_path / "eval", "dataset.split=../valid", expected_returncode=2)
+    result = _run_eval(
+        finetune_dir, inputs / "sub", tmp_path / "eval", "dataset.splits=[../valid]", expected_returncode=2
+    )
 
-    assert "`split` must be the name of a manifest in the manifest directory (no `/`, no `..`), but is '../valid' instead." in result.stderr  # fmt: skip
-    assert not (tmp_path / "valid.json").exists()
+    assert "`splits` must be the name of a manifest in the manifest directory (no `/`, no `..`), but is '../valid' instead." in result.stderr  # fmt: skip
+    assert not (tmp_path / "evaluation.json").exists()
 
 
 @pytest.mark.e2e
@@ -672,14 +679,14 @@ def test_eval_reads_audio_as_the_run_did(finetune_dir: Path, manifest_dir: Path,
 
     tokenizer = load_ctc_tokenizer(finetune_dir / "tokenizer/minispeech_char.yaml")
 
-    section = AsrEvalDatasetSection(split="train4", max_num_elements=400_000)
+    section = AsrEvalDatasetSection(splits=["train4"], max_num_elements=400_000)
 
     gangs = create_fake_gangs(CPU)
 
     # Duck-typed: records the options the evaluation reads with.
     recording = cast(AsrManifestDataset, RecordingDataset())
 
-    reader = create_eval_reader(recording, section, tokenizer, gangs, normalize_audio=normalize_audio, seed=2)
+    reader = create_eval_reader(recording, section, "train4", tokenizer, gangs, normalize_audio=normalize_audio, seed=2)
 
     ids = [utterance_id for batches in reader for batch in batches for utterance_id in batch_utterance_ids(batch)]
 
@@ -870,7 +877,7 @@ def test_two_processes_fine_tune_and_evaluate_as_one(manifest_dir: Path, pretrai
         eval_overrides = [
             f"run.run_dir={run_dir}",
             f"dataset.config_overrides.manifest_dir={ddp_manifest_dir}",
-            "dataset.split=valid_equal",
+            "dataset.splits=[valid_equal]",
         ]
 
         eval_dir = tmp_path / f"eval{num_processes}"
@@ -879,11 +886,7 @@ def test_two_processes_fine_tune_and_evaluate_as_one(manifest_dir: Path, pretrai
 
         run_recipe_command(eval_command)
 
-        records[num_processes] = json.loads((eval_dir / "valid_equal.json").read_text())
-
-        (split_record,) = json.loads((eval_dir / "evaluation.json").read_text())["splits"]
-
-        assert split_record == records[num_processes]
+        (records[num_processes],) = json.loads((eval_dir / "evaluation.json").read_text())["splits"]
 
         (metrics,) = _read_jsonl(eval_dir / "metrics/eval/valid_equal.jsonl")
 
@@ -936,12 +939,12 @@ def test_finetuning_transcribes_its_own_training_utterances(
         [
             sys.executable, "-m", "recipes.wav2vec2_knnvq.asr.eval", "--no-rich", "--lm", str(lm), "--config",
             f"run.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
-            "dataset.split=train4", "--", str(tmp_path / "eval"),
+            "dataset.splits=[train4]", "--", str(tmp_path / "eval"),
         ],
         env=dict(_env(), FAIRSEQ2_DEVICE="cpu"),
     )  # fmt: skip
 
-    record = json.loads((tmp_path / "eval/train4.json").read_text())
+    (record,) = json.loads((tmp_path / "eval/evaluation.json").read_text())["splits"]
 
     assert record["num_utterances"] == NUM_TRAIN_UTTERANCES
     assert record["cer"] < 10.0, record

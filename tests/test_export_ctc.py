@@ -95,11 +95,10 @@ def ctc_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Wav2Vec2Asr
 
     write_run(run_dir, WAV2VEC2_ASR_FAMILY, config, {STEP: model}, recipe_config=recipe_config)
 
-    # What the ASR evaluation writes (`{split}.json`), which the model card reports.
+    # What the ASR evaluation writes (its `evaluation.json`), which the model card reports.
     (run_dir / "eval").mkdir()
-    (run_dir / "eval/test.json").write_text(
-        json.dumps({"split": "test", "wer": 12.345, "cer": 4.5, "beam_search": {"wer": 9.0, "cer": 3.25}})
-    )
+    record = {"split": "test", "wer": 12.345, "cer": 4.5, "beam_search": {"wer": 9.0, "cer": 3.25}}
+    (run_dir / "eval/evaluation.json").write_text(json.dumps({"run_dir": str(run_dir), "splits": [record]}))
 
     return run_dir, model, tokenizer
 

@@ -33,6 +33,12 @@ from w2v_knnvq.tool import tool_parser
 
 T = TypeVar("T")
 
+EVALUATION_FILE: Final = "evaluation.json"
+"""The figures of an evaluation: the run, its checkpoint's step, and one record per split."""
+
+SUMMARY_FILE: Final = "summary.md"
+"""The tables of an evaluation, in Markdown."""
+
 MISSING: Final = "—"
 """The table cell of a score or K that does not apply."""
 
@@ -460,7 +466,7 @@ def find_evaluations(paths: Sequence[Path]) -> list[Path]:
     files: list[Path] = []
 
     for path in paths:
-        found = [path] if path.is_file() else sorted(path.rglob("evaluation.json"))
+        found = [path] if path.is_file() else sorted(path.rglob(EVALUATION_FILE))
 
         if not found:
             raise FileNotFoundError(

@@ -35,6 +35,7 @@ from typing import Any
 
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.files import write_atomically
+from w2v_knnvq.report import EVALUATION_FILE
 from w2v_knnvq.runs import find_run_checkpoint
 from w2v_knnvq.text import (
     ctc_vocabulary,
@@ -210,44 +211,46 @@ def evaluate_all(
     finetuning: Sequence[Job], manifest_dir: Path, lm_file: Path, lm_lines: Sequence[str]
 ) -> list[dict[str, dict[str, Any]]]:
     """Greedy and beam-search decoding of the test and dev splits with each run's best
-    checkpoint, one evaluation at a time (the two splits of a run share its ``eval`` folder).
+    checkpoint, one evaluation of both splits per run, into ``{run}/eval``.
 
-    :returns: The ``{split}.json`` record of each split, for each run in order.
+    :returns: The record of each split (of its ``evaluation.json``), for each run in order.
     :raises JobError: if an evaluation fails.
     """
-    jobs: list[list[Job]] = []
+    jobs: list[Job] = []
 
     for run in finetuning:
         run_dir, eval_dir = run.output_dir, run.output_dir / "eval"
 
         lexicon = write_run_lexicon(run_dir, lm_lines)
 
-        jobs.append([])
+        command = (
+            sys.executable, "-m", recipe_module("wav2vec2_knnvq.asr.eval"), "--no-rich",
+            "--lm", str(lm_file), "--lexicon", str(lexicon), "--lm-weight", str(LM_WEIGHT), "--word-score", str(WORD_SCORE),
+            "--config", f"run.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
+            f"dataset.splits=[{','.join(EVAL_SPLITS)}]", "--", str(eval_dir),
+        )  # fmt: skip
 
-        for split in EVAL_SPLITS:
-            command = (
-                sys.executable, "-m", recipe_module("wav2vec2_knnvq.asr.eval"), "--no-rich",
-                "--lm", str(lm_file), "--lexicon", str(lexicon), "--lm-weight", str(LM_WEIGHT), "--word-score", str(WORD_SCORE),
-                "--config", f"run.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
-                f"dataset.split={split}", "--", str(eval_dir),
-            )  # fmt: skip
-
-            jobs[-1].append(
-                Job(
-                    name=f"Evaluating {run_dir.name} on {split}",
-                    command=command,
-                    output_dir=eval_dir,
-                    log_file=run_dir / f"eval_{split}.log",
-                    result_file=eval_dir / f"{split}.json",
-                    after=(run,),
-                )
+        jobs.append(
+            Job(
+                name=f"Evaluating {run_dir.name} on {' and '.join(EVAL_SPLITS)}",
+                command=command,
+                output_dir=eval_dir,
+                log_file=run_dir / "eval.log",
+                result_file=eval_dir / EVALUATION_FILE,
+                after=(run,),
             )
+        )
 
-    run_jobs([job for split_jobs in jobs for job in split_jobs])
+    run_jobs(jobs)
 
-    return [
-        {split: read_result(job) for split, job in zip(EVAL_SPLITS, split_jobs, strict=True)} for split_jobs in jobs
-    ]
+    results = []
+
+    for job in jobs:
+        records = {record["split"]: record for record in read_result(job)["splits"]}
+
+        results.append({split: records[split] for split in EVAL_SPLITS})
+
+    return results
 
 
 def report_table(

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
+from w2v_knnvq.report import EVALUATION_FILE
 
 from .jobs import REPO_ROOT, Job, JobError, read_result, recipe_module, run_jobs, threads_per_job
 
@@ -153,7 +154,7 @@ def evaluate_all(pretraining: Sequence[Job], manifest_dir: Path) -> list[dict[st
                 command=command,
                 output_dir=eval_dir,
                 log_file=run.output_dir / "eval.log",
-                result_file=eval_dir / "evaluation.json",
+                result_file=eval_dir / EVALUATION_FILE,
                 after=(run,),
             )
         )

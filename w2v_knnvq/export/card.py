@@ -11,6 +11,7 @@ from fairseq2.models.wav2vec2 import Wav2Vec2EncoderConfig
 
 from w2v_knnvq import __version__
 from w2v_knnvq.quantizer import QuantizerConfig
+from w2v_knnvq.report import EVALUATION_FILE
 from w2v_knnvq.runs import RunCheckpoint, read_validation_records
 
 
@@ -31,7 +32,8 @@ def model_card(
     :param quantizer: The KNN-VQ quantizer of a pretraining model; ``None`` for fairseq2's
         Gumbel quantizer or a CTC model.
     :param run: The run it came from, if it was loaded from one: its ``config.yaml``, its last
-        validation record and any ASR evaluation (``{split}.json``) under it go into the card.
+        validation record and the splits of any ASR evaluation (``evaluation.json``) under it
+        go into the card.
     """
     tags = ["wav2vec2", "w2v-knnvq", "automatic-speech-recognition" if ctc else "self-supervised-learning"]
 
@@ -145,22 +147,26 @@ def _validation_section(run: RunCheckpoint) -> list[str]:
 def _asr_section(run: RunCheckpoint) -> list[str]:
     rows = []
 
-    for file in sorted(run.run_dir.rglob("*.json")):
+    for file in sorted(run.run_dir.rglob(EVALUATION_FILE)):
         try:
-            record = json.loads(file.read_text(encoding="utf-8"))
+            document = json.loads(file.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             continue
 
-        if not isinstance(record, dict) or not {"wer", "cer", "split"} <= record.keys():
-            continue
+        records = document.get("splits") if isinstance(document, dict) else None
 
-        row = f"| {record['split']} | {record['wer']:.2f} | {record['cer']:.2f} |"
+        for record in records if isinstance(records, list) else []:
+            # Only ASR evaluations have error rates.
+            if not isinstance(record, dict) or not {"wer", "cer", "split"} <= record.keys():
+                continue
 
-        beam = record.get("beam_search")
+            row = f"| {record['split']} | {record['wer']:.2f} | {record['cer']:.2f} |"
 
-        row += f" {beam['wer']:.2f} | {beam['cer']:.2f} |" if isinstance(beam, dict) else " | |"
+            beam = record.get("beam_search")
 
-        rows.append(row)
+            row += f" {beam['wer']:.2f} | {beam['cer']:.2f} |" if isinstance(beam, dict) else " | |"
+
+            rows.append(row)
 
     if not rows:
         return []

@@ -1,6 +1,6 @@
 """The configuration of the evaluation recipe.
 
-Only the fine-tuning run (``run``, as in every evaluation recipe) and the split are required;
+Only the fine-tuning run (``run``, as in every evaluation recipe) is required;
 the model, its tokenizer and the audio normalization come from the run.
 """
 
@@ -14,21 +14,20 @@ from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.data.asr_dataset import ASR_MANIFEST_DATASET_FAMILY
 from w2v_knnvq.data.audio_reading import DEFAULT_MAX_BAD_AUDIO_FRACTION, bad_audio_fraction_error
-from w2v_knnvq.data.manifest_dataset import split_name_error
 from w2v_knnvq.text import beam_search_setting_errors
 
-from ....common import EvaluatedRunSection
+from ....common import EvaluatedRunSection, manifest_splits_errors
 
 
 @dataclass(kw_only=True)
 class AsrEvalDatasetSection(DatasetSection):
-    """The split to evaluate, ``{manifest_dir}/{split}.tsv`` with its ``{split}.wrd``
-    transcripts (``config_overrides.manifest_dir``). It is read whole, in manifest order,
-    as the fine-tuning recipe reads its validation split."""
+    """The splits to evaluate, each ``{manifest_dir}/{split}.tsv`` with its ``{split}.wrd``
+    transcripts (``config_overrides.manifest_dir``), read whole in manifest order as the
+    fine-tuning recipe reads its validation split."""
 
     family: str | None = ASR_MANIFEST_DATASET_FAMILY
 
-    split: str = "valid"
+    splits: list[str] = field(default_factory=lambda: ["valid"])
 
     max_num_elements: int = 3_200_000
     """The number of audio samples per batch and rank, padding included (at least the
@@ -46,8 +45,8 @@ class AsrEvalDatasetSection(DatasetSection):
     def validate(self) -> ValidationResult:
         result = super().validate()
 
-        if (error := split_name_error("split", self.split)) is not None:
-            result.add_error(error)
+        for message in manifest_splits_errors("splits", self.splits):
+            result.add_error(message)
 
         if self.max_num_elements < 1:
             result.add_error(f"`max_num_elements` must be at least 1, but is {self.max_num_elements} instead.")

@@ -122,7 +122,7 @@ def create_beam_decoder(
 
 
 def beam_settings(options: BeamSearchOptions) -> dict[str, object]:
-    """What ``{split}.json`` records of the beam search."""
+    """What a split's record (in ``evaluation.json``) holds of the beam search."""
     return {
         "lexicon": str(options.lexicon),
         "lm": None if options.lm is None else str(options.lm),

@@ -1,19 +1,19 @@
-"""Evaluates a fine-tuned CTC model on one split: greedy decoding, and optionally beam
+"""Evaluates a fine-tuned CTC model on manifest splits: greedy decoding, and optionally beam
 search with a lexicon and a KenLM language model, scored side by side (WER and CER).
 
 Run through fairseq2's recipe CLI, e.g.::
 
     python -m recipes.wav2vec2_knnvq.asr.eval --config run.run_dir=FINETUNE_DIR \\
-        dataset.config_overrides.manifest_dir=manifests dataset.split=test-clean -- EVAL_DIR
+        dataset.config_overrides.manifest_dir=manifests "dataset.splits=[dev-clean,test-clean]" -- EVAL_DIR
 
 ``FINETUNE_DIR`` is the output directory of ``python -m recipes.wav2vec2_knnvq.asr`` (or
 its ``checkpoints`` directory); ``run.checkpoint`` picks ``best`` (the default), ``last``
 or a step number. The model is loaded from that checkpoint with the run's
 ``checkpoints/model.yaml``. The run's ``config.yaml`` names the tokenizer (unless
-``tokenizer.path`` is set) and whether the audio is normalized, as in training. The split is
+``tokenizer.path`` is set) and whether the audio is normalized, as in training. Each split is
 read and scored by the fine-tuning recipe's validation reader and unit, on one process or
-several (``torchrun``). Rank 0 writes ``EVAL_DIR/evaluation.json`` (the run, the step and the
-split's record), ``EVAL_DIR/summary.md`` (the WER and CER table) and the transcript files of
+several (``torchrun``). Rank 0 writes ``EVAL_DIR/evaluation.json`` (the run, the step and a
+record per split), ``EVAL_DIR/summary.md`` (the WER and CER table) and the transcript files of
 :mod:`.transcripts`, next to fairseq2's ``config.yaml``, logs and metrics.
 
 Beam search runs with any of (before ``--``)::
@@ -107,47 +107,68 @@ class AsrEvalRecipe(Recipe):
 
         dataset = context.get_dataset_as(AsrManifestDataset)
 
+        splits = config.dataset.splits
+
         if context.output_dir.resolve() == dataset.manifest_dir.resolve():
             raise RecipeError(
                 f"The output directory must not be the manifest directory {dataset.manifest_dir}, but is instead: "
-                f"the evaluation writes `{config.dataset.split}.tsv` (its transcriptions), which would replace the "
+                f"the evaluation writes `{splits[0]}.tsv` (its transcriptions), which would replace the "
                 "manifest of the split. Give another output directory."
             )
-
-        reader = create_eval_reader(
-            dataset, config.dataset, tokenizer, context.gangs, normalize_audio=normalize_audio, seed=config.common.seed
-        )
 
         beam_decoder = None
 
         if config.decoding.enabled:
             beam_decoder = create_beam_decoder(config.decoding, tokenizer, dataset, run, context.output_dir, context.gangs)  # fmt: skip
 
-        files = TranscriptFiles(
-            output_dir=context.output_dir,
-            split=config.dataset.split,
-            settings={
-                "split": config.dataset.split,
-                "checkpoint": str(run.model_dir),
-                "tokenizer": str(tokenizer_path),
-                "normalize_audio": normalize_audio,
-            },
-            beam_settings=None if beam_decoder is None else beam_settings(beam_decoder.options),
-        )
-
         criterion = CtcCriterion(model)
 
-        transcripts = TranscriptCollector(beam_decoder)
+        units: list[AsrReportUnit] = []
+        readers: list[DataReader[Seq2SeqBatch]] = []
 
-        unit = AsrReportUnit(criterion, tokenizer.create_decoder(), transcripts, files, context.gangs)
+        for split in splits:
+            files = TranscriptFiles(
+                output_dir=context.output_dir,
+                split=split,
+                settings={
+                    "split": split,
+                    "checkpoint": str(run.model_dir),
+                    "tokenizer": str(tokenizer_path),
+                    "normalize_audio": normalize_audio,
+                },
+                beam_settings=None if beam_decoder is None else beam_settings(beam_decoder.options),
+            )
+
+            transcripts = TranscriptCollector(beam_decoder)
+
+            units.append(AsrReportUnit(criterion, tokenizer.create_decoder(), transcripts, files, context.gangs))
+
+            readers.append(
+                create_eval_reader(
+                    dataset,
+                    config.dataset,
+                    split,
+                    tokenizer,
+                    context.gangs,
+                    normalize_audio=normalize_audio,
+                    seed=config.common.seed,
+                )
+            )
 
         def write() -> None:
-            if unit.record is None:
-                raise RecipeError(f"The split `{config.dataset.split}` was not scored.")
+            records = []
 
-            write_evaluation(context.output_dir, run, [unit.record], rates_table(unit.record))
+            for unit in units:
+                if unit.record is None:
+                    raise RecipeError(f"The split `{unit.name}` was not scored.")
 
-        return EvaluationTask(create_run_evaluator(context, model, [unit], [reader]), context.gangs, write)
+                records.append(unit.record)
+
+            summary = "\n\n".join(f"## {record['split']}\n\n{rates_table(record)}" for record in records)
+
+            write_evaluation(context.output_dir, run, records, summary)
+
+        return EvaluationTask(create_run_evaluator(context, model, units, readers), context.gangs, write)
 
     @property
     @override
@@ -166,14 +187,15 @@ def _check_vocab_size(tokenizer: Tokenizer, model: Wav2Vec2AsrModel, tokenizer_p
 def create_eval_reader(
     dataset: AsrManifestDataset,
     section: AsrEvalDatasetSection,
+    split: str,
     tokenizer: Tokenizer,
     gangs: Gangs,
     *,
     normalize_audio: bool,
     seed: int,
 ) -> DataReader[Seq2SeqBatch]:
-    """Reads ``section.split`` whole, in manifest order, with the reader of the
-    fine-tuning recipe's validation.
+    """Reads ``split`` whole, in manifest order, with the reader of the fine-tuning
+    recipe's validation (``section``'s batching and audio settings).
 
     :param normalize_audio: Standardize each utterance, as the model was fine-tuned.
     """
@@ -186,7 +208,7 @@ def create_eval_reader(
         seed=seed,
     )
 
-    return create_valid_reader(dataset, section.split, tokenizer, gangs, options)
+    return create_valid_reader(dataset, split, tokenizer, gangs, options)
 
 
 @final

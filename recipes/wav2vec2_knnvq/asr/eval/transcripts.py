@@ -5,15 +5,15 @@ Written to the output directory, beside the evaluation's ``evaluation.json`` and
 
 - ``{split}.hyp.txt`` and ``{split}.ref.txt``: one transcript per line, in manifest order;
 - ``{split}.beam.hyp.txt``: the same for beam-search decoding, when it runs;
-- ``{split}.tsv``: ``id<TAB>ref<TAB>hyp`` (and ``<TAB>beam_hyp``) with a header line;
-- ``{split}.json``: WER and CER of greedy decoding in percent with their edit counts and the
-  settings used, and under ``beam_search`` the same for beam-search decoding with its
-  settings (the split's record of ``evaluation.json``); also printed to standard output.
+- ``{split}.tsv``: ``id<TAB>ref<TAB>hyp`` (and ``<TAB>beam_hyp``) with a header line.
+
+The split's record in ``evaluation.json`` (:meth:`TranscriptFiles.write`) holds WER and CER of
+greedy decoding in percent with their edit counts and the settings used, and under
+``beam_search`` the same for beam-search decoding with its settings.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -102,15 +102,15 @@ class TranscriptFiles:
     split: str
 
     settings: Mapping[str, object]
-    """What the evaluation ran with, recorded in ``{split}.json``."""
+    """What the evaluation ran with, recorded in the split's record."""
 
     beam_settings: Mapping[str, object] | None = None
     """The settings of beam-search decoding, if it ran."""
 
     def write(self, transcriptions: Sequence[Transcription]) -> dict[str, object]:
-        """Writes the transcript files and ``{split}.json`` into ``output_dir``.
+        """Writes the transcript files into ``output_dir``.
 
-        :returns: The record of ``{split}.json``.
+        :returns: The split's record of ``evaluation.json``.
         """
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
@@ -142,8 +142,6 @@ class TranscriptFiles:
         if self.beam_settings is not None:
             record["beam_search"] = {**self.beam_settings, **_rates_record(score(transcriptions, beam=True))}
 
-        self._file("json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-
         return record
 
     def _write_lines(self, suffix: str, lines: Sequence[str]) -> None:
@@ -167,8 +165,8 @@ def _edit_counts(counts: EditCounts) -> dict[str, int]:
 
 
 def rates_table(record: Mapping[str, object]) -> str:
-    """The WER and CER of greedy decoding and, if it ran, of beam search in ``record`` (of
-    ``{split}.json``), as a Markdown table."""
+    """The WER and CER of greedy decoding and, if it ran, of beam search in ``record`` (a
+    split's record of ``evaluation.json``), as a Markdown table."""
     rows = [("greedy", record)]
 
     beam = record.get("beam_search")

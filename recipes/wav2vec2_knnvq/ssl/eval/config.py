@@ -10,10 +10,9 @@ from dataclasses import dataclass, field
 from fairseq2.recipe.config import CommonSection, DatasetSection, EvaluatorSection, GangSection
 from fairseq2.utils.validation import ValidationResult
 
-from w2v_knnvq.data.manifest_dataset import split_name_error
 from w2v_knnvq.data.speech_dataset import SPEECH_MANIFEST_DATASET_FAMILY
 
-from ....common import EvaluatedRunSection
+from ....common import EvaluatedRunSection, manifest_splits_errors
 
 
 @dataclass(kw_only=True)
@@ -32,15 +31,8 @@ class SslEvalDatasetSection(DatasetSection):
     def validate(self) -> ValidationResult:
         result = super().validate()
 
-        if not self.splits:
-            result.add_error("`splits` must name at least one split, but is empty.")
-
-        for split in self.splits:
-            if (error := split_name_error("splits", split)) is not None:
-                result.add_error(error)
-
-        if len(set(self.splits)) != len(self.splits):
-            result.add_error(f"`splits` must name each split once, but is {self.splits} instead.")
+        for message in manifest_splits_errors("splits", self.splits):
+            result.add_error(message)
 
         if self.max_num_elements < 1:
             result.add_error(f"`max_num_elements` must be at least 1, but is {self.max_num_elements} instead.")

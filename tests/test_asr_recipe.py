@@ -71,30 +71,13 @@ NUM_VALID_UTTERANCES = 16
 
 CHECKPOINT_FILE = "model/pp_00/tp_00/sdp_00.pt"
 
-
-def _env() -> dict[str, str]:
-    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-
-    return dict(os.environ, PYTHONPATH=python_path, FAIRSEQ2_EXTENSION_TRACE="1")
-
-
-def _run(
-    command: list[str], *, env: dict[str, str] | None = None, expected_returncode: int = 0
-) -> subprocess.CompletedProcess[str]:
-    # A guard against a hung run, not a speed limit: a loaded 2-core machine takes over
-    # 150 s for the 200 steps of the overfitting test.
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env or _env(), capture_output=True, text=True, timeout=600)
-
-    assert result.returncode == expected_returncode, result.stdout[-4000:] + result.stderr[-4000:]
-
-    return result
+CPU_ENV = {"FAIRSEQ2_DEVICE": "cpu"}
+"""The evaluations run on the CPU, as the fine-tuning runs do, wherever CUDA is."""
 
 
 def _finetune(output_dir: Path, overrides: list[str]) -> None:
     """Runs the fine-tuning recipe's tiny preset through its command line."""
-    command = [sys.executable, "-m", "recipes.wav2vec2_knnvq.asr", "--no-rich", "--config-file", str(TINY_CPU_CONFIG)]
-
-    _run([*command, "--config", *overrides, "--", str(output_dir)])
+    run_recipe_command(recipe_command("recipes.wav2vec2_knnvq.asr", output_dir, overrides, config_file=TINY_CPU_CONFIG))
 
 
 def _run_eval(
@@ -109,7 +92,7 @@ def _run_eval(
 
     :param extra_args: Options before ``--config``, e.g. the beam search's.
     """
-    return _run(
+    return run_recipe_command(
         [
             sys.executable,
             "-m",
@@ -124,7 +107,7 @@ def _run_eval(
             "--",
             str(output_dir),
         ],
-        env=dict(_env(), FAIRSEQ2_DEVICE="cpu"),
+        env=CPU_ENV,
         expected_returncode=expected_returncode,
     )
 
@@ -935,13 +918,13 @@ def test_finetuning_transcribes_its_own_training_utterances(
     # which the evaluation builds from the run's training split.
     lm = write_arpa(refs, tmp_path / "train4.arpa", order=2)
 
-    _run(
+    run_recipe_command(
         [
             sys.executable, "-m", "recipes.wav2vec2_knnvq.asr.eval", "--no-rich", "--lm", str(lm), "--config",
             f"run.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
             "dataset.splits=[train4]", "--", str(tmp_path / "eval"),
         ],
-        env=dict(_env(), FAIRSEQ2_DEVICE="cpu"),
+        env=CPU_ENV,
     )  # fmt: skip
 
     (record,) = json.loads((tmp_path / "eval/evaluation.json").read_text())["splits"]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -41,31 +38,11 @@ FAST_REGIME = [
 ]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "FAIRSEQ2_EXTENSION_TRACE": "1"}
+def _train(out_dir: Path, *overrides: str, expected_returncode: int = 0) -> str:
+    command = recipe_command("recipes.image_vqae", out_dir, [*FAST_REGIME, *overrides], config_file=TINY_CONFIG)
 
+    result = run_recipe_command(command, expected_returncode=expected_returncode)
 
-def _train(out_dir: Path, *overrides: str) -> str:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "recipes.image_vqae",
-            "--no-rich",
-            "--config-file",
-            str(TINY_CONFIG),
-            str(out_dir),
-            "--config",
-            *FAST_REGIME,
-            *overrides,
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
@@ -156,25 +133,10 @@ def test_method_optimizer_settings_follow_the_quantizer_spec() -> None:
 
 @pytest.mark.e2e
 def test_schedule_shorter_than_warmup_is_refused(tmp_path: Path) -> None:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "recipes.image_vqae",
-            "--no-rich",
-            "--config-file",
-            str(TINY_CONFIG),
-            str(tmp_path),
-            "--config",
-            "regime.num_steps=10",
-        ],
-        cwd=REPO,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode != 0
+    command = recipe_command("recipes.image_vqae", tmp_path, ["regime.num_steps=10"], config_file=TINY_CONFIG)
+
+    result = run_recipe_command(command, expected_returncode=2)
+
     output = " ".join((result.stdout + result.stderr).split())
     assert "`lr_scheduler.config.num_warmup_steps` must be smaller than `regime.num_steps` (10)" in output
     assert "but is 20 instead" in output

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,7 @@ from fairseq2.device import CPU
 from fairseq2.gang import FakeGang, Gangs, create_fake_gangs
 from fairseq2.nn import BatchLayout
 
-from tests.cli import recipe_command, recipe_env, run_recipe_command
+from tests.cli import recipe_command, run_recipe_command
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.data.manifest_dataset import read_examples
 from w2v_knnvq.data.speech_dataset import SpeechManifestDataset, SpeechReadOptions
@@ -110,20 +108,9 @@ def _run_recipe(
         *extra_overrides,
     ]
 
-    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-
-    env = dict(os.environ, PYTHONPATH=python_path, FAIRSEQ2_EXTENSION_TRACE="1")
-
-    command = [
-        sys.executable, "-m", "recipes.wav2vec2_knnvq.ssl", "--no-rich",
-        "--config-file", str(TINY_CPU_CONFIG), "--config", *overrides, "--", str(output_dir),
-    ]  # fmt: skip
-
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
-
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-
-    return result
+    return run_recipe_command(
+        recipe_command("recipes.wav2vec2_knnvq.ssl", output_dir, overrides, config_file=TINY_CPU_CONFIG)
+    )
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -201,7 +188,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(
     # A copy, so that the other tests keep reading a 4-step run.
     output_dir = tmp_path / "run"
 
-    subprocess.run(["cp", "-r", str(first_output_dir), str(output_dir)], check=True)
+    shutil.copytree(first_output_dir, output_dir)
 
     # A run killed between its step-2 and step-4 checkpoints leaves only step 2 behind.
     shutil.rmtree(output_dir / "checkpoints/step_4")
@@ -369,11 +356,10 @@ def test_invalid_mask_settings_stop_the_run_before_it_starts(manifest_dir: Path,
 
     command = recipe_command("recipes.wav2vec2_knnvq.ssl", tmp_path / "run", overrides, config_file=TINY_CPU_CONFIG)
 
-    result = subprocess.run(command, cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=120)
+    result = run_recipe_command(command, expected_returncode=2)
 
     output = result.stdout + result.stderr
 
-    assert result.returncode != 0
     expected = "`max_temporal_mask_prob` must be greater than 0 and at most 1, but is 0.0 instead."
 
     assert expected in output, output[-3000:]
@@ -612,9 +598,8 @@ def test_two_processes_validate_as_one_and_resume_only_with_two(manifest_dir: Pa
 
     overrides[overrides.index("regime.num_steps=4")] = "regime.num_steps=6"
 
-    restart = subprocess.run(command(1), cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=150)
+    restart = run_recipe_command(command(1), expected_returncode=2)
 
-    assert restart.returncode != 0
     assert "was written by 2 processes, but this run has 1" in restart.stdout + restart.stderr
     assert "model.path=" in restart.stdout + restart.stderr
 

@@ -164,9 +164,8 @@ def test_warm_start_from_a_run_runs_no_code(
 
     command.insert(command.index("--config") + 1, f"init_from.path={run_dir}")
 
-    result = subprocess.run(command, cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=150)
+    result = run_recipe_command(command, expected_returncode=2)
 
-    assert result.returncode != 0
     assert not marker.exists()
     assert "sdp_00.pt: the pickle refers to `posix.mkdir`" in result.stdout + result.stderr
 
@@ -213,9 +212,8 @@ def test_a_resume_refuses_a_planted_trainer_state(trained_run: Path, manifest_di
 
     command = _command(output_dir, manifest_dir, 2 * STEP)
 
-    result = subprocess.run(command, cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=150)
+    result = run_recipe_command(command, expected_returncode=2)
 
-    assert result.returncode != 0
     assert not marker.exists()
     assert f"The run cannot resume from step {STEP}: {output_dir}/checkpoints/step_{STEP}/trainer/rank_00.pt" in result.stdout + result.stderr  # fmt: skip
 
@@ -265,9 +263,8 @@ def test_a_resume_with_another_process_count_is_refused_in_a_checkpoint_dir(
 
     command = _command(tmp_path / "out", manifest_dir, 2 * STEP, "--checkpoint-dir", str(checkpoints_dir))
 
-    result = subprocess.run(command, cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=150)
+    result = run_recipe_command(command, expected_returncode=2)
 
-    assert result.returncode != 0
     assert "was written by 2 processes, but this run has 1" in result.stdout + result.stderr
 
     assert find_run_checkpoint(checkpoints_dir).step == STEP
@@ -305,11 +302,8 @@ def test_a_second_run_in_a_busy_output_directory_is_refused(manifest_dir: Path, 
 
             time.sleep(0.1)
 
-        second = subprocess.run(
-            _command(output_dir, manifest_dir, STEP), cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=150
-        )  # fmt: skip
+        second = run_recipe_command(_command(output_dir, manifest_dir, STEP), expected_returncode=2)
 
-        assert second.returncode == 2
         assert f"{output_dir} is in use by another run (process {first.pid} on " in second.stderr
         assert "give this run another output directory" in second.stderr
         assert first.poll() is None
@@ -377,9 +371,8 @@ def test_a_full_disk_names_the_folder_the_step_and_the_resume(manifest_dir: Path
 
         command[command.index("--config") + 1 : command.index("--config") + 1] = ["regime.keep_last_n_checkpoints=null"]
 
-        result = subprocess.run(command, cwd=REPO_ROOT, env=recipe_env(), capture_output=True, text=True, timeout=150)
+        result = run_recipe_command(command, expected_returncode=1)
 
-        assert result.returncode == 1, result.stderr[-3000:]
         assert f"No space left on {checkpoints_dir} while saving the checkpoint of step 4; free space and rerun the same command to resume from step 2." in result.stderr  # fmt: skip
         assert "bug report" not in result.stderr
 
@@ -416,11 +409,8 @@ def test_a_card_by_name_runs_no_code_in_the_feature_tool(
 
     command = [sys.executable, "tools/extract_features.py", "shared_model", str(manifest_dir / "valid.tsv"), str(tmp_path / "features")]  # fmt: skip
 
-    result = subprocess.run(
-        command, cwd=REPO_ROOT, env=recipe_env(FAIRSEQ2_USER_ASSET_DIR=str(cards_dir)), capture_output=True, text=True, timeout=150
-    )  # fmt: skip
+    result = run_recipe_command(command, expected_returncode=1, env={"FAIRSEQ2_USER_ASSET_DIR": str(cards_dir)})
 
-    assert result.returncode != 0
     assert not marker.exists()
     assert "sdp_00.pt: the pickle refers to `posix.mkdir`" in result.stdout + result.stderr
 

@@ -19,14 +19,15 @@ demo: $(STAMP)
 asr-demo: $(STAMP)
 	$(VENV)/bin/python -m recipes.studies.asr_demo
 
-# The tests run after the linters, the format check and the type check, which fail fast.
+# The tests run after the linters, the format check and the type check, which fail fast; two
+# test processes at a time, each test file in one of them (its fixtures are built once).
 test: lint
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
-# The edit loop's tier: every test that runs in this process (no recipe, tool or driver runs
-# in subprocesses, which are marked e2e).
+# The edit loop's tier: the tests that run in this process in under a second or so (no recipe,
+# tool or driver runs in subprocesses, marked e2e; no compilation or FID network, marked slow).
 test-fast: $(STAMP)
-	$(VENV)/bin/python -m pytest -q -m "not e2e"
+	$(VENV)/bin/python -m pytest -q -n 2 -m "not e2e and not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

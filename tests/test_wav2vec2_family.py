@@ -416,6 +416,9 @@ import torch
 from fairseq2.models import load_model
 from fairseq2.nn import BatchLayout
 
+# The test process's thread count, so that the sums are taken in the same order.
+torch.set_num_threads(int(sys.argv[4]))
+
 model = load_model(sys.argv[1], device=torch.device("cpu"))
 model.eval()
 
@@ -465,6 +468,7 @@ def test_save_and_load_by_name_reproduces_outputs(hub, tmp_path: Path) -> None:
             "trained_tiny_1x1024",
             str(tmp_path / "seqs.pt"),
             str(tmp_path / "out.pt"),
+            str(torch.get_num_threads()),
         ],
         env=_SUBPROCESS_ENV | {"FAIRSEQ2_USER_ASSET_DIR": str(card_dir)},
     )

@@ -618,12 +618,15 @@ def create_run_evaluator(
     )
 
 
-def manifest_splits_errors(option: str, splits: Sequence[str]) -> list[str]:
-    """The validation errors of the manifest splits ``option`` an evaluation reads: at least
-    one, each a manifest name (:func:`~w2v_knnvq.data.manifest_dataset.split_name_error`), none twice."""
+def split_list_errors(
+    option: str, splits: Sequence[str], name_error: Callable[[str, str], str | None] = split_name_error
+) -> list[str]:
+    """The validation errors of the splits ``option`` an evaluation reads: at least one, each a
+    valid name (``name_error(option, split)``; by default a manifest's,
+    :func:`~w2v_knnvq.data.manifest_dataset.split_name_error`), none twice."""
     errors = [] if splits else [f"`{option}` must name at least one split, but is empty."]
 
-    errors += [error for split in splits if (error := split_name_error(option, split)) is not None]
+    errors += [error for split in splits if (error := name_error(option, split)) is not None]
 
     if len(set(splits)) != len(splits):
         errors.append(f"`{option}` must name each split once, but is {list(splits)} instead.")

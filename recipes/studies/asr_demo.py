@@ -35,7 +35,6 @@ from typing import Any
 
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
 from w2v_knnvq.files import write_atomically
-from w2v_knnvq.report import EVALUATION_FILE
 from w2v_knnvq.runs import find_run_checkpoint
 from w2v_knnvq.text import (
     ctc_vocabulary,
@@ -47,7 +46,7 @@ from w2v_knnvq.text import (
 )
 from w2v_knnvq.tool import tool_parser
 
-from .jobs import REPO_ROOT, Job, JobError, read_result, recipe_module, run_jobs, threads_per_job
+from .jobs import REPO_ROOT, Job, JobError, evaluation_job, read_split_records, recipe_module, run_jobs, threads_per_job
 from .pretraining import PRESET as SSL_PRESET
 from .pretraining import pretrain_command
 
@@ -216,41 +215,24 @@ def evaluate_all(
     :returns: The record of each split (of its ``evaluation.json``), for each run in order.
     :raises JobError: if an evaluation fails.
     """
-    jobs: list[Job] = []
+    jobs = []
 
     for run in finetuning:
-        run_dir, eval_dir = run.output_dir, run.output_dir / "eval"
+        lexicon = write_run_lexicon(run.output_dir, lm_lines)
 
-        lexicon = write_run_lexicon(run_dir, lm_lines)
-
-        command = (
-            sys.executable, "-m", recipe_module("wav2vec2_knnvq.asr.eval"), "--no-rich",
+        options = (
             "--lm", str(lm_file), "--lexicon", str(lexicon), "--lm-weight", str(LM_WEIGHT), "--word-score", str(WORD_SCORE),
-            "--config", f"run.run_dir={run_dir}", f"dataset.config_overrides.manifest_dir={manifest_dir}",
-            f"dataset.splits=[{','.join(EVAL_SPLITS)}]", "--", str(eval_dir),
         )  # fmt: skip
 
-        jobs.append(
-            Job(
-                name=f"Evaluating {run_dir.name} on {' and '.join(EVAL_SPLITS)}",
-                command=command,
-                output_dir=eval_dir,
-                log_file=run_dir / "eval.log",
-                result_file=eval_dir / EVALUATION_FILE,
-                after=(run,),
-            )
-        )
+        overrides = (f"dataset.config_overrides.manifest_dir={manifest_dir}", f"dataset.splits=[{','.join(EVAL_SPLITS)}]")  # fmt: skip
+
+        name = f"Evaluating {run.output_dir.name} on {' and '.join(EVAL_SPLITS)}"
+
+        jobs.append(evaluation_job(run, "wav2vec2_knnvq.asr.eval", overrides, name=name, options=options))
 
     run_jobs(jobs)
 
-    results = []
-
-    for job in jobs:
-        records = {record["split"]: record for record in read_result(job)["splits"]}
-
-        results.append({split: records[split] for split in EVAL_SPLITS})
-
-    return results
+    return [read_split_records(job, EVAL_SPLITS) for job in jobs]
 
 
 def report_table(

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from w2v_knnvq.files import write_atomically
+from w2v_knnvq.report import EVALUATION_FILE
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
 """The checkout the drivers run from (the bundled corpus and presets are found from here)."""
@@ -239,6 +240,53 @@ def read_result(job: Job) -> dict[str, Any]:
         )
 
     return record
+
+
+def evaluation_job(run: Job, recipe: str, overrides: Sequence[str], *, name: str, options: Sequence[str] = ()) -> Job:
+    """The evaluation of ``run`` by the evaluation recipe ``recipe`` (e.g.
+    ``"wav2vec2_knnvq.ssl.eval"``) into ``{run}/eval``, logged to ``{run}/eval.log``; its
+    result is the evaluation's ``evaluation.json``, out of date once ``run`` trains further.
+
+    :param overrides: ``--config`` overrides besides ``run.run_dir``.
+    :param options: Options of the recipe's command before ``--config``.
+    """
+    eval_dir = run.output_dir / "eval"
+
+    command = (
+        sys.executable, "-m", recipe_module(recipe), "--no-rich", *options,
+        "--config", f"run.run_dir={run.output_dir}", *overrides, "--", str(eval_dir),
+    )  # fmt: skip
+
+    return Job(
+        name=name,
+        command=command,
+        output_dir=eval_dir,
+        log_file=run.output_dir / "eval.log",
+        result_file=eval_dir / EVALUATION_FILE,
+        after=(run,),
+    )
+
+
+def read_split_records(job: Job, splits: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The records of ``splits`` in the ``evaluation.json`` of the evaluation ``job``.
+
+    :raises JobError: if the result cannot be read or holds no record of a split.
+    """
+    records = read_result(job).get("splits")
+
+    by_split = {
+        record["split"]: record
+        for record in (records if isinstance(records, list) else [])
+        if isinstance(record, dict) and "split" in record
+    }
+
+    for split in splits:
+        if split not in by_split:
+            raise JobError(
+                f"{job.result_file} of {job.name} holds no record of the split '{split}'; see {job.log_file}."
+            )
+
+    return {split: by_split[split] for split in splits}
 
 
 _PRINT_LOCK: Final = threading.Lock()

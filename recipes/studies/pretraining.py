@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from w2v_knnvq.data.manifest import ManifestConfig, make_manifest
-from w2v_knnvq.report import EVALUATION_FILE
 
-from .jobs import REPO_ROOT, Job, JobError, read_result, recipe_module, run_jobs, threads_per_job
+from .jobs import REPO_ROOT, Job, evaluation_job, read_split_records, recipe_module, run_jobs, threads_per_job
 
 CORPUS_DIR: Final = REPO_ROOT / "tests" / "data" / "minispeech"
 """The bundled corpus (LibriSpeech layout, ``train`` and ``dev``)."""
@@ -136,50 +135,19 @@ def evaluate_all(pretraining: Sequence[Job], manifest_dir: Path) -> list[dict[st
     """
     num_threads = threads_per_job(len(pretraining), PARALLEL_RUNS)
 
-    jobs = []
+    overrides = (
+        "run.checkpoint=last", f"dataset.config_overrides.manifest_dir={manifest_dir}",
+        f"dataset.splits=[{VALID_SPLIT}]", f"common.torch.num_threads={num_threads}",
+    )  # fmt: skip
 
-    for run in pretraining:
-        eval_dir = run.output_dir / "eval"
-
-        command = (
-            sys.executable, "-m", recipe_module("wav2vec2_knnvq.ssl.eval"), "--no-rich", "--config",
-            f"run.run_dir={run.output_dir}", "run.checkpoint=last",
-            f"dataset.config_overrides.manifest_dir={manifest_dir}", f"dataset.splits=[{VALID_SPLIT}]",
-            f"common.torch.num_threads={num_threads}", "--", str(eval_dir),
-        )  # fmt: skip
-
-        jobs.append(
-            Job(
-                name=f"Evaluating {run.output_dir.name}",
-                command=command,
-                output_dir=eval_dir,
-                log_file=run.output_dir / "eval.log",
-                result_file=eval_dir / EVALUATION_FILE,
-                after=(run,),
-            )
-        )
+    jobs = [
+        evaluation_job(run, "wav2vec2_knnvq.ssl.eval", overrides, name=f"Evaluating {run.output_dir.name}")
+        for run in pretraining
+    ]
 
     run_jobs(jobs, parallel=PARALLEL_RUNS)
 
-    return [split_record(read_result(job), VALID_SPLIT, job) for job in jobs]
-
-
-def split_record(document: Mapping[str, Any], split: str, job: Job) -> dict[str, Any]:
-    """The record of ``split`` in an evaluation's JSON: the document itself (one file per
-    split) or its entry of ``splits`` (one file for all splits).
-
-    :raises JobError: if the document has no record of ``split``.
-    """
-    records = document.get("splits")
-
-    if not isinstance(records, list):
-        records = [document]
-
-    for record in records:
-        if isinstance(record, dict) and record.get("split") == split:
-            return record
-
-    raise JobError(f"{job.result_file} of {job.name} holds no record of the split '{split}'; see {job.log_file}.")
+    return [read_split_records(job, [VALID_SPLIT])[VALID_SPLIT] for job in jobs]
 
 
 def _percent(fraction: float) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 from fairseq2.recipe.config import CommonSection, GangSection
 from fairseq2.utils.validation import ValidationResult
 
-from ...common import EvaluatedRunSection
+from ...common import EvaluatedRunSection, split_list_errors
 
 
 @dataclass(kw_only=True)
@@ -33,15 +33,8 @@ class ImageEvalDatasetSection:
                 "`path` must point to an image folder in the ImageNet layout (PATH/val/CLASS/*.JPEG), but is not set."
             )
 
-        if not self.splits:
-            result.add_error("`splits` must name at least one split, but is empty.")
-
-        for split in self.splits:
-            if not split or split in (".", "..") or "/" in split or "\\" in split:
-                result.add_error(f"`splits` must name folders inside `path` (no `/`, no `..`), but has '{split}'.")
-
-        if len(set(self.splits)) != len(self.splits):
-            result.add_error(f"`splits` must name each split once, but is {self.splits} instead.")
+        for message in split_list_errors("splits", self.splits, _folder_name_error):
+            result.add_error(message)
 
         if self.batch_size < 1:
             result.add_error(f"`batch_size` must be at least 1, but is {self.batch_size} instead.")
@@ -50,6 +43,13 @@ class ImageEvalDatasetSection:
             result.add_error(f"`max_images` must be at least 1, but is {self.max_images} instead.")
 
         return result
+
+
+def _folder_name_error(option: str, split: str) -> str | None:
+    if not split or split in (".", "..") or "/" in split or "\\" in split:
+        return f"`{option}` must name folders inside `path` (no `/`, no `..`), but has '{split}'."
+
+    return None
 
 
 @dataclass(kw_only=True)

@@ -16,7 +16,7 @@ from w2v_knnvq.data.asr_dataset import ASR_MANIFEST_DATASET_FAMILY
 from w2v_knnvq.data.audio_reading import DEFAULT_MAX_BAD_AUDIO_FRACTION, bad_audio_fraction_error
 from w2v_knnvq.text import beam_search_setting_errors
 
-from ....common import EvaluatedRunSection, manifest_splits_errors
+from ....common import EvaluatedRunSection, split_list_errors
 
 
 @dataclass(kw_only=True)
@@ -45,7 +45,7 @@ class AsrEvalDatasetSection(DatasetSection):
     def validate(self) -> ValidationResult:
         result = super().validate()
 
-        for message in manifest_splits_errors("splits", self.splits):
+        for message in split_list_errors("splits", self.splits):
             result.add_error(message)
 
         if self.max_num_elements < 1:

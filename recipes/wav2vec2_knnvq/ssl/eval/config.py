@@ -12,7 +12,7 @@ from fairseq2.utils.validation import ValidationResult
 
 from w2v_knnvq.data.speech_dataset import SPEECH_MANIFEST_DATASET_FAMILY
 
-from ....common import EvaluatedRunSection, manifest_splits_errors
+from ....common import EvaluatedRunSection, split_list_errors
 
 
 @dataclass(kw_only=True)
@@ -31,7 +31,7 @@ class SslEvalDatasetSection(DatasetSection):
     def validate(self) -> ValidationResult:
         result = super().validate()
 
-        for message in manifest_splits_errors("splits", self.splits):
+        for message in split_list_errors("splits", self.splits):
             result.add_error(message)
 
         if self.max_num_elements < 1:
